@@ -1,0 +1,193 @@
+"""The `gpt2-jax` command line: download, sample, evaluate, export. Bad input exits 2 with one line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Sequence, TextIO
+
+from gpt2_jax.errors import UserError
+
+SAMPLE_HEADER = "=" * 20 + " SAMPLE {} (model-generated text) " + "=" * 20
+
+
+def _cmd_download(args: argparse.Namespace) -> None:
+    from gpt2_jax.download import download_model
+
+    out = download_model(args.model, args.models_dir, base_url=args.base_url, retries=args.retries)
+    print(f"downloaded {args.model} to {out}")
+
+
+def _check_sampling_args(args: argparse.Namespace) -> None:
+    """Validate sampling flags before anything is loaded or compiled."""
+    if args.nsamples < 1 or args.batch_size < 1 or args.nsamples % args.batch_size:
+        raise UserError(f"--nsamples={args.nsamples} must be a positive multiple of --batch_size={args.batch_size}")
+    if args.temperature <= 0:
+        raise UserError(f"--temperature={args.temperature}: must be > 0 (use --top_k 1 for greedy decoding)")
+    if not 0.0 <= args.top_p <= 1.0:
+        raise UserError(f"--top_p={args.top_p}: must be in [0, 1] (0 turns nucleus sampling off)")
+    if args.top_k < 0:
+        raise UserError(f"--top_k={args.top_k}: must be >= 0 (0 turns it off)")
+    if args.length is not None and args.length < 1:
+        raise UserError(f"--length={args.length}: must be at least 1")
+    if args.prompt is not None and args.interactive:
+        raise UserError("give either --prompt or --interactive, not both")
+
+
+def cut_at_stop(encoder, ids: Sequence[int], stops: Sequence[str]) -> tuple[str, list[int]]:
+    """Text of `ids` cut where the first stop string begins, and the ids wholly before that point."""
+    text = encoder.decode(ids)
+    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=len(text))
+    keep = len(ids)
+    while keep and len(encoder.decode(ids[:keep])) > cut:
+        keep -= 1
+    return text[:cut], list(ids[:keep])
+
+
+def _sample_prompts(args: argparse.Namespace, stdin: TextIO) -> Sequence[str | None]:
+    if not args.interactive:
+        yield args.prompt
+        return
+    while True:
+        print("Model prompt >>> ", end="", flush=True)
+        line = stdin.readline()
+        if not line:
+            return
+        if line.strip():
+            yield line.rstrip("\n")
+
+
+def _cmd_sample(args: argparse.Namespace) -> None:
+    import jax
+
+    from gpt2_jax.api import load
+
+    _check_sampling_args(args)
+    model = load(args.model_dir, dtype=args.dtype)
+    enc, cfg = model.encoder, model.config
+    length = args.length or cfg.n_ctx // 2
+    if length > cfg.n_ctx:
+        raise UserError(f"--length={length} exceeds the model's context of {cfg.n_ctx} tokens")
+    stop_ids = [enc.encode(s) for s in args.stop]
+    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
+    rng = jax.random.key(seed)
+    out_file = open(args.out, "w", encoding="utf-8") if args.out else None
+    try:
+        count = 0
+        for prompt in _sample_prompts(args, sys.stdin):
+            prompt_ids = enc.encode(prompt) if prompt else [enc.eot_token]
+            for _ in range(args.nsamples // args.batch_size):
+                rng, key = jax.random.split(rng)
+                gen = model.generate(prompt_ids, length, batch_size=args.batch_size, rng=key,
+                                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                     stop_sequences=stop_ids)
+                for row, n in zip(gen.tokens, gen.lengths):
+                    count += 1
+                    text, ids = cut_at_stop(enc, row[:n].tolist(), args.stop)
+                    if args.include_prompt and prompt:
+                        text = prompt + text
+                    if args.json:
+                        line = json.dumps({"text": text, "tokens": ids})
+                    else:
+                        line = SAMPLE_HEADER.format(count) + "\n" + text
+                    print(line, flush=True)
+                    if out_file:
+                        out_file.write(line + "\n")
+            if not args.json:
+                print("=" * 80)
+    finally:
+        if out_file:
+            out_file.close()
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from gpt2_jax.api import load
+    from gpt2_jax.data import load_dataset
+    from gpt2_jax.evaluate import evaluate
+
+    model = load(args.model_dir, dtype=args.dtype)
+    chunks = load_dataset(args.dataset, model.encoder, combine=args.combine, encoding=args.encoding)
+    result = evaluate(model.config, model.params, chunks, window=args.window, batch_size=args.batch_size,
+                      progress=not args.json)
+    if args.json:
+        print(json.dumps(result._asdict()))
+    else:
+        print(f"loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  over {result.tokens} tokens")
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from gpt2_jax.weights import export_transformers, load_weights
+
+    config, params = load_weights(args.model_dir)
+    out = export_transformers(config, params, args.model_dir, args.out)
+    print(f"exported to {out} (transformers: GPT2LMHeadModel.from_pretrained({str(out)!r}))")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    from gpt2_jax.download import DEFAULT_BASE_URL
+
+    parser = argparse.ArgumentParser(prog="gpt2-jax", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("download", help="download a released GPT-2 (124M, 355M, 774M, 1558M)")
+    p.add_argument("model", help="124M, 355M, 774M or 1558M")
+    p.add_argument("--models_dir", default="models", help="where <model>/ is created")
+    p.add_argument("--base_url", default=DEFAULT_BASE_URL, help="server holding <model>/<file>")
+    p.add_argument("--retries", type=int, default=5, help="retries per file, resuming each time")
+    p.set_defaults(func=_cmd_download)
+
+    p = sub.add_parser("sample", help="generate text (conditional, interactive or unconditional)")
+    p.add_argument("--model_dir", default="models/124M", help="any supported model or run directory")
+    p.add_argument("--prompt", help="text to continue (default: unconditional, from <|endoftext|>)")
+    p.add_argument("--interactive", action="store_true", help="read prompts from stdin, one per line")
+    p.add_argument("--nsamples", type=int, default=1, help="samples per prompt")
+    p.add_argument("--batch_size", type=int, default=1, help="samples generated at once; divides --nsamples")
+    p.add_argument("--length", type=int, default=None, help="tokens to generate (default n_ctx/2)")
+    p.add_argument("--temperature", type=float, default=1.0, help="> 0; lower is more deterministic")
+    p.add_argument("--top_k", type=int, default=0, help="sample among the k likeliest tokens (0 = off, 1 = greedy)")
+    p.add_argument("--top_p", type=float, default=0.0, help="nucleus sampling in (0, 1]; > 0 overrides --top_k")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one)")
+    p.add_argument("--stop", action="append", default=[], help="end a sample where this text appears (repeatable)")
+    p.add_argument("--include_prompt", action="store_true", help="print the prompt before each sample")
+    p.add_argument("--json", action="store_true", help='one {"text", "tokens"} JSON object per sample per line')
+    p.add_argument("--out", help="also write the samples to this file")
+    p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
+    p.set_defaults(func=_cmd_sample)
+
+    p = sub.add_parser("evaluate", help="mean next-token loss and perplexity on a dataset")
+    p.add_argument("--model_dir", default="models/124M", help="any supported model or run directory")
+    p.add_argument("--dataset", required=True, help="text file, directory, glob or .npz")
+    p.add_argument("--window", type=int, default=None, help="tokens per window (default n_ctx)")
+    p.add_argument("--batch_size", type=int, default=8, help="windows per batch")
+    p.add_argument("--combine", type=int, default=50000, help="characters per chunk when encoding text")
+    p.add_argument("--encoding", default="utf-8", help="text encoding of the dataset files")
+    p.add_argument("--json", action="store_true", help='print {"loss", "perplexity", "tokens"} as JSON')
+    p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("export", help="write a model in transformers' layout (config.json + model.safetensors)")
+    p.add_argument("--model_dir", required=True, help="any supported model or run directory")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=_cmd_export)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of `gpt2-jax` and `python -m gpt2_jax`."""
+    args = build_parser().parse_args(argv)
+    run: Callable[[argparse.Namespace], None] = args.func
+    try:
+        run(args)
+    except UserError as e:
+        print(f"gpt2-jax {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Download OpenAI's released GPT-2 files: temporary name then rename, resume, retry, size and hash checks."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from tqdm import tqdm
+
+from gpt2_jax.errors import UserError
+from gpt2_jax.model import PRESETS
+
+DEFAULT_BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
+FILES = ("checkpoint", "encoder.json", "hparams.json", "model.ckpt.data-00000-of-00001",
+         "model.ckpt.index", "model.ckpt.meta", "vocab.bpe")
+# The vocabulary is the same for every size (see ../shared/gpt2/SOURCES.md; tiktoken checks the same).
+SHA256 = {
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+}
+_CHUNK = 1 << 20
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fetch_once(url: str, part: Path, progress: bool, timeout: float) -> None:
+    """One attempt: continue `part` from its current size; raises OSError on a cut connection."""
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:  # asked past the end: the part file is already complete
+            return
+        raise
+    with response:
+        if have and response.status != 206:  # the server ignored the range: start over
+            have = 0
+        if response.status == 206:
+            total = int(response.headers.get("Content-Range", "/0").rsplit("/", 1)[1])
+        else:
+            total = int(response.headers.get("Content-Length", 0))
+        with open(part, "ab" if have else "wb") as f, tqdm(
+                total=total or None, initial=have, unit="B", unit_scale=True, desc=part.name.removesuffix(".part"),
+                disable=not progress) as bar:
+            while block := response.read(_CHUNK):
+                f.write(block)
+                bar.update(len(block))
+    size = part.stat().st_size
+    if total and size != total:
+        raise OSError(f"connection closed after {size} of {total} bytes")
+
+
+def download_file(url: str, dest: Path, *, retries: int = 5, progress: bool = True, timeout: float = 60.0,
+                  sha256: str | None = None) -> Path:
+    """Fetch `url` to `dest` via `dest.part`, resuming and retrying; check the hash, then rename."""
+    part = dest.with_name(dest.name + ".part")
+    for attempt in range(retries + 1):
+        try:
+            _fetch_once(url, part, progress, timeout)
+            break
+        except urllib.error.HTTPError as e:
+            if e.code < 500:
+                raise UserError(f"{url}: HTTP {e.code} {e.reason}; check the model size and --base_url") from None
+            error = e
+        except (OSError, urllib.error.URLError) as e:
+            error = e
+        if attempt == retries:
+            raise UserError(f"{url}: download failed after {retries + 1} attempts ({error}); run the same "
+                            f"command again to resume from {part}") from None
+        time.sleep(min(0.5 * 2 ** attempt, 10.0))
+    if sha256 is not None and (digest := _sha256(part)) != sha256:
+        part.unlink()
+        raise UserError(f"{url}: sha256 {digest} does not match the expected {sha256}; the partial file "
+                        "was removed, run the command again")
+    os.replace(part, dest)
+    return dest
+
+
+def download_model(model: str, models_dir: str | os.PathLike = "models", *, base_url: str = DEFAULT_BASE_URL,
+                   retries: int = 5, progress: bool = True) -> Path:
+    """Download every release file of one size ('124M', '355M', '774M' or '1558M') into models_dir/<size>."""
+    if model not in PRESETS:
+        raise UserError(f"unknown model size {model!r}; use one of {', '.join(PRESETS)}")
+    out = Path(models_dir) / model
+    out.mkdir(parents=True, exist_ok=True)
+    for name in FILES:
+        dest = out / name
+        if dest.exists() and (name not in SHA256 or _sha256(dest) == SHA256[name]):
+            continue
+        download_file(f"{base_url.rstrip('/')}/{model}/{name}", dest, retries=retries, progress=progress,
+                      sha256=SHA256.get(name))
+    return out

@@ -1,0 +1,225 @@
+"""OpenAI's byte-level BPE tokenizer for GPT-2, exact to tiktoken's "gpt2" encoding.
+
+Text is split by OpenAI's pre-tokenisation pattern, each piece's UTF-8 bytes are mapped to
+printable unicode symbols (bytes_to_unicode), and merges are applied lowest rank first.
+"""
+
+from __future__ import annotations
+
+import functools
+import heapq
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Collection, Iterable, Literal
+
+import regex
+
+from gpt2_jax.errors import UserError
+
+EOT = "<|endoftext|>"
+# OpenAI's pattern: contractions, letters, digits, other symbols, whitespace runs.
+PRETOKENIZE = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
+# Texts longer than this are encoded in parallel when more than one core is free.
+PARALLEL_MIN_CHARS = 4_000_000
+
+
+@functools.lru_cache()
+def bytes_to_unicode() -> dict[int, str]:
+    """Map every byte to a printable unicode character (OpenAI's table; whitespace/control shifted up)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    shift = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + shift)
+            shift += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+class Encoder:
+    """Byte-level BPE: `encode(text)` -> ids, `decode(ids)` -> text."""
+
+    def __init__(self, encoder: dict[str, int], bpe_merges: list[tuple[str, str]]):
+        self.encoder = encoder
+        self.decoder = {i: s for s, i in encoder.items()}
+        self.byte_encoder = bytes_to_unicode()
+        self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
+        self.bpe_ranks = {pair: rank for rank, pair in enumerate(bpe_merges)}
+        if EOT not in encoder:
+            raise UserError(f"the vocabulary has no {EOT} token")
+        self.eot_token = encoder[EOT]
+        self._merges = bpe_merges  # kept to rebuild the encoder in worker processes
+        self._cache: dict[str, tuple[int, ...]] = {}  # pre-token -> its ids
+
+    @property
+    def n_vocab(self) -> int:
+        """Number of ids (the largest id + 1)."""
+        return max(self.decoder) + 1
+
+    def _bpe(self, symbols: str) -> list[str]:
+        """Merge adjacent symbols of one pre-token, lowest merge rank first (leftmost on ties).
+
+        A heap over a linked list keeps this O(n log n), so very long pre-tokens stay fast.
+        """
+        n = len(symbols)
+        if n < 2:
+            return [symbols]
+        ranks = self.bpe_ranks
+        word: list[str | None] = list(symbols)
+        nxt, prv = list(range(1, n + 1)), list(range(-1, n - 1))
+        heap = [(r, i) for i in range(n - 1) if (r := ranks.get((word[i], word[i + 1]))) is not None]
+        heapq.heapify(heap)
+        while heap:
+            r, i = heapq.heappop(heap)
+            j = nxt[i]
+            if word[i] is None or j >= n or ranks.get((word[i], word[j])) != r:
+                continue  # stale: one side was merged since this entry was pushed
+            word[i], word[j] = word[i] + word[j], None
+            nxt[i] = nxt[j]
+            if nxt[j] < n:
+                prv[nxt[j]] = i
+            p, k = prv[i], nxt[i]
+            if p >= 0 and (rp := ranks.get((word[p], word[i]))) is not None:
+                heapq.heappush(heap, (rp, p))
+            if k < n and (rk := ranks.get((word[i], word[k]))) is not None:
+                heapq.heappush(heap, (rk, i))
+        return [w for w in word if w is not None]
+
+    def _encode_piece(self, piece: str) -> tuple[int, ...]:
+        ids = self._cache.get(piece)
+        if ids is None:
+            symbols = "".join(self.byte_encoder[b] for b in piece.encode("utf-8"))
+            ids = tuple(self.encoder[s] for s in self._bpe(symbols))
+            if len(self._cache) < 500_000:
+                self._cache[piece] = ids
+        return ids
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Ids of `text`, with any literal '<|endoftext|>' treated as ordinary text."""
+        if len(text) >= PARALLEL_MIN_CHARS and (os.cpu_count() or 1) > 1:
+            return self._encode_parallel(text)
+        ids: list[int] = []
+        cache, extend = self._cache, ids.extend
+        for piece in PRETOKENIZE.findall(text):
+            hit = cache.get(piece)
+            extend(hit if hit is not None else self._encode_piece(piece))
+        return ids
+
+    def encode(self, text: str, allowed_special: Collection[str] | Literal["all"] = ()) -> list[int]:
+        """Ids of `text`; '<|endoftext|>' becomes the special id only where `allowed_special` allows it."""
+        if allowed_special == "all" or EOT in allowed_special:
+            ids: list[int] = []
+            for i, part in enumerate(text.split(EOT)):
+                if i:
+                    ids.append(self.eot_token)
+                ids.extend(self.encode_ordinary(part))
+            return ids
+        return self.encode_ordinary(text)
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """The raw bytes of `ids` (may end inside a UTF-8 character)."""
+        try:
+            text = "".join(self.decoder[int(i)] for i in ids)
+        except KeyError as e:
+            raise UserError(f"token id {e.args[0]} is not in the vocabulary (size {self.n_vocab})") from None
+        return bytes(self.byte_decoder[c] for c in text)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`; invalid or partial UTF-8 becomes U+FFFD instead of raising."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def _encode_parallel(self, text: str) -> list[int]:
+        # Cut only after a newline that is followed by a non-space character: no pre-token can
+        # cross such a point, so the concatenated ids equal a serial encode.
+        workers = min(os.cpu_count() or 1, 16)
+        parts = split_for_parallel(text, workers * 4)
+        with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(self.encoder, self._merges)) as pool:
+            ids: list[int] = []
+            for chunk in pool.map(_worker_encode, parts):
+                ids.extend(chunk)
+        return ids
+
+
+def split_for_parallel(text: str, n_parts: int) -> list[str]:
+    """Split `text` into about n_parts pieces at points no pre-token crosses."""
+    step = max(1, len(text) // n_parts)
+    parts, start = [], 0
+    while start < len(text):
+        cut = start + step
+        while cut < len(text) and not (text[cut - 1] == "\n" and not text[cut].isspace()):
+            cut = text.find("\n", cut)
+            if cut == -1:
+                cut = len(text)
+                break
+            cut += 1
+        parts.append(text[start:cut])
+        start = cut
+    return parts
+
+
+_worker_encoder: Encoder | None = None
+
+
+def _init_worker(encoder: dict[str, int], merges: list[tuple[str, str]]) -> None:
+    global _worker_encoder
+    _worker_encoder = Encoder(encoder, merges)
+
+
+def _worker_encode(text: str) -> list[int]:
+    # Called in a worker process; a serial encode (the worker's text is below the parallel cut-off).
+    ids: list[int] = []
+    for piece in PRETOKENIZE.findall(text):
+        ids.extend(_worker_encoder._encode_piece(piece))
+    return ids
+
+
+def read_merges(path: Path) -> list[tuple[str, str]]:
+    """Merge pairs from a vocab.bpe / merges.txt file (first line is a '#version' header)."""
+    lines = Path(path).read_text(encoding="utf-8").split("\n")
+    if lines and lines[0].startswith("#version"):
+        lines = lines[1:]
+    merges = []
+    for n, line in enumerate(lines, start=2):
+        if not line.strip():
+            continue
+        pair = line.split()
+        if len(pair) != 2:
+            raise UserError(f"{path}: line {n} is not a merge pair: {line!r}")
+        merges.append((pair[0], pair[1]))
+    return merges
+
+
+VOCAB_FILES = (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt"))
+
+
+def find_vocab(model_dir: Path) -> tuple[Path, Path] | None:
+    """(ids file, merges file) in a model directory, in OpenAI's or transformers' naming."""
+    for ids_name, merges_name in VOCAB_FILES:
+        if (Path(model_dir) / ids_name).is_file() and (Path(model_dir) / merges_name).is_file():
+            return Path(model_dir) / ids_name, Path(model_dir) / merges_name
+    return None
+
+
+def get_encoder(model_dir: str | os.PathLike) -> Encoder:
+    """The tokenizer of a model directory (encoder.json + vocab.bpe, or vocab.json + merges.txt)."""
+    found = find_vocab(Path(model_dir))
+    if found is None:
+        names = " or ".join(" + ".join(pair) for pair in VOCAB_FILES)
+        raise UserError(f"{model_dir}: no vocabulary found; it needs {names} (gpt2-jax download fetches them)")
+    ids_path, merges_path = found
+    try:
+        encoder = json.loads(ids_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{ids_path}: not valid JSON ({e})") from None
+    return Encoder(encoder, read_merges(merges_path))
+
+
+def byte_level_encoder() -> Encoder:
+    """A vocabulary of the 256 byte symbols plus '<|endoftext|>' (id 256) and no merges."""
+    symbols = bytes_to_unicode()
+    encoder = {symbols[b]: b for b in range(256)}
+    encoder[EOT] = 256
+    return Encoder(encoder, [])

@@ -1,0 +1,66 @@
+"""Evaluation: mean next-token loss and perplexity of a model over consecutive windows of a dataset."""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from gpt2_jax.errors import UserError
+from gpt2_jax.model import GPT2, GPT2Config
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Per-position next-token cross-entropy in float32: logits [..., V], targets [...] -> [...]."""
+    logits = logits.astype(jnp.float32)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits, axis=-1) - target_logit
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def _window_loss_sum(params, inputs, targets, weights, *, config: GPT2Config):
+    logits = GPT2(config).apply(params, inputs)
+    return jnp.sum(cross_entropy(logits, targets) * weights)
+
+
+class Evaluation(NamedTuple):
+    loss: float  # mean next-token cross-entropy (nats)
+    perplexity: float
+    tokens: int  # number of predicted tokens
+
+
+def windows(tokens: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Inputs, targets, weights [W, window] covering tokens[1:] once each; the last window zero-padded."""
+    n_targets = len(tokens) - 1
+    count = math.ceil(n_targets / window)
+    padded = np.zeros(count * window + 1, np.int32)
+    padded[:len(tokens)] = tokens
+    inputs = padded[:-1].reshape(count, window)
+    targets = padded[1:].reshape(count, window)
+    weights = (np.arange(count * window) < n_targets).astype(np.float32).reshape(count, window)
+    return inputs, targets, weights
+
+
+def evaluate(config: GPT2Config, params: dict, chunks: Sequence[np.ndarray], *, window: int | None = None,
+             batch_size: int = 8, progress: bool = True) -> Evaluation:
+    """Loss over every token of the concatenated chunks, each predicted once from up to `window` before it."""
+    window = window or config.n_ctx
+    if not 1 <= window <= config.n_ctx:
+        raise UserError(f"window={window}: must be between 1 and the model's context of {config.n_ctx}")
+    tokens = np.concatenate([np.asarray(c) for c in chunks])
+    if len(tokens) < 2:
+        raise UserError(f"the dataset has {len(tokens)} token(s); evaluation needs at least 2")
+    inputs, targets, weights = windows(tokens, window)
+    total, pad = 0.0, (-len(inputs)) % batch_size  # pad the batch count so one shape compiles once
+    inputs, targets, weights = (np.concatenate([a, np.zeros((pad, window), a.dtype)]) for a in (inputs, targets, weights))
+    for start in tqdm(range(0, len(inputs), batch_size), desc="evaluating", unit="batch", disable=not progress):
+        batch = slice(start, start + batch_size)
+        total += float(_window_loss_sum(params, inputs[batch], targets[batch], weights[batch], config=config))
+    count = int(weights.sum())
+    loss = total / count
+    return Evaluation(loss, math.exp(loss), count)

@@ -1,0 +1,211 @@
+"""GPT-2 as OpenAI released it, written as a pure-functional Flax linen module.
+
+Read top to bottom: config and presets, remat policies, the attention layer (with an optional
+fixed-size key/value cache for decoding), the MLP, the block, and the model. Shapes in comments:
+B batch, T query length, S key/value length, C n_embd, N n_head, H head size (C // N), V n_vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from gpt2_jax.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+    """Hyperparameters as in OpenAI's hparams.json, plus how to compute."""
+
+    n_vocab: int = 50257
+    n_ctx: int = 1024
+    n_embd: int = 768
+    n_head: int = 12
+    n_layer: int = 12
+    dtype: str = "float32"  # compute dtype of activations and matmuls
+    param_dtype: str = "float32"  # dtype the parameters are stored in
+    remat: str = "none"  # a name from REMAT_POLICIES, applied to each block
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise UserError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        for field in ("dtype", "param_dtype"):
+            if getattr(self, field) not in ("float32", "bfloat16", "float16"):
+                raise UserError(f"{field}={getattr(self, field)!r}: use float32, bfloat16 or float16")
+        if self.remat not in REMAT_POLICIES:
+            raise UserError(f"remat={self.remat!r} is not a known policy; use one of {sorted(REMAT_POLICIES)}")
+
+    def hparams(self) -> dict[str, int]:
+        """The architecture fields, as OpenAI's hparams.json spells them."""
+        return {k: getattr(self, k) for k in ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")}
+
+    def num_params(self) -> int:
+        """Parameter count (the output projection is tied to wte, so counted once)."""
+        C, L = self.n_embd, self.n_layer
+        per_block = 2 * 2 * C + (C * 3 * C + 3 * C) + (C * C + C) + (C * 4 * C + 4 * C) + (4 * C * C + C)
+        return self.n_vocab * C + self.n_ctx * C + L * per_block + 2 * C
+
+
+# The four released sizes. OpenAI first called 355M "345M" and 124M "117M".
+PRESETS: dict[str, dict[str, int]] = {
+    "124M": dict(n_embd=768, n_head=12, n_layer=12),
+    "355M": dict(n_embd=1024, n_head=16, n_layer=24),
+    "774M": dict(n_embd=1280, n_head=20, n_layer=36),
+    "1558M": dict(n_embd=1600, n_head=25, n_layer=48),
+}
+
+
+def preset(name: str, **overrides: Any) -> GPT2Config:
+    """The config of a released size ('124M', '355M', '774M', '1558M'), with overrides."""
+    if name not in PRESETS:
+        raise UserError(f"unknown model size {name!r}; use one of {list(PRESETS)}")
+    return GPT2Config(**{**PRESETS[name], **overrides})
+
+
+# Rematerialisation: which activations a block keeps for the backward pass; the rest is recomputed.
+# The names below are tagged with checkpoint_name inside the block.
+ACTIVATION_NAMES = ("q", "k", "v", "attn_out", "mlp_hidden")
+_policies = jax.checkpoint_policies
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "none": None,  # no jax.checkpoint at all: keep everything
+    "full": _policies.nothing_saveable,  # keep only block inputs, recompute the rest
+    "dots": _policies.checkpoint_dots,  # keep every matmul output
+    "dots_no_batch": _policies.dots_with_no_batch_dims_saveable,  # keep the weight matmuls, not attention's
+    "save_qkv": _policies.save_only_these_names("q", "k", "v"),
+    "save_attn": _policies.save_only_these_names("q", "k", "v", "attn_out"),
+    "save_named": _policies.save_only_these_names(*ACTIVATION_NAMES),
+}
+
+
+def _dtype(name: str) -> jnp.dtype:
+    return jnp.dtype(name)
+
+
+def _dense_kwargs(cfg: GPT2Config) -> dict:
+    # OpenAI's init: weights normal(0.02), biases zero.
+    return dict(dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype),
+                kernel_init=nn.initializers.normal(0.02))
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention; with `cache`, writes this step's keys/values into it."""
+
+    config: GPT2Config
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cache: dict | None, start: jax.Array | int) -> tuple[jax.Array, dict | None]:
+        cfg = self.config
+        B, T, C = x.shape
+        N, H = cfg.n_head, C // cfg.n_head
+        dense = lambda features, name: nn.Dense(  # noqa: E731 - OpenAI's Conv1D is a dense layer
+            features, name=name, **_dense_kwargs(cfg))
+        qkv = dense(3 * C, "c_attn")(x)  # [B, T, 3C]
+        q, k, v = jnp.split(qkv, 3, axis=-1)
+        q = checkpoint_name(q.reshape(B, T, N, H), "q")  # [B, T, N, H]
+        k = checkpoint_name(k.reshape(B, T, N, H), "k")
+        v = checkpoint_name(v.reshape(B, T, N, H), "v")
+        if cache is None:
+            y = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # scale 1/sqrt(H)
+        else:
+            # Decoding: the cache holds S >= start + T positions; write ours at [start, start + T),
+            # then attend to every cached position up to our own. Positions past ours are masked,
+            # so stale or padded entries there never matter.
+            k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), start, axis=1)
+            v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), start, axis=1)
+            cache = {"k": k_all, "v": v_all}  # [B, S, N, H]
+            S = k_all.shape[1]
+            q_pos = start + jnp.arange(T)
+            mask = jnp.arange(S)[None, :] <= q_pos[:, None]  # [T, S]
+            y = jax.nn.dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask=mask[None, None])
+        y = checkpoint_name(y.reshape(B, T, C), "attn_out")
+        return dense(C, "c_proj")(y), cache
+
+
+class MLP(nn.Module):
+    """Two dense layers around a tanh-approximated GELU, hidden size 4C."""
+
+    config: GPT2Config
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        kw = _dense_kwargs(cfg)
+        h = nn.Dense(4 * cfg.n_embd, name="c_fc", **kw)(x)  # [B, T, 4C]
+        h = checkpoint_name(jax.nn.gelu(h, approximate=True), "mlp_hidden")
+        return nn.Dense(cfg.n_embd, name="c_proj", **kw)(h)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    config: GPT2Config
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cache: dict | None, start: jax.Array | int) -> tuple[jax.Array, dict | None]:
+        cfg = self.config
+        ln = lambda name: nn.LayerNorm(  # noqa: E731
+            epsilon=1e-5, dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype), name=name)
+        a, cache = Attention(cfg, name="attn")(ln("ln_1")(x), cache, start)
+        x = x + a
+        x = x + MLP(cfg, name="mlp")(ln("ln_2")(x))
+        return x, cache
+
+
+class GPT2(nn.Module):
+    """The language model: tokens [B, T] -> next-token logits [B, T, V] (float32)."""
+
+    config: GPT2Config
+
+    def setup(self):
+        cfg = self.config
+        init = nn.initializers.normal(0.02)
+        self.wte = self.param("wte", init, (cfg.n_vocab, cfg.n_embd), _dtype(cfg.param_dtype))
+        self.wpe = self.param("wpe", nn.initializers.normal(0.01), (cfg.n_ctx, cfg.n_embd), _dtype(cfg.param_dtype))
+        block = Block
+        policy = REMAT_POLICIES[cfg.remat]
+        if cfg.remat != "none":
+            block = nn.remat(Block, policy=policy, prevent_cse=True)
+        self.h = [block(cfg, name=f"h_{i}") for i in range(cfg.n_layer)]
+        self.ln_f = nn.LayerNorm(epsilon=1e-5, dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype))
+
+    def hidden(self, tokens: jax.Array, cache: list | None = None, start: jax.Array | int = 0
+               ) -> tuple[jax.Array, list | None]:
+        """Final-LayerNorm hidden states [B, T, C] and the updated cache (one dict per layer)."""
+        cfg = self.config
+        T = tokens.shape[1]
+        positions = start + jnp.arange(T)  # absolute positions, offset by what the cache holds
+        x = (jnp.take(self.wte, tokens, axis=0) + jnp.take(self.wpe, positions, axis=0)).astype(_dtype(cfg.dtype))
+        new_cache = None if cache is None else []
+        for i, block in enumerate(self.h):
+            x, layer_cache = block(x, None if cache is None else cache[i], start)
+            if cache is not None:
+                new_cache.append(layer_cache)
+        return self.ln_f(x), new_cache
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Logits tied to the token embedding, accumulated and returned in float32."""
+        wte = self.wte.astype(hidden.dtype)
+        return jnp.einsum("btc,vc->btv", hidden, wte, preferred_element_type=jnp.float32)
+
+    def __call__(self, tokens: jax.Array, cache: list | None = None, start: jax.Array | int = 0):
+        """Logits [B, T, V]; with a cache, returns (logits, updated cache)."""
+        h, new_cache = self.hidden(tokens, cache, start)
+        logits = self.logits(h)
+        return logits if cache is None else (logits, new_cache)
+
+
+def init_cache(config: GPT2Config, batch_size: int, length: int) -> list[dict[str, jax.Array]]:
+    """Zeroed key/value buffers of a fixed length, one {k, v} of [B, S, N, H] per layer."""
+    shape = (batch_size, length, config.n_head, config.n_embd // config.n_head)
+    zeros = jnp.zeros(shape, _dtype(config.dtype))
+    return [{"k": zeros, "v": zeros} for _ in range(config.n_layer)]
+
+
+def init_params(config: GPT2Config, rng: jax.Array) -> dict:
+    """Fresh parameters (normal(0.02) weights as OpenAI's model.py; wpe normal(0.01))."""
+    return GPT2(config).init(rng, jnp.zeros((1, 1), jnp.int32))

@@ -1,0 +1,124 @@
+"""Sampling: the whole decode loop (prefill, then one token per step with the KV cache) is one jitted call."""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gpt2_jax.errors import UserError
+from gpt2_jax.model import GPT2, GPT2Config, init_cache
+
+
+def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
+    """Keep the k largest logits per row (ties with the k-th kept), set the rest to -inf; k=0 keeps all."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = jax.lax.top_k(logits, k)[0][..., -1:]
+    return jnp.where(logits < kth, -jnp.inf, logits)
+
+
+def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
+    """Nucleus: keep the smallest set of most likely tokens whose probability sums to >= p (at least one)."""
+    if p <= 0.0 or p >= 1.0:
+        return logits
+    sorted_logits = -jnp.sort(-logits, axis=-1)  # descending
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs  # probability of the tokens ranked above each
+    keep = jnp.maximum(jnp.sum(mass_before < p, axis=-1, keepdims=True), 1)
+    threshold = jnp.take_along_axis(sorted_logits, keep - 1, axis=-1)
+    return jnp.where(logits < threshold, -jnp.inf, logits)
+
+
+def next_token(logits: jax.Array, rng: jax.Array, temperature: jax.Array, top_k: int, top_p: float) -> jax.Array:
+    """One token per row from logits [B, V]: greedy for top_k=1, else temperature then top-p or top-k."""
+    if top_k == 1 and top_p <= 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    logits = top_p_filter(logits, top_p) if top_p > 0.0 else top_k_filter(logits, top_k)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+class Generated(NamedTuple):
+    tokens: np.ndarray  # [B, length] generated ids; after a sample stops, filled with end-of-text
+    lengths: np.ndarray  # [B] ids before the stop (an end-of-text id or the end of a stop sequence)
+    steps: int  # loop iterations run (less than length when every sample stopped early)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "length", "cache_size", "top_k", "top_p"))
+def _decode(params, prompt, prompt_len, rng, temperature, stop_ids, eot, *, config, length, cache_size, top_k, top_p):
+    model = GPT2(config)
+    B = prompt.shape[0]
+    # Prefill: the prompt is right-padded to a bucket length; padded positions write cache entries
+    # that the loop overwrites before any query can see them (the causal mask hides later positions).
+    logits, cache = model.apply(params, prompt, init_cache(config, B, cache_size), 0)
+    logits = jax.lax.dynamic_index_in_dim(logits, prompt_len - 1, axis=1, keepdims=False)  # [B, V]
+    window = jnp.full((B, stop_ids.shape[1]), -2, jnp.int32)  # the last generated ids, for stop matching
+
+    def cond(state):
+        i, _, _, _, done, _, _ = state
+        return (i < length) & ~jnp.all(done)
+
+    def body(state):
+        i, logits, cache, out, done, lengths, window = state
+        tok = next_token(logits, jax.random.fold_in(rng, i), temperature, top_k, top_p)
+        tok = jnp.where(done, eot, tok)
+        window = jnp.concatenate([window[:, 1:], tok[:, None]], axis=1)
+        # A stop sequence is right-aligned in stop_ids, left-padded with -1 (matches anything).
+        hit = jnp.all((window[:, None, :] == stop_ids[None]) | (stop_ids[None] == -1), axis=-1).any(axis=-1)
+        lengths = jnp.where(done, lengths, jnp.where(tok == eot, i, i + 1))
+        done = done | (tok == eot) | hit
+        out = out.at[:, i].set(tok)
+        logits, cache = model.apply(params, tok[:, None], cache, prompt_len + i)
+        return i + 1, logits[:, 0], cache, out, done, lengths, window
+
+    out = jnp.full((B, length), eot, jnp.int32)
+    state = (jnp.int32(0), logits, cache, out, jnp.zeros(B, bool), jnp.zeros(B, jnp.int32), window)
+    steps, _, _, out, _, lengths, _ = jax.lax.while_loop(cond, body, state)
+    return out, lengths, steps
+
+
+def _bucket(n: int, cap: int) -> int:
+    """Next power of two >= n (at least 8), capped: prompts of similar length share one compile."""
+    return min(cap, max(8, 1 << (n - 1).bit_length()))
+
+
+def generate(config: GPT2Config, params: dict, prompt: Sequence[int], *, length: int, batch_size: int = 1,
+             rng: jax.Array | None = None, temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0,
+             stop_sequences: Sequence[Sequence[int]] = (), eot: int | None = None) -> Generated:
+    """Sample `length` ids after `prompt` for each of `batch_size` rows, in one compiled loop."""
+    prompt = list(prompt)
+    if not prompt:
+        raise UserError("the prompt is empty; start from the end-of-text token for unconditional samples")
+    if length < 1:
+        raise UserError(f"length={length}: must be at least 1")
+    if len(prompt) + length > config.n_ctx:
+        raise UserError(f"prompt ({len(prompt)} tokens) + length ({length}) exceeds the context of "
+                        f"{config.n_ctx} tokens; shorten the prompt or lower --length")
+    if temperature <= 0:
+        raise UserError(f"temperature={temperature}: must be > 0 (use top_k=1 for greedy decoding)")
+    if not 0.0 <= top_p <= 1.0:
+        raise UserError(f"top_p={top_p}: must be in [0, 1] (0 turns nucleus sampling off)")
+    if top_k < 0:
+        raise UserError(f"top_k={top_k}: must be >= 0 (0 turns it off)")
+    eot = config.n_vocab - 1 if eot is None else eot
+    padded_len = _bucket(len(prompt), config.n_ctx)
+    cache_size = min(config.n_ctx, padded_len + length)
+    prompt_arr = np.zeros((batch_size, padded_len), np.int32)
+    prompt_arr[:, :len(prompt)] = prompt
+    stops = [list(s) for s in stop_sequences if len(s)]
+    width = max([len(s) for s in stops], default=1)
+    stop_ids = np.full((max(1, len(stops)), width), -1, np.int32)
+    if not stops:
+        stop_ids[:] = -3  # matches nothing: generated ids are never negative
+    for row, s in enumerate(stops):
+        stop_ids[row, width - len(s):] = s
+    rng = jax.random.key(0) if rng is None else rng
+    out, lengths, steps = _decode(params, jnp.asarray(prompt_arr), jnp.int32(len(prompt)), rng,
+                                  jnp.float32(temperature), jnp.asarray(stop_ids), jnp.int32(eot),
+                                  config=config, length=length, cache_size=cache_size,
+                                  top_k=int(top_k), top_p=float(top_p))
+    return Generated(np.asarray(out), np.asarray(lengths), int(steps))

@@ -1,0 +1,190 @@
+"""Model directories in and out: OpenAI's release layout, transformers' layout, export to transformers.
+
+Every layout is mapped through one table (`_tensor_names`) from this project's parameter paths to
+OpenAI's TensorFlow variable names and transformers' state-dict keys.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Callable, Iterator, NamedTuple
+
+import jax
+import numpy as np
+
+from gpt2_jax.encoder import find_vocab, get_encoder
+from gpt2_jax.errors import UserError
+from gpt2_jax.model import GPT2Config, init_params
+from gpt2_jax.tf_checkpoint import checkpoint_prefix, read_checkpoint
+
+Params = dict  # {"params": {...}} as returned by GPT2(config).init
+
+
+class TensorName(NamedTuple):
+    path: tuple[str, ...]  # path inside params["params"]
+    openai: str  # TensorFlow variable of OpenAI's checkpoint
+    hf: str  # transformers' GPT2LMHeadModel key, without the "transformer." prefix
+
+
+def _tensor_names(n_layer: int) -> Iterator[TensorName]:
+    yield TensorName(("wte",), "model/wte", "wte.weight")
+    yield TensorName(("wpe",), "model/wpe", "wpe.weight")
+    for i in range(n_layer):
+        for ours, theirs in (("ln_1", "ln_1"), ("ln_2", "ln_2")):
+            yield TensorName((f"h_{i}", ours, "scale"), f"model/h{i}/{theirs}/g", f"h.{i}.{theirs}.weight")
+            yield TensorName((f"h_{i}", ours, "bias"), f"model/h{i}/{theirs}/b", f"h.{i}.{theirs}.bias")
+        for module, layer in (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj")):
+            yield TensorName((f"h_{i}", module, layer, "kernel"), f"model/h{i}/{module}/{layer}/w", f"h.{i}.{module}.{layer}.weight")
+            yield TensorName((f"h_{i}", module, layer, "bias"), f"model/h{i}/{module}/{layer}/b", f"h.{i}.{module}.{layer}.bias")
+    yield TensorName(("ln_f", "scale"), "model/ln_f/g", "ln_f.weight")
+    yield TensorName(("ln_f", "bias"), "model/ln_f/b", "ln_f.bias")
+
+
+def param_shapes(config: GPT2Config) -> dict:
+    """Shapes and dtypes of the parameters, computed without allocating them."""
+    return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+
+
+def _assemble(config: GPT2Config, fetch: Callable[[TensorName], np.ndarray | None], source: str) -> Params:
+    """Build params by fetching each tensor, checking it exists and has the expected shape."""
+    shapes = param_shapes(config)["params"]
+    out: dict = {}
+    for name in _tensor_names(config.n_layer):
+        expected = shapes
+        for key in name.path:
+            expected = expected[key]
+        value = fetch(name)
+        if value is None:
+            raise UserError(f"{source}: tensor {name.openai} / {name.hf} is missing")
+        value = np.asarray(value)
+        if value.shape != expected.shape:
+            value_squeezed = value.reshape(value.shape[1:]) if value.ndim == 3 and value.shape[0] == 1 else value
+            if value_squeezed.shape != expected.shape:
+                raise UserError(f"{source}: tensor {name.hf} has shape {list(value.shape)} but the config "
+                                f"(n_vocab={config.n_vocab}, n_ctx={config.n_ctx}, n_embd={config.n_embd}) "
+                                f"needs {list(expected.shape)}")
+            value = value_squeezed
+        node = out
+        for key in name.path[:-1]:
+            node = node.setdefault(key, {})
+        node[name.path[-1]] = jax.numpy.asarray(value, dtype=expected.dtype)
+    return {"params": out}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+
+
+def _config_from(hparams: dict, source: Path, **overrides) -> GPT2Config:
+    missing = [k for k in ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer") if k not in hparams]
+    if missing:
+        raise UserError(f"{source}: missing key(s) {', '.join(missing)}")
+    return GPT2Config(**{k: int(hparams[k]) for k in ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")}, **overrides)
+
+
+def _load_openai(model_dir: Path, **overrides) -> tuple[GPT2Config, Params]:
+    config = _config_from(_read_json(model_dir / "hparams.json"), model_dir / "hparams.json", **overrides)
+    prefix = checkpoint_prefix(model_dir)
+    variables = read_checkpoint(prefix)
+    return config, _assemble(config, lambda n: variables.get(n.openai), f"{prefix}")
+
+
+def _hf_state_dict(model_dir: Path) -> tuple[dict[str, np.ndarray], str]:
+    """transformers' tensors by key (any "transformer." prefix removed) and the file they came from."""
+    from safetensors import safe_open
+
+    files: list[Path]
+    if (model_dir / "model.safetensors").is_file():
+        files = [model_dir / "model.safetensors"]
+    elif (model_dir / "model.safetensors.index.json").is_file():
+        index = _read_json(model_dir / "model.safetensors.index.json")
+        files = [model_dir / f for f in sorted(set(index.get("weight_map", {}).values()))]
+    else:
+        bin_path = model_dir / "pytorch_model.bin"
+        try:
+            import torch
+        except ImportError:
+            raise UserError(f"{bin_path}: reading PyTorch weights needs torch installed; or save the model "
+                            "as model.safetensors") from None
+        state = torch.load(bin_path, map_location="cpu", weights_only=True)
+        return {k.removeprefix("transformer."): v.float().numpy() for k, v in state.items()}, str(bin_path)
+    tensors = {}
+    for f in files:
+        with safe_open(str(f), framework="flax") as st:
+            for key in st.keys():
+                tensors[key.removeprefix("transformer.")] = np.asarray(st.get_tensor(key).astype("float32"))
+    return tensors, str(files[0])
+
+
+def _load_hf(model_dir: Path, **overrides) -> tuple[GPT2Config, Params]:
+    hf = _read_json(model_dir / "config.json")
+    hparams = {"n_vocab": hf.get("vocab_size"), "n_ctx": hf.get("n_positions", hf.get("n_ctx")),
+               "n_embd": hf.get("n_embd"), "n_head": hf.get("n_head"), "n_layer": hf.get("n_layer")}
+    config = _config_from({k: v for k, v in hparams.items() if v is not None}, model_dir / "config.json", **overrides)
+    tensors, source = _hf_state_dict(model_dir)
+    return config, _assemble(config, lambda n: tensors.get(n.hf), source)
+
+
+def _is_openai(d: Path) -> bool:
+    return (d / "hparams.json").is_file() and checkpoint_prefix(d) is not None
+
+
+def _is_hf(d: Path) -> bool:
+    return (d / "config.json").is_file() and any(
+        (d / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"))
+
+
+# (description, detector, loader); the training issue adds this project's own checkpoints.
+LAYOUTS: list[tuple[str, Callable[[Path], bool], Callable[..., tuple[GPT2Config, Params]]]] = [
+    ("OpenAI release (hparams.json + model.ckpt.index/.data-*)", _is_openai, _load_openai),
+    ("transformers (config.json + model.safetensors or pytorch_model.bin)", _is_hf, _load_hf),
+]
+
+
+def load_weights(model_dir: str | Path, **config_overrides) -> tuple[GPT2Config, Params]:
+    """Config and params of a model directory in any supported layout (detected)."""
+    d = Path(model_dir)
+    if not d.is_dir():
+        raise UserError(f"model directory {d} does not exist; download one with `gpt2-jax download 124M`")
+    for _, detect, load in LAYOUTS:
+        if detect(d):
+            return load(d, **config_overrides)
+    known = "; ".join(desc for desc, _, _ in LAYOUTS)
+    raise UserError(f"{d}: not a model directory in a known layout. Known layouts: {known}")
+
+
+def export_transformers(config: GPT2Config, params: Params, vocab_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write `out_dir` in transformers' layout so GPT2LMHeadModel.from_pretrained(out_dir) loads it."""
+    from safetensors.numpy import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    p = params["params"]
+    tensors = {}
+    for name in _tensor_names(config.n_layer):
+        value = p
+        for key in name.path:
+            value = value[key]
+        tensors["transformer." + name.hf] = np.ascontiguousarray(np.asarray(value, dtype=np.float32))
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    hf_config = {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+        "vocab_size": config.n_vocab, "n_positions": config.n_ctx, "n_ctx": config.n_ctx,
+        "n_embd": config.n_embd, "n_head": config.n_head, "n_layer": config.n_layer, "n_inner": None,
+        "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "initializer_range": 0.02,
+        "resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1, "scale_attn_weights": True,
+        "bos_token_id": config.n_vocab - 1, "eos_token_id": config.n_vocab - 1,
+        "tie_word_embeddings": True, "torch_dtype": "float32",
+    }
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2))
+    vocab = find_vocab(Path(vocab_dir))
+    if vocab is None:
+        get_encoder(vocab_dir)  # raises the missing-vocabulary error
+    shutil.copyfile(vocab[0], out / "vocab.json")
+    shutil.copyfile(vocab[1], out / "merges.txt")
+    return out

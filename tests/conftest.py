@@ -1,0 +1,105 @@
+"""Shared fixtures. Reference data lives outside the repo: set GPT2_JAX_SHARED (default ../shared).
+
+Tests that need it skip when it is absent on a developer's machine, and fail under CI (CI=true),
+so they never skip silently there.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def shared_path() -> Path:
+    """The shared data directory: $GPT2_JAX_SHARED, else ../shared beside the checkout."""
+    return Path(os.environ.get("GPT2_JAX_SHARED", REPO.parent / "shared"))
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    path = shared_path()
+    if not (path / "gpt2" / "encoder.json").is_file():
+        message = f"shared data not found at {path} (set GPT2_JAX_SHARED)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def gpt2_vocab_dir(shared_dir: Path) -> Path:
+    return shared_dir / "gpt2"
+
+
+@pytest.fixture(scope="session")
+def real_encoder(gpt2_vocab_dir: Path):
+    from gpt2_jax.encoder import get_encoder
+
+    return get_encoder(gpt2_vocab_dir)
+
+
+@pytest.fixture(scope="session")
+def tiktoken_gpt2(gpt2_vocab_dir: Path):
+    """tiktoken's "gpt2" encoding built offline from the shared vocabulary files."""
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+    ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=str(gpt2_vocab_dir / "vocab.bpe"),
+                                            encoder_json_file=str(gpt2_vocab_dir / "encoder.json"))
+    pattern = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+    return tiktoken.Encoding("gpt2", pat_str=pattern, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": 50256})
+
+
+def random_hf_model(n_vocab=300, n_ctx=64, n_embd=32, n_head=4, n_layer=2, seed=0):
+    """transformers' GPT2LMHeadModel with random weights, every tensor moved off its init values."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=n_vocab, n_positions=n_ctx, n_embd=n_embd, n_head=n_head, n_layer=n_layer,
+                        bos_token_id=n_vocab - 1, eos_token_id=n_vocab - 1)
+    model = GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(0.05 * torch.randn_like(p))  # LayerNorm ones and zero biases become distinct values
+    return model
+
+
+def save_hf_model(model, directory: Path, safe: bool = True) -> Path:
+    """transformers' layout: config.json + model.safetensors, or + pytorch_model.bin when not `safe`."""
+    import torch
+
+    if safe:
+        model.save_pretrained(directory)
+    else:  # transformers 5 writes only safetensors; the older .bin layout is a torch.save'd state dict
+        model.config.save_pretrained(directory)
+        torch.save(model.state_dict(), directory / "pytorch_model.bin")
+    return directory
+
+
+def write_byte_vocab(directory: Path, n_vocab: int) -> None:
+    """encoder.json/vocab.bpe of a byte-level vocabulary padded to n_vocab ids (eot = n_vocab - 1)."""
+    import json
+
+    from gpt2_jax.encoder import bytes_to_unicode
+
+    symbols = bytes_to_unicode()
+    enc = {symbols[b]: b for b in range(256)}
+    enc.update({f"<|extra_{i}|>": i for i in range(256, n_vocab - 1)})
+    enc["<|endoftext|>"] = n_vocab - 1
+    (directory / "encoder.json").write_text(json.dumps(enc))
+    (directory / "vocab.bpe").write_text("#version: 0.2\n")
+
+
+def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor(np.asarray(tokens), dtype=torch.long)).logits.numpy()

@@ -1,0 +1,155 @@
+"""The Flax model against transformers' GPT2LMHeadModel and OpenAI's TensorFlow checkpoint."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from conftest import FIXTURES, hf_logits, random_hf_model, save_hf_model, write_byte_vocab
+from gpt2_jax.evaluate import cross_entropy
+from gpt2_jax.model import GPT2, REMAT_POLICIES, GPT2Config, init_cache, preset
+from gpt2_jax.weights import load_weights
+
+
+def _hf_loss(model, tokens: np.ndarray) -> float:
+    with torch.no_grad():
+        t = torch.tensor(tokens, dtype=torch.long)
+        return float(model(t, labels=t).loss)
+
+
+def _our_loss(config, params, tokens: np.ndarray) -> float:
+    logits = GPT2(config).apply(params, jnp.asarray(tokens[:, :-1]))
+    return float(jnp.mean(cross_entropy(logits, jnp.asarray(tokens[:, 1:]))))
+
+
+@pytest.mark.parametrize("size", ["tiny", "124M"])
+def test_logits_and_loss_match_transformers(tmp_path, size):
+    shape = dict(n_vocab=300, n_ctx=64, n_embd=32, n_head=4, n_layer=2) if size == "tiny" else dict(
+        n_vocab=50257, n_ctx=1024, **{k: v for k, v in preset("124M").hparams().items() if k in ("n_embd", "n_head", "n_layer")})
+    hf = random_hf_model(**shape)
+    config, params = load_weights(save_hf_model(hf, tmp_path))
+    assert config.hparams() == shape
+    tokens = np.random.default_rng(1).integers(0, shape["n_vocab"], (2, 48))
+    ours = np.asarray(GPT2(config).apply(params, jnp.asarray(tokens)))
+    np.testing.assert_allclose(ours, hf_logits(hf, tokens), atol=1e-4, rtol=0)
+    assert abs(_our_loss(config, params, tokens) - _hf_loss(hf, tokens)) <= 1e-5
+
+
+def test_pytorch_bin_layout_loads_the_same(tmp_path):
+    hf = random_hf_model(seed=3)
+    _, from_bin = load_weights(save_hf_model(hf, tmp_path / "bin", safe=False))
+    assert (tmp_path / "bin" / "pytorch_model.bin").is_file()
+    _, from_st = load_weights(save_hf_model(hf, tmp_path / "st"))
+    jax.tree.map(np.testing.assert_array_equal, from_bin, from_st)
+
+
+def _hf_from_openai_reference(ref) -> torch.nn.Module:
+    """transformers' model filled from the fixture's reference values, mapped here independently."""
+    n_layer = 1 + max(int(k.split("/")[1][1:]) for k in ref.files if k.startswith("model/h"))
+    n_vocab, n_embd = ref["model/wte"].shape
+    hf = random_hf_model(n_vocab=n_vocab, n_ctx=ref["model/wpe"].shape[0], n_embd=n_embd, n_head=2, n_layer=n_layer)
+    state = {"transformer.wte.weight": ref["model/wte"], "transformer.wpe.weight": ref["model/wpe"],
+             "transformer.ln_f.weight": ref["model/ln_f/g"], "transformer.ln_f.bias": ref["model/ln_f/b"]}
+    for i in range(n_layer):
+        for ln in ("ln_1", "ln_2"):
+            state[f"transformer.h.{i}.{ln}.weight"] = ref[f"model/h{i}/{ln}/g"]
+            state[f"transformer.h.{i}.{ln}.bias"] = ref[f"model/h{i}/{ln}/b"]
+        for part in ("attn/c_attn", "attn/c_proj", "mlp/c_fc", "mlp/c_proj"):
+            key = part.replace("/", ".")
+            state[f"transformer.h.{i}.{key}.weight"] = ref[f"model/h{i}/{part}/w"][0]
+            state[f"transformer.h.{i}.{key}.bias"] = ref[f"model/h{i}/{part}/b"]
+    state["lm_head.weight"] = ref["model/wte"]
+    missing, _ = hf.load_state_dict({k: torch.tensor(v) for k, v in state.items()}, strict=False)
+    assert not [m for m in missing if not m.endswith("attn.bias")]
+    return hf
+
+
+def test_openai_tensorflow_checkpoint_fixture():
+    ref = np.load(FIXTURES / "openai_tiny_reference.npz")
+    config, params = load_weights(FIXTURES / "openai_tiny")
+    p = params["params"]
+    np.testing.assert_array_equal(p["h_1"]["attn"]["c_attn"]["kernel"], ref["model/h1/attn/c_attn/w"][0])
+    np.testing.assert_array_equal(p["ln_f"]["scale"], ref["model/ln_f/g"])
+    hf = _hf_from_openai_reference(ref)
+    tokens = np.random.default_rng(2).integers(0, config.n_vocab, (2, config.n_ctx))
+    ours = np.asarray(GPT2(config).apply(params, jnp.asarray(tokens)))
+    np.testing.assert_allclose(ours, hf_logits(hf, tokens), atol=1e-4, rtol=0)
+    assert abs(_our_loss(config, params, tokens) - _hf_loss(hf, tokens)) <= 1e-5
+
+
+def test_kv_cache_decoding_equals_full_forward():
+    config, params = load_weights(FIXTURES / "openai_tiny")
+    tokens = jnp.asarray(np.random.default_rng(4).integers(0, config.n_vocab, (3, 20)))
+    full = GPT2(config).apply(params, tokens)
+    step = jax.jit(lambda p, t, c, s: GPT2(config).apply(p, t, c, s))
+    cache = init_cache(config, 3, config.n_ctx)
+    logits, cache = step(params, tokens[:, :7], cache, 0)  # prefill a prompt of 7
+    rows = [logits]
+    for t in range(7, 20):  # then one position at a time
+        logits, cache = step(params, tokens[:, t:t + 1], cache, jnp.int32(t))
+        rows.append(logits)
+    np.testing.assert_allclose(np.concatenate(rows, axis=1), full, atol=1e-5, rtol=0)
+
+
+def test_bfloat16_compute_runs_close_to_float32():
+    config, params = load_weights(FIXTURES / "openai_tiny")
+    bf16 = GPT2Config(**config.hparams(), dtype="bfloat16")
+    tokens = jnp.asarray(np.random.default_rng(5).integers(0, config.n_vocab, (2, 16)))
+    lo = GPT2(bf16).apply(params, tokens)
+    hi = GPT2(config).apply(params, tokens)
+    assert lo.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(lo)))
+    assert float(jnp.max(jnp.abs(lo - hi))) < 0.15 * float(jnp.max(jnp.abs(hi)))
+    assert float(jnp.max(jnp.abs(lo - hi))) > 0  # really computed in bfloat16
+
+
+@pytest.mark.parametrize("policy", sorted(set(REMAT_POLICIES) - {"none"}))
+def test_remat_policy_keeps_loss_and_gradients(policy):
+    base = GPT2Config(n_vocab=300, n_ctx=32, n_embd=32, n_head=4, n_layer=2)
+    params = GPT2(base).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+    tokens = jnp.asarray(np.random.default_rng(6).integers(0, 300, (2, 17)))
+
+    def loss_and_grads(config):
+        def loss(p):
+            return jnp.mean(cross_entropy(GPT2(config).apply(p, tokens[:, :-1]), tokens[:, 1:]))
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    ref_loss, ref_grads = loss_and_grads(base)
+    loss, grads = loss_and_grads(GPT2Config(**base.hparams(), remat=policy))
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), grads, ref_grads)
+    # The policy really is applied: the jaxpr of the gradient holds a checkpoint (remat) primitive.
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: jnp.sum(GPT2(GPT2Config(**base.hparams(), remat=policy))
+                                                        .apply(p, tokens))))(params))
+    assert "remat" in jaxpr or "checkpoint" in jaxpr
+
+
+def test_presets_match_released_sizes():
+    counts = {name: preset(name).num_params() for name in ("124M", "355M", "774M", "1558M")}
+    assert counts == {"124M": 124_439_808, "355M": 354_823_168, "774M": 774_030_080, "1558M": 1_557_611_200}
+    config = preset("124M")
+    shapes = jax.eval_shape(lambda: GPT2(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
+    assert sum(x.size for x in jax.tree.leaves(shapes)) == counts["124M"]
+
+
+def test_bad_config_values_are_clear():
+    from gpt2_jax.errors import UserError
+
+    with pytest.raises(UserError, match="remat='bogus'.*full"):
+        GPT2Config(remat="bogus")
+    with pytest.raises(UserError, match="n_embd=30 is not divisible by n_head=4"):
+        GPT2Config(n_embd=30, n_head=4)
+    with pytest.raises(UserError, match="unknown model size '2B'"):
+        preset("2B")
+
+
+def test_write_byte_vocab_helper_makes_a_loadable_dir(tmp_path):
+    # The helper other tests use to turn a saved transformers model into a full model directory.
+    from gpt2_jax import load
+
+    save_hf_model(random_hf_model(), tmp_path)
+    write_byte_vocab(tmp_path, 300)
+    model = load(tmp_path)
+    assert model.encoder.eot_token == 299 and model.config.n_vocab == 300
