@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Callable, Sequence, TextIO
 
 from gpt2_jax.errors import UserError

@@ -67,7 +67,7 @@ def random_hf_model(n_vocab=300, n_ctx=64, n_embd=32, n_head=4, n_layer=2, seed=
                         bos_token_id=n_vocab - 1, eos_token_id=n_vocab - 1)
     model = GPT2LMHeadModel(config).eval()
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))  # LayerNorm ones and zero biases become distinct values
     return model
 

@@ -1,0 +1,130 @@
+"""The tokenizer against tiktoken's "gpt2" encoding and transformers' GPT2TokenizerFast."""
+
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from gpt2_jax import encoder as encoder_module
+from gpt2_jax.encoder import EOT, byte_level_encoder, get_encoder, split_for_parallel
+from gpt2_jax.errors import UserError
+
+EDGE_CASES = [
+    "",
+    "Hello world",
+    "I'm can't won't you'll we've they're he'd 'S 'LL",  # contractions, upper-case ones split
+    "   leading and trailing   ",
+    "tabs\t\tand\n\n\nnewlines \n \n",
+    "line one\r\nline two\r\n\r\n",  # CRLF
+    "x" + " " * 37 + "y",  # whitespace runs
+    "1234567890 3.14159 1,000,000 0x1F",  # digits
+    "emoji 😀👍🏽 family 👨‍👩‍👧‍👦 flag 🇫🇷",  # ZWJ sequences and modifiers
+    "中文字符测试 日本語のテキスト 한국어",  # CJK
+    "combining: e\u0301 a\u0308 n\u0303 \u0915\u094d\u0937",  # combining marks
+    "supercalifragilistic" * 200,  # a very long word
+    "".join(chr(c) for c in range(0x20, 0x250)),  # Latin blocks, one long run
+    "a<|endoftext|>b <|endoftext|> <|endoftext",  # the literal special token, as text
+    "\u00a0non-breaking\u2009thin\u3000ideographic spaces",
+    "mixed123abc!!!???...---___",
+    "\x00\x01\x7f control bytes",
+]
+
+
+def test_edge_cases_match_tiktoken(real_encoder, tiktoken_gpt2):
+    for text in EDGE_CASES:
+        assert real_encoder.encode(text) == tiktoken_gpt2.encode_ordinary(text), text
+        assert real_encoder.decode(real_encoder.encode(text)) == text
+
+
+def test_tinyshakespeare_matches_tiktoken(shared_dir, real_encoder, tiktoken_gpt2):
+    text = (shared_dir / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    ids = real_encoder.encode(text)
+    assert ids == tiktoken_gpt2.encode_ordinary(text)
+    assert len(ids) == 338025
+    assert real_encoder.decode(ids) == text
+
+
+def _stdlib_sources() -> list[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)
+
+
+def test_python_stdlib_matches_tiktoken(real_encoder, tiktoken_gpt2):
+    files = _stdlib_sources()
+    assert len(files) > 500
+    checked = 0
+    for path in files:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue  # a handful of test files are deliberately not UTF-8
+        ids = real_encoder.encode(text)
+        assert ids == tiktoken_gpt2.encode_ordinary(text), path
+        assert real_encoder.decode(ids) == text, path
+        checked += 1
+    assert checked > 500
+
+
+def test_special_token_only_when_allowed(real_encoder, tiktoken_gpt2):
+    text = "one<|endoftext|>two"
+    assert EOT not in real_encoder.decode([50256]) or real_encoder.decode([50256]) == EOT
+    assert 50256 not in real_encoder.encode(text)
+    assert real_encoder.encode(text) == tiktoken_gpt2.encode_ordinary(text)
+    allowed = real_encoder.encode(text, allowed_special={EOT})
+    assert allowed == tiktoken_gpt2.encode(text, allowed_special={EOT})
+    assert allowed.count(50256) == 1
+    assert real_encoder.encode(text, allowed_special="all") == allowed
+
+
+def test_matches_transformers_fast_tokenizer(gpt2_vocab_dir, shared_dir, real_encoder, tmp_path):
+    import shutil
+
+    from transformers import GPT2TokenizerFast
+
+    shutil.copyfile(gpt2_vocab_dir / "encoder.json", tmp_path / "vocab.json")
+    shutil.copyfile(gpt2_vocab_dir / "vocab.bpe", tmp_path / "merges.txt")
+    hf = GPT2TokenizerFast.from_pretrained(tmp_path)
+    assert len(hf) == 50257
+    text = (shared_dir / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")[:200_000]
+    for sample in [text] + [t for t in EDGE_CASES if EOT not in t]:
+        assert real_encoder.encode(sample) == hf.encode(sample), sample[:50]
+
+
+def test_decode_never_raises_on_partial_utf8(real_encoder):
+    ids = real_encoder.encode("😀")
+    assert len(ids) > 1  # one emoji spans several byte-level tokens
+    assert real_encoder.decode(ids[:1]) == "\ufffd"
+    assert real_encoder.decode_bytes(ids) == "😀".encode()
+    with pytest.raises(UserError, match="token id 99999 is not in the vocabulary"):
+        real_encoder.decode([99999])
+
+
+def test_parallel_encoding_equals_serial(shared_dir, real_encoder, monkeypatch):
+    text = (shared_dir / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    serial = real_encoder.encode(text)
+    parts = split_for_parallel(text, 16)
+    assert "".join(parts) == text and len(parts) > 8
+    monkeypatch.setattr(encoder_module, "PARALLEL_MIN_CHARS", 1000)
+    monkeypatch.setattr(encoder_module.os, "cpu_count", lambda: 2)
+    assert real_encoder.encode(text) == serial
+
+
+def test_byte_level_vocabulary():
+    enc = byte_level_encoder()
+    text = "héllo\n😀 <|endoftext|>"
+    ids = enc.encode(text)
+    assert ids == list(text.encode("utf-8"))
+    assert enc.decode(ids) == text
+    assert enc.encode("a<|endoftext|>b", allowed_special="all") == [97, 256, 98]
+    assert enc.n_vocab == 257
+
+
+def test_missing_or_broken_vocabulary_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="no vocabulary found; it needs encoder.json \\+ vocab.bpe or vocab.json"):
+        get_encoder(tmp_path)
+    (tmp_path / "encoder.json").write_text("{not json")
+    (tmp_path / "vocab.bpe").write_text("#version: 0.2\n")
+    with pytest.raises(UserError, match="encoder.json: not valid JSON"):
+        get_encoder(tmp_path)
