@@ -1,4 +1,4 @@
-"""The `gpt2-jax` command line: download, sample, evaluate, export. Bad input exits 2 with one line."""
+"""The `gpt2-jax` command line: download, sample, evaluate, encode, export. Bad input exits 2 with one line."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import sys
 from typing import Callable, Sequence, TextIO
 
 from gpt2_jax.errors import UserError
+from gpt2_jax.sampling import SAMPLE_HEADER
 
-SAMPLE_HEADER = "=" * 20 + " SAMPLE {} (model-generated text) " + "=" * 20
 
 
 def _cmd_download(args: argparse.Namespace) -> None:
@@ -117,6 +117,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         print(f"loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  over {result.tokens} tokens")
 
 
+def _cmd_encode(args: argparse.Namespace) -> None:
+    from gpt2_jax.data import encode_to_file
+    from gpt2_jax.encoder import get_encoder
+
+    encoder = get_encoder(args.model_dir)
+    out = encode_to_file(args.input, args.output, encoder, combine=args.combine, encoding=args.encoding,
+                         encoding_errors=args.encoding_errors)
+    print(f"wrote {out}")
+
+
 def _cmd_export(args: argparse.Namespace) -> None:
     from gpt2_jax.weights import export_transformers, load_weights
 
@@ -167,6 +177,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help='print {"loss", "perplexity", "tokens"} as JSON')
     p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("encode", help="pre-encode a dataset to .npz (as the original encode.py) or flat .bin")
+    p.add_argument("input", help="text file, directory (recursive) or glob")
+    p.add_argument("output", help="OUT.npz (one array per chunk) or OUT.bin (flat tokens, memory-mapped)")
+    p.add_argument("--model_dir", default="models/124M", help="directory holding the vocabulary")
+    p.add_argument("--combine", type=int, default=50000, help="concatenate files into chunks of >= N characters")
+    p.add_argument("--encoding", default="utf-8", help="text encoding of the input files")
+    p.add_argument("--encoding_errors", default="strict", help="strict, or replace to substitute bad bytes")
+    p.set_defaults(func=_cmd_encode)
 
     p = sub.add_parser("export", help="write a model in transformers' layout (config.json + model.safetensors)")
     p.add_argument("--model_dir", required=True, help="any supported model or run directory")

@@ -131,6 +131,13 @@ class Encoder:
         """Text of `ids`; invalid or partial UTF-8 becomes U+FFFD instead of raising."""
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write encoder.json and vocab.bpe (OpenAI's file names and formats) into `directory`."""
+        directory = Path(directory)
+        (directory / "encoder.json").write_text(json.dumps(self.encoder, ensure_ascii=False), encoding="utf-8")
+        merges = "".join(f"{a} {b}\n" for a, b in self._merges)
+        (directory / "vocab.bpe").write_text("#version: 0.2\n" + merges, encoding="utf-8")
+
     def _encode_parallel(self, text: str) -> list[int]:
         # Cut only after a newline that is followed by a non-space character: no pre-token can
         # cross such a point, so the concatenated ids equal a serial encode.

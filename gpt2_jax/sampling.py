@@ -12,6 +12,9 @@ import numpy as np
 from gpt2_jax.errors import UserError
 from gpt2_jax.model import GPT2, GPT2Config, init_cache
 
+# How every printed sample is introduced: the text below it is model output, not a person's.
+SAMPLE_HEADER = "=" * 20 + " SAMPLE {} (model-generated text) " + "=" * 20
+
 
 def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
     """Keep the k largest logits per row (ties with the k-th kept), set the rest to -inf; k=0 keeps all."""

@@ -14,6 +14,7 @@ from typing import Callable, Iterator, NamedTuple
 import jax
 import numpy as np
 
+from gpt2_jax.checkpoints import is_run_dir, load_run_params
 from gpt2_jax.encoder import find_vocab, get_encoder
 from gpt2_jax.errors import UserError
 from gpt2_jax.model import GPT2Config, init_params
@@ -139,8 +140,9 @@ def _is_hf(d: Path) -> bool:
         (d / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"))
 
 
-# (description, detector, loader); the training issue adds this project's own checkpoints.
+# (description, detector, loader), tried in order.
 LAYOUTS: list[tuple[str, Callable[[Path], bool], Callable[..., tuple[GPT2Config, Params]]]] = [
+    ("gpt2-jax training run (run_config.json + orbax step directories)", is_run_dir, load_run_params),
     ("OpenAI release (hparams.json + model.ckpt.index/.data-*)", _is_openai, _load_openai),
     ("transformers (config.json + model.safetensors or pytorch_model.bin)", _is_hf, _load_hf),
 ]

@@ -178,7 +178,7 @@ def test_cli_bad_model_dirs_exit_2(tmp_path, capsys, hf_and_ours):
     code, _, err = _run_cli(["sample", "--model_dir", str(tmp_path / "missing")], capsys)
     assert code == 2 and "does not exist" in err
     code, _, err = _run_cli(["sample", "--model_dir", str(tmp_path)], capsys)
-    assert code == 2 and "not a model directory in a known layout. Known layouts: OpenAI release" in err
+    assert code == 2 and "not a model directory in a known layout. Known layouts: gpt2-jax training run" in err
     no_vocab = tmp_path / "novocab"
     save_hf_model(random_hf_model(), no_vocab)
     code, _, err = _run_cli(["sample", "--model_dir", str(no_vocab)], capsys)

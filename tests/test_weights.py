@@ -107,5 +107,5 @@ def test_openai_layout_errors(tmp_path):
 
 def test_unknown_directory_lists_layouts(tmp_path):
     (tmp_path / "notes.txt").write_text("hi")
-    with pytest.raises(UserError, match="Known layouts: OpenAI release .*; transformers"):
+    with pytest.raises(UserError, match="Known layouts: gpt2-jax training run .*; OpenAI release .*; transformers"):
         load_weights(tmp_path)

@@ -1,0 +1,76 @@
+"""The base experiment config: every field, documented once. Experiments derive from get_config().
+
+Fields of the original fine-tuning fork's train.py flags keep their meaning and default; the
+mapping is `--flag` -> `section.field` (see README, "Training").
+"""
+
+from __future__ import annotations
+
+from ml_collections import ConfigDict
+
+
+def get_config() -> ConfigDict:
+    """Defaults: fine-tune 124M with Adam at 2e-5, batch 1, as the original train.py."""
+    c = ConfigDict()
+    c.run_name = "run1"  # --run_name: outputs go to WORKDIR/{checkpoint,samples,logs}/RUN_NAME
+    c.workdir = "."  # where checkpoint/, samples/ and logs/ are created (launch.py --workdir sets it)
+    c.seed = 0  # init (from scratch), batch order, noise and samples all derive from it
+
+    c.model = ConfigDict()
+    c.model.name = "124M"  # --model_name: a model directory, or a size (124M, 355M, 774M, 1558M) under models_dir
+    c.model.models_dir = "models"  # where `gpt2-jax download` puts the sizes
+    c.model.from_scratch = False  # True: random init with the shape below instead of pretrained weights
+    c.model.n_ctx = 1024  # from scratch only: context length
+    c.model.n_embd = 768  # from scratch only: width
+    c.model.n_head = 12  # from scratch only: attention heads
+    c.model.n_layer = 12  # from scratch only: blocks
+    c.model.vocab = ""  # from scratch only: a dir with encoder.json + vocab.bpe, "bytes", or "" = find GPT-2's locally
+    c.model.dtype = "float32"  # compute dtype; "bfloat16" = mixed precision (float32 weights and optimizer state)
+    c.model.remat = "none"  # --memory_saving_gradients: a remat policy (none, full, dots, dots_no_batch, save_*)
+
+    c.data = ConfigDict()
+    c.data.dataset = ""  # --dataset: a text file, directory, glob, .npz or .bin
+    c.data.combine = 50000  # --combine: concatenate files into chunks of at least this many characters
+    c.data.encoding = "utf-8"  # --encoding: text encoding of the dataset files
+    c.data.encoding_errors = "strict"  # "replace" substitutes undecodable bytes instead of stopping
+    c.data.seq_len = 0  # tokens per training window; 0 = the model's n_ctx (the original's 1024)
+    c.data.val_dataset = ""  # --val_dataset: validation data; "" = windows drawn from the training data
+    c.data.val_batch_size = 2  # --val_batch_size
+    c.data.val_batch_count = 40  # --val_batch_count: a fixed set of batches, drawn once with a fixed seed
+    c.data.val_every = 0  # --val_every: validate every N steps (0 = never)
+
+    c.train = ConfigDict()
+    c.train.batch_size = 1  # --batch_size: windows per micro-batch (the global batch across devices)
+    c.train.accumulate_gradients = 1  # --accumulate_gradients: micro-batches summed into one update
+    c.train.learning_rate = 2e-5  # --learning_rate: peak learning rate
+    c.train.optimizer = "adam"  # --optimizer: adam, adamw or sgd
+    c.train.b1 = 0.9  # Adam beta1
+    c.train.b2 = 0.999  # Adam beta2
+    c.train.eps = 1e-8  # Adam epsilon (TensorFlow's default, as the original)
+    c.train.weight_decay = 0.01  # adamw only; biases, LayerNorm and embeddings are not decayed
+    c.train.momentum = 0.0  # sgd only; 0 = plain SGD
+    c.train.lr_schedule = "constant"  # constant, linear (decay) or cosine (decay), after warmup
+    c.train.warmup_steps = 0  # linear warmup from 0 to learning_rate
+    c.train.decay_steps = 0  # where the decay ends; 0 = total_steps
+    c.train.min_lr_ratio = 0.1  # the decay ends at learning_rate * min_lr_ratio
+    c.train.grad_clip = 0.0  # clip gradients to this global norm (0 = off)
+    c.train.only_train_transformer_layers = False  # --only_train_transformer_layers: freeze embeddings and ln_f
+    c.train.noise = 0.0  # --noise: replace each input token by a random one with this probability
+    c.train.total_steps = 0  # stop after this many steps (0 = run until Ctrl-C, as the original)
+    c.train.peak_tflops = 0.0  # device peak for MFU; 0 = known accelerators in bfloat16, otherwise not shown
+
+    c.sample = ConfigDict()
+    c.sample.sample_every = 100  # --sample_every: unconditional samples every N steps (0 = never)
+    c.sample.sample_length = 1023  # --sample_length: tokens per sample (capped at n_ctx - 1)
+    c.sample.sample_num = 1  # --sample_num: samples each time
+    c.sample.top_k = 40  # --top_k
+    c.sample.top_p = 0.0  # --top_p: > 0 overrides top_k
+    c.sample.temperature = 1.0
+
+    c.checkpoint = ConfigDict()
+    c.checkpoint.restore_from = "latest"  # --restore_from: latest (resume, else pretrained), fresh, or a path
+    c.checkpoint.save_every = 1000  # --save_every: checkpoint every N steps (and always on exit)
+    c.checkpoint.keep = 5  # keep the last N checkpoints ...
+    c.checkpoint.keep_every_hours = 0.0  # ... plus one every K hours (0 = off)
+    c.checkpoint.async_save = True  # write checkpoints in the background while training goes on
+    return c

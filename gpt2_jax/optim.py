@@ -1,0 +1,74 @@
+"""Optax chains built from the `train` section of an experiment config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+
+from gpt2_jax.errors import UserError
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+def learning_rate_schedule(train: Any) -> optax.Schedule:
+    """Linear warmup over `warmup_steps`, then constant, linear decay or cosine decay to lr * min_lr_ratio."""
+    lr, warmup = float(train.learning_rate), int(train.warmup_steps)
+    if train.lr_schedule not in SCHEDULES:
+        raise UserError(f"train.lr_schedule={train.lr_schedule!r}: use one of {', '.join(SCHEDULES)}")
+    if lr <= 0:
+        raise UserError(f"train.learning_rate={lr}: must be > 0")
+    decay_steps = int(train.decay_steps) or int(train.total_steps)
+    if train.lr_schedule == "constant":
+        after = optax.constant_schedule(lr)
+    else:
+        if decay_steps <= warmup:
+            raise UserError(f"train.lr_schedule={train.lr_schedule!r} needs train.decay_steps (or train.total_steps) "
+                            f"> train.warmup_steps={warmup}; got {decay_steps}")
+        end = lr * float(train.min_lr_ratio)
+        if train.lr_schedule == "linear":
+            after = optax.linear_schedule(lr, end, decay_steps - warmup)
+        else:
+            after = optax.cosine_decay_schedule(lr, decay_steps - warmup, alpha=float(train.min_lr_ratio))
+    if warmup <= 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
+
+
+def _decay_mask(params: Any) -> Any:
+    """True for the dense-layer weight matrices; biases, LayerNorm and the embeddings are not decayed."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
+
+
+def _trainable_labels(params: Any, only_blocks: bool) -> Any:
+    """'train' or 'frozen' per parameter; with only_blocks, everything outside the h_i blocks is frozen."""
+    def label(path, _):
+        top = next((getattr(p, "key", None) for p in path if getattr(p, "key", "params") != "params"), None)
+        return "train" if not only_blocks or str(top).startswith("h_") else "frozen"
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def make_optimizer(train: Any, params: Any) -> optax.GradientTransformation:
+    """clip -> optimizer (adam | adamw | sgd) with the schedule -> freezing, as one optax chain."""
+    schedule = learning_rate_schedule(train)
+    name = train.optimizer
+    if name == "adam":
+        opt = optax.adam(schedule, b1=train.b1, b2=train.b2, eps=train.eps)
+    elif name == "adamw":
+        opt = optax.adamw(schedule, b1=train.b1, b2=train.b2, eps=train.eps, weight_decay=train.weight_decay,
+                          mask=_decay_mask)
+    elif name == "sgd":
+        opt = optax.sgd(schedule, momentum=train.momentum or None)
+    else:
+        raise UserError(f"train.optimizer={name!r}: use one of {', '.join(OPTIMIZERS)}")
+    parts = []
+    if train.grad_clip > 0:
+        parts.append(optax.clip_by_global_norm(train.grad_clip))
+    parts.append(opt)
+    chain = optax.chain(*parts)
+    if train.only_train_transformer_layers:
+        chain = optax.multi_transform({"train": chain, "frozen": optax.set_to_zero()},
+                                      _trainable_labels(params, True))
+    return chain

@@ -1,0 +1,83 @@
+"""The training step: a pure function (state, batch, rng) -> (state, metrics), and the eval step."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from gpt2_jax.evaluate import cross_entropy
+from gpt2_jax.model import GPT2, GPT2Config
+
+
+class TrainState(flax.struct.PyTreeNode):
+    """Everything a step updates: the update count, the parameters and the optimizer state."""
+
+    step: jax.Array  # int32 scalar: updates applied so far
+    params: Any
+    opt_state: Any
+
+    @classmethod
+    def create(cls, params: Any, optimizer: optax.GradientTransformation) -> "TrainState":
+        """A state at step 0 with a freshly initialised optimizer."""
+        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+
+
+def global_norm(tree: Any) -> jax.Array:
+    """The L2 norm of all leaves together, in float32."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def add_noise(inputs: jax.Array, rng: jax.Array, p: float, n_vocab: int) -> jax.Array:
+    """Replace each input id by a uniformly random one with probability p (targets are left alone)."""
+    replace_key, token_key = jax.random.split(rng)
+    replace = jax.random.bernoulli(replace_key, p, inputs.shape)
+    return jnp.where(replace, jax.random.randint(token_key, inputs.shape, 0, n_vocab, inputs.dtype), inputs)
+
+
+def loss_fn(params: Any, tokens: jax.Array, rng: jax.Array, config: GPT2Config, noise: float = 0.0) -> jax.Array:
+    """Mean next-token cross-entropy (float32) of windows [B, T+1]: predict tokens[:, 1:] from tokens[:, :-1]."""
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    if noise > 0:
+        inputs = add_noise(inputs, rng, noise, config.n_vocab)
+    logits = GPT2(config).apply(params, inputs)
+    return jnp.mean(cross_entropy(logits, targets))
+
+
+def make_train_step(config: GPT2Config, optimizer: optax.GradientTransformation, schedule: optax.Schedule, *,
+                    accumulate: int = 1, noise: float = 0.0) -> Callable:
+    """The step for a batch of `accumulate` micro-batches stacked along axis 0 ([accumulate * B, T+1])."""
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    def train_step(state: TrainState, batch: jax.Array, rng: jax.Array) -> tuple[TrainState, dict]:
+        micro = batch.reshape(accumulate, -1, batch.shape[-1])  # [k, B, T+1]
+        keys = jax.random.split(rng, accumulate)
+        if accumulate == 1:
+            loss, grads = grad_fn(state.params, micro[0], keys[0], config, noise)
+        else:
+            # Sum the micro-batch gradients in a scan (one micro-batch's activations alive at a time).
+            def accumulate_one(carry, xs):
+                loss_sum, grad_sum = carry
+                loss, grads = grad_fn(state.params, xs[0], xs[1], config, noise)
+                return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            (loss, grads), _ = jax.lax.scan(accumulate_one, (jnp.zeros((), jnp.float32), zeros), (micro, keys))
+            loss, grads = loss / accumulate, jax.tree.map(lambda g: g / accumulate, grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "grad_norm": global_norm(grads), "learning_rate": schedule(state.step)}
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return train_step
+
+
+def make_eval_step(config: GPT2Config) -> Callable:
+    """Mean next-token loss of one batch of windows [B, T+1], without noise."""
+    def eval_step(params: Any, batch: jax.Array) -> jax.Array:
+        return loss_fn(params, batch, jax.random.key(0), config)
+
+    return eval_step

@@ -1,0 +1,132 @@
+"""The pure train step and the optax chains: accumulation, remat, freezing, noise, optimizers, schedules."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import base
+from gpt2_jax.errors import UserError
+from gpt2_jax.evaluate import cross_entropy
+from gpt2_jax.model import GPT2, GPT2Config, init_params
+from gpt2_jax.optim import _decay_mask, learning_rate_schedule, make_optimizer
+from gpt2_jax.train import TrainState, add_noise, global_norm, loss_fn, make_train_step
+
+CONFIG = GPT2Config(n_vocab=97, n_ctx=16, n_embd=32, n_head=4, n_layer=2)
+
+
+def _train_cfg(**overrides):
+    train = base.get_config().train
+    train.learning_rate = 1e-2
+    for k, v in overrides.items():
+        setattr(train, k, v)
+    return train
+
+
+def _batch(rows: int, seed: int = 0) -> jnp.ndarray:
+    return jnp.asarray(np.random.default_rng(seed).integers(0, CONFIG.n_vocab, (rows, CONFIG.n_ctx + 1)), jnp.int32)
+
+
+def _run(train, steps: int, batch, config=CONFIG, accumulate: int = 1):
+    params = init_params(config, jax.random.key(0))
+    optimizer = make_optimizer(train, params)
+    step = jax.jit(make_train_step(config, optimizer, learning_rate_schedule(train), accumulate=accumulate,
+                                   noise=train.noise))
+    state, history = TrainState.create(params, optimizer), []
+    for i in range(steps):
+        state, metrics = step(state, batch, jax.random.key(i))
+        history.append(metrics)
+    return state, history
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_accumulating_k_micro_batches_equals_one_big_batch(optimizer):
+    batch = _batch(8)
+    big, big_m = _run(_train_cfg(optimizer=optimizer), 2, batch)
+    acc, acc_m = _run(_train_cfg(optimizer=optimizer), 2, batch, accumulate=4)
+    np.testing.assert_allclose(acc_m[0]["loss"], big_m[0]["loss"], rtol=1e-6)
+    # Adam divides by sqrt(v): where a gradient is ~0 its float noise is amplified, so allow 1% of one step.
+    atol = 2e-6 if optimizer == "sgd" else 1e-4
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=atol, rtol=1e-5), acc.params, big.params)
+
+
+def test_accumulation_works_together_with_remat():
+    batch = _batch(6)
+    plain, _ = _run(_train_cfg(), 2, batch, accumulate=3)
+    remat, _ = _run(_train_cfg(), 2, batch, config=GPT2Config(**CONFIG.hparams(), remat="full"), accumulate=3)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), remat.params, plain.params)
+
+
+def test_only_train_transformer_layers_freezes_everything_else_bitwise():
+    start = init_params(CONFIG, jax.random.key(0))["params"]
+    state, _ = _run(_train_cfg(only_train_transformer_layers=True, optimizer="adamw"), 3, _batch(4))
+    p = state.params["params"]
+    for name in ("wte", "wpe"):
+        np.testing.assert_array_equal(p[name], start[name])
+    jax.tree.map(np.testing.assert_array_equal, p["ln_f"], start["ln_f"])
+    assert not np.array_equal(p["h_0"]["attn"]["c_attn"]["kernel"], start["h_0"]["attn"]["c_attn"]["kernel"])
+
+
+def test_noise_replaces_inputs_and_leaves_targets_alone():
+    tokens = _batch(64)
+    noisy = add_noise(tokens, jax.random.key(3), 0.25, CONFIG.n_vocab)
+    changed = float(jnp.mean(noisy != tokens))
+    assert 0.2 < changed < 0.3  # 0.25 less the 1/97 chance of drawing the same id, give or take 4 sigma
+    params = init_params(CONFIG, jax.random.key(0))
+    key = jax.random.key(4)
+    got = loss_fn(params, tokens, key, CONFIG, noise=0.25)
+    noisy_inputs = add_noise(tokens[:, :-1], key, 0.25, CONFIG.n_vocab)
+    logits = GPT2(CONFIG).apply(params, noisy_inputs)
+    clean_targets = jnp.mean(cross_entropy(logits, tokens[:, 1:]))
+    noisy_targets = jnp.mean(cross_entropy(logits, add_noise(tokens, key, 0.25, CONFIG.n_vocab)[:, 1:]))
+    np.testing.assert_allclose(got, clean_targets, rtol=1e-6)
+    assert abs(float(got) - float(noisy_targets)) > 1e-3
+
+
+@pytest.mark.parametrize("optimizer, lr", [("sgd", 0.5), ("adam", 1e-2), ("adamw", 1e-2)])
+def test_every_optimizer_trains(optimizer, lr):
+    _, history = _run(_train_cfg(optimizer=optimizer, learning_rate=lr, momentum=0.9 if optimizer == "sgd" else 0.0),
+                      25, _batch(4))
+    assert float(history[-1]["loss"]) < float(history[0]["loss"]) - 0.3
+
+
+def test_schedules_produce_the_configured_learning_rates():
+    cosine = learning_rate_schedule(_train_cfg(learning_rate=1.0, lr_schedule="cosine", warmup_steps=10,
+                                               total_steps=110, min_lr_ratio=0.1))
+    assert [float(cosine(s)) for s in (0, 5, 10)] == pytest.approx([0.0, 0.5, 1.0])
+    assert float(cosine(60)) == pytest.approx(0.55, abs=1e-6)  # halfway down the cosine
+    assert float(cosine(110)) == pytest.approx(0.1) and float(cosine(500)) == pytest.approx(0.1)
+    linear = learning_rate_schedule(_train_cfg(learning_rate=2.0, lr_schedule="linear", decay_steps=100))
+    assert [float(linear(s)) for s in (0, 50, 100)] == pytest.approx([2.0, 1.1, 0.2])
+    constant = learning_rate_schedule(_train_cfg(learning_rate=3e-4))
+    assert float(constant(12345)) == pytest.approx(3e-4)
+    # and the step reports the rate it used
+    _, history = _run(_train_cfg(learning_rate=1.0, lr_schedule="cosine", warmup_steps=2, total_steps=4,
+                                 optimizer="sgd"), 3, _batch(2))
+    assert [float(m["learning_rate"]) for m in history] == pytest.approx([0.0, 0.5, 1.0])
+
+
+def test_weight_decay_skips_biases_layernorm_and_embeddings():
+    mask = _decay_mask(init_params(CONFIG, jax.random.key(0)))["params"]
+    assert mask["h_0"]["mlp"]["c_fc"]["kernel"] is True
+    assert mask["h_0"]["mlp"]["c_fc"]["bias"] is False
+    assert mask["h_0"]["ln_1"]["scale"] is False and mask["wte"] is False and mask["wpe"] is False
+
+
+def test_gradient_clipping_bounds_the_update():
+    params = init_params(CONFIG, jax.random.key(0))
+    optimizer = make_optimizer(_train_cfg(optimizer="sgd", learning_rate=1.0, grad_clip=0.01), params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = optimizer.update(grads, optimizer.init(params), params)
+    assert float(global_norm(updates)) == pytest.approx(0.01, rel=1e-4)
+
+
+def test_bad_optimizer_settings():
+    with pytest.raises(UserError, match="train.optimizer='lion'"):
+        make_optimizer(_train_cfg(optimizer="lion"), init_params(CONFIG, jax.random.key(0)))
+    with pytest.raises(UserError, match="train.lr_schedule='step'"):
+        learning_rate_schedule(_train_cfg(lr_schedule="step"))
+    with pytest.raises(UserError, match="needs train.decay_steps"):
+        learning_rate_schedule(_train_cfg(lr_schedule="cosine", warmup_steps=10, total_steps=0))
