@@ -75,15 +75,30 @@ def load_flat(path: Path, n_vocab: int) -> list[np.ndarray]:
 
 
 def _encoded_files(files: list[Path], encoder: Encoder, encoding: str, encoding_errors: str, progress: bool):
-    """(path, ids, characters) per text file; every file after the first starts with the end-of-text id."""
+    """(path, ids, characters) per text file; every file after the first starts with the end-of-text id.
+
+    Files are read in groups of up to 16M characters, and a group is encoded across cores.
+    """
     first = True
-    for path in tqdm(files, desc="encoding", unit="file", disable=not progress or len(files) < 2):
-        text = read_text(path, encoding, encoding_errors)
-        ids = encoder.encode_ordinary(text)
-        if not first:
-            ids.insert(0, encoder.eot_token)
-        first = False
-        yield path, ids, len(text)
+    bar = tqdm(total=len(files), desc="encoding", unit="file", disable=not progress or len(files) < 2)
+    group: list[tuple[Path, str]] = []
+
+    def flush():
+        nonlocal first
+        for (path, text), ids in zip(group, encoder.encode_batch([t for _, t in group])):
+            if not first:
+                ids.insert(0, encoder.eot_token)
+            first = False
+            bar.update(1)
+            yield path, ids, len(text)
+        group.clear()
+
+    for path in files:
+        group.append((path, read_text(path, encoding, encoding_errors)))
+        if sum(len(t) for _, t in group) >= 16_000_000:
+            yield from flush()
+    yield from flush()
+    bar.close()
 
 
 def load_dataset(spec: str | os.PathLike, encoder: Encoder, combine: int = 50000, encoding: str = "utf-8",

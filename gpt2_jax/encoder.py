@@ -21,7 +21,7 @@ from gpt2_jax.errors import UserError
 EOT = "<|endoftext|>"
 # OpenAI's pattern: contractions, letters, digits, other symbols, whitespace runs.
 PRETOKENIZE = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
-# Texts longer than this are encoded in parallel when more than one core is free.
+# Texts (or batches of texts) this long are encoded in parallel when more than one core is free.
 PARALLEL_MIN_CHARS = 4_000_000
 
 
@@ -138,16 +138,22 @@ class Encoder:
         merges = "".join(f"{a} {b}\n" for a, b in self._merges)
         (directory / "vocab.bpe").write_text("#version: 0.2\n" + merges, encoding="utf-8")
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Ordinary ids of each text, spread over worker processes when there is enough text to pay off."""
+        if sum(map(len, texts)) >= PARALLEL_MIN_CHARS and (os.cpu_count() or 1) > 1:
+            return self._pool_map(texts)
+        return [self.encode_ordinary(t) for t in texts]
+
     def _encode_parallel(self, text: str) -> list[int]:
         # Cut only after a newline that is followed by a non-space character: no pre-token can
         # cross such a point, so the concatenated ids equal a serial encode.
-        workers = min(os.cpu_count() or 1, 16)
-        parts = split_for_parallel(text, workers * 4)
+        parts = split_for_parallel(text, min(os.cpu_count() or 1, 16) * 4)
+        return [t for ids in self._pool_map(parts) for t in ids]
+
+    def _pool_map(self, texts: list[str]) -> list[list[int]]:
+        workers = min(os.cpu_count() or 1, 16, len(texts))
         with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(self.encoder, self._merges)) as pool:
-            ids: list[int] = []
-            for chunk in pool.map(_worker_encode, parts):
-                ids.extend(chunk)
-        return ids
+            return list(pool.map(_worker_encode, texts, chunksize=max(1, len(texts) // (4 * workers))))
 
 
 def split_for_parallel(text: str, n_parts: int) -> list[str]:
@@ -176,7 +182,7 @@ def _init_worker(encoder: dict[str, int], merges: list[tuple[str, str]]) -> None
 
 
 def _worker_encode(text: str) -> list[int]:
-    # Called in a worker process; a serial encode (the worker's text is below the parallel cut-off).
+    # Called in a worker process: always a serial encode, whatever the text's length.
     ids: list[int] = []
     for piece in PRETOKENIZE.findall(text):
         ids.extend(_worker_encoder._encode_piece(piece))

@@ -100,3 +100,14 @@ def test_bad_datasets_are_clear_errors(tmp_path):
         load_dataset(tmp_path / "big.npz", enc)
     with pytest.raises(UserError, match="largest chunk has 3 tokens .* needs 11"):
         WindowSampler([np.arange(3)], 11, 0, "dataset 'x'")
+
+
+def test_files_are_encoded_in_parallel_with_identical_ids(texts, real_encoder, monkeypatch):
+    from gpt2_jax import encoder as encoder_module
+
+    serial = load_dataset(texts, real_encoder, combine=60, progress=False)
+    monkeypatch.setattr(encoder_module, "PARALLEL_MIN_CHARS", 10)
+    monkeypatch.setattr(encoder_module.os, "cpu_count", lambda: 2)
+    parallel = load_dataset(texts, real_encoder, combine=60, progress=False)
+    for a, b in zip(parallel, serial, strict=True):
+        np.testing.assert_array_equal(a, b)

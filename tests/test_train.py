@@ -130,3 +130,12 @@ def test_bad_optimizer_settings():
         learning_rate_schedule(_train_cfg(lr_schedule="step"))
     with pytest.raises(UserError, match="needs train.decay_steps"):
         learning_rate_schedule(_train_cfg(lr_schedule="cosine", warmup_steps=10, total_steps=0))
+
+
+def test_mixed_precision_keeps_float32_weights_and_optimizer_state():
+    bf16 = GPT2Config(**CONFIG.hparams(), dtype="bfloat16")
+    state, history = _run(_train_cfg(), 3, _batch(4), config=bf16)
+    assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype("float32")}
+    assert {x.dtype for x in jax.tree.leaves(state.opt_state) if x.ndim} == {jnp.dtype("float32")}
+    assert history[0]["loss"].dtype == jnp.float32
+    assert float(history[-1]["loss"]) < float(history[0]["loss"])

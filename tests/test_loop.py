@@ -1,0 +1,220 @@
+"""The training loop and launch.py: fine-tuning works, exact resume, kill-safety, NaN, outputs, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import FIXTURES, REPO
+from experiments import base
+from gpt2_jax import checkpoints, loop
+from gpt2_jax.cli import main as cli_main
+from gpt2_jax.errors import UserError
+
+TINY_MODEL = str(FIXTURES / "openai_tiny")  # n_ctx 32, byte-level vocabulary, written by TensorFlow
+
+
+@pytest.fixture(scope="module")
+def shakespeare(shared_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """tinyshakespeare split 90/10 into train and validation files."""
+    text = (shared_dir / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    cut = int(len(text) * 0.9)
+    d = tmp_path_factory.mktemp("shakespeare")
+    (d / "train.txt").write_text(text[:cut], encoding="utf-8")
+    (d / "val.txt").write_text(text[cut:], encoding="utf-8")
+    return d / "train.txt", d / "val.txt"
+
+
+def tiny_config(workdir: Path, dataset: Path, **fields):
+    """The base config on the tiny fixture model; `fields` are 'section.field' overrides."""
+    c = base.get_config()
+    c.workdir = str(workdir)
+    c.model.name = TINY_MODEL
+    c.data.dataset = str(dataset)
+    c.data.seq_len = 16
+    c.train.batch_size = 2
+    c.train.learning_rate = 1e-3
+    c.sample.sample_every = 0
+    c.checkpoint.save_every = 0
+    for key, value in fields.items():
+        section, _, name = key.rpartition(".")
+        setattr(c[section] if section else c, name, value)
+    return c
+
+
+def read_metrics(workdir: Path, run: str = "run1") -> list[dict]:
+    return [json.loads(line) for line in (workdir / "logs" / run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_finetuning_on_tinyshakespeare_lowers_validation_loss(tmp_path, shakespeare):
+    train, val = shakespeare
+    config = tiny_config(tmp_path, train, **{"data.val_dataset": str(val), "data.val_every": 150,
+                                             "data.val_batch_count": 4, "data.val_batch_size": 16,
+                                             "data.seq_len": 32, "train.batch_size": 16,
+                                             "train.learning_rate": 3e-3, "train.total_steps": 300})
+    loop.run(config)
+    val_losses = [m["val_loss"] for m in read_metrics(tmp_path) if "val_loss" in m]
+    assert len(val_losses) == 3  # before training, at 150, at 300
+    assert val_losses[0] - val_losses[-1] > 1.0, val_losses
+    assert val_losses[1] > val_losses[2]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, shakespeare):
+    """8 uninterrupted steps with accumulation and noise: the reference for resuming."""
+    workdir = tmp_path_factory.mktemp("straight")
+    loop.run(tiny_config(workdir, shakespeare[0], **RESUME_FIELDS))
+    return workdir
+
+
+RESUME_FIELDS = {"train.total_steps": 8, "train.accumulate_gradients": 2, "train.noise": 0.1, "train.optimizer": "adam",
+                 "sample.sample_every": 4, "sample.sample_length": 8}
+
+
+def test_stop_and_resume_is_exact(tmp_path, straight_run, shakespeare):
+    def ctrl_c_at_4(step, metrics):
+        if step == 4:
+            signal.raise_signal(signal.SIGINT)  # the same path a real Ctrl-C takes
+
+    stopped = loop.run(tiny_config(tmp_path, shakespeare[0], **RESUME_FIELDS), on_step=ctrl_c_at_4)
+    assert stopped["step"] == 4
+    run_dir = tmp_path / "checkpoint" / "run1"
+    assert checkpoints.make_manager(run_dir, read_only=True).all_steps() == [4]
+    resumed = loop.run(tiny_config(tmp_path, shakespeare[0], **RESUME_FIELDS))
+    assert resumed["step"] == 8
+    losses = [m["loss"] for m in read_metrics(tmp_path)]
+    assert losses == [m["loss"] for m in read_metrics(straight_run)]  # bitwise equal floats
+    _, params = checkpoints.load_run_params(run_dir)
+    _, reference = checkpoints.load_run_params(straight_run / "checkpoint" / "run1")
+    jax.tree.map(np.testing.assert_array_equal, params, reference)
+    assert (tmp_path / "samples" / "run1" / "samples-4").is_file() and (tmp_path / "samples" / "run1" / "samples-8").is_file()
+
+
+def test_run_directory_is_a_model_directory(straight_run, tmp_path, capsys):
+    from transformers import GPT2LMHeadModel
+
+    run_dir = straight_run / "checkpoint" / "run1"
+    assert list((straight_run / "logs" / "run1").glob("events.out.tfevents.*"))
+    assert json.loads((run_dir / "run_config.json").read_text())["train"]["total_steps"] == 8
+    cli_main(["sample", "--model_dir", str(run_dir), "--length", "6", "--top_k", "1", "--json"])
+    assert len(json.loads(capsys.readouterr().out)["tokens"]) <= 6
+    cli_main(["evaluate", "--model_dir", str(run_dir), "--dataset", str(FIXTURES / "make_openai_checkpoint.py"), "--json"])
+    assert json.loads(capsys.readouterr().out)["tokens"] > 1000
+    cli_main(["export", "--model_dir", str(run_dir), "--out", str(tmp_path / "hf")])
+    assert GPT2LMHeadModel.from_pretrained(tmp_path / "hf").config.n_layer == 2
+
+
+def test_restore_from_fresh_never_overwrites_and_a_path_restores(straight_run, tmp_path, shakespeare):
+    with pytest.raises(UserError, match="restore_from=fresh but .* already holds checkpoints up to step 8"):
+        loop.run(tiny_config(straight_run, shakespeare[0], **{**RESUME_FIELDS, "checkpoint.restore_from": "fresh"}))
+    assert checkpoints.make_manager(straight_run / "checkpoint" / "run1", read_only=True).latest_step() == 8
+    result = loop.run(tiny_config(tmp_path, shakespeare[0], **{
+        **RESUME_FIELDS, "train.total_steps": 9, "checkpoint.restore_from": str(straight_run / "checkpoint" / "run1")}))
+    assert result["step"] == 9 and [m["step"] for m in read_metrics(tmp_path)] == [9]
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, shakespeare):
+    loop.run(tiny_config(tmp_path, shakespeare[0], **{"train.total_steps": 2}))
+    with pytest.raises(UserError, match=r"the loss became (nan|inf) at step \d+; stopped without saving it.*step 2"):
+        loop.run(tiny_config(tmp_path, shakespeare[0], **{"train.total_steps": 20, "train.learning_rate": 1e30,
+                                                         "checkpoint.save_every": 2}))
+    assert checkpoints.make_manager(tmp_path / "checkpoint" / "run1", read_only=True).all_steps() == [2]
+
+
+def test_sigkill_while_saving_resumes_from_the_last_complete_checkpoint(tmp_path, shakespeare):
+    train = shakespeare[0]
+    data_before = train.read_bytes()
+    run_dir = tmp_path / "checkpoint" / "run1"
+    cmd = [sys.executable, "launch.py", "--config=experiments/finetune.py", f"--workdir={tmp_path}",
+           f"--config.model.name={TINY_MODEL}", f"--config.data.dataset={train}", "--config.data.seq_len=16",
+           "--config.train.batch_size=2", "--config.sample.sample_every=0", "--config.checkpoint.save_every=1",
+           "--config.checkpoint.keep=3", "--config.train.total_steps=100000"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    caught_mid_write = False
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            saved = [d for d in run_dir.glob("*") if d.name.isdigit()] if run_dir.is_dir() else []
+            if saved and list(run_dir.glob("*tmp*")):  # orbax writes a step under a temporary name first
+                caught_mid_write = True
+                break
+            time.sleep(0.002)
+        assert proc.poll() is None, "training exited early"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert caught_mid_write, "never observed a checkpoint being written"
+    complete = checkpoints.make_manager(run_dir, read_only=True).latest_step()
+    assert complete is not None
+    result = loop.run(tiny_config(tmp_path, train, **{"train.total_steps": complete + 2}))
+    assert result["step"] == complete + 2
+    assert not list(run_dir.glob("*tmp*"))  # the partial step was cleaned up
+    assert train.read_bytes() == data_before
+
+
+@pytest.fixture
+def no_compile(monkeypatch):
+    """Fail the test if the loop reaches jax.jit: bad input must be reported before any compile."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("compiled before reporting bad input")
+    monkeypatch.setattr(loop.jax, "jit", refuse)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: d / "none*.txt", "no file matches"),
+    (lambda d: (d / "e.txt").write_text("") and None or d / "e.txt", "is empty"),
+    (lambda d: (d / "b.txt").write_bytes(b"ok\xff\xfe") and None or d / "b.txt", "b.txt: not valid utf-8 text at byte offset 2"),
+    (lambda d: (d / "s.txt").write_text("tiny") and None or d / "s.txt",
+     "is too small: its largest chunk has 4 tokens .* needs 17"),
+    (lambda d: np.savez(d / "v.npz", np.arange(250, 300)) or d / "v.npz", "token id 299, outside the vocabulary"),
+])
+def test_bad_datasets_fail_before_any_compile(tmp_path, no_compile, make, message):
+    with pytest.raises(UserError, match=message):
+        loop.run(tiny_config(tmp_path, make(tmp_path), **{"train.total_steps": 1}))
+
+
+def test_bad_settings_fail_before_any_compile(tmp_path, no_compile):
+    (tmp_path / "t.txt").write_text("some text " * 100)
+    with pytest.raises(UserError, match="data.seq_len=64: must be between 1 and the model's n_ctx=32"):
+        loop.run(tiny_config(tmp_path, tmp_path / "t.txt", **{"data.seq_len": 64}))
+    with pytest.raises(UserError, match="data.dataset is empty"):
+        loop.run(tiny_config(tmp_path, "", **{"data.dataset": ""}))
+    with pytest.raises(UserError, match="model.name='355M': no model directory at .*gpt2-jax download 355M"):
+        loop.run(tiny_config(tmp_path, tmp_path / "t.txt", **{"model.name": "355M", "model.models_dir": str(tmp_path)}))
+
+
+def _launch(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "launch.py", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_launch_rejects_a_mistyped_key_with_the_valid_ones():
+    done = _launch("--config=experiments/finetune.py:124M", "--config.train.learnin_rate=1e-4")
+    assert done.returncode == 2
+    assert "unknown config key 'train.learnin_rate'" in done.stderr and "train.learning_rate" in done.stderr
+    assert "Traceback" not in done.stderr
+    done = _launch("--config=experiments/finetune.py:125M")
+    assert done.returncode == 2 and "use one of 124M, 355M, 774M, 1558M" in done.stderr
+
+
+def test_demo_writes_every_output(tmp_path, shared_dir):
+    env = {**os.environ, "GPT2_JAX_SHARED": str(shared_dir)}
+    done = subprocess.run([sys.executable, "launch.py", "--config=experiments/demo.py", f"--workdir={tmp_path}",
+                           "--config.train.total_steps=2", "--config.train.warmup_steps=1",
+                           "--config.data.val_every=2", "--config.data.val_batch_count=1",
+                           "--config.sample.sample_every=2", "--config.sample.sample_length=8"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "SAMPLE 1 (model-generated text)" in done.stdout + done.stderr
+    assert "val_loss=" in done.stdout + done.stderr
+    assert json.loads((tmp_path / "checkpoint" / "demo" / "hparams.json").read_text())["n_vocab"] == 50257
+    assert (tmp_path / "samples" / "demo" / "samples-2").is_file()
+    assert checkpoints.make_manager(tmp_path / "checkpoint" / "demo", read_only=True).latest_step() == 2
