@@ -73,4 +73,15 @@ def get_config() -> ConfigDict:
     c.checkpoint.keep = 5  # keep the last N checkpoints ...
     c.checkpoint.keep_every_hours = 0.0  # ... plus one every K hours (0 = off)
     c.checkpoint.async_save = True  # write checkpoints in the background while training goes on
+
+    c.mesh = ConfigDict()  # devices as a (data, fsdp) mesh; the product must equal the device count
+    c.mesh.data = -1  # data parallelism: parameters replicated; -1 = all devices not used by fsdp
+    c.mesh.fsdp = 1  # parameters and optimizer state sharded over this many devices (ZeRO-3)
+
+    c.parallel = ConfigDict()  # multi-host: every process runs the same command
+    c.parallel.distributed = ""  # "" = one process; "auto" = detect (SLURM, Kubernetes, TPU); "explicit" = below
+    c.parallel.coordinator_address = ""  # host:port of process 0 (explicit)
+    c.parallel.num_processes = 1  # explicit
+    c.parallel.process_id = 0  # explicit
+    c.parallel.timeout_s = 300  # give up joining after this many seconds, with an error
     return c

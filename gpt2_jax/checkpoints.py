@@ -81,7 +81,9 @@ def load_run_params(run_dir: Path, **overrides) -> tuple[GPT2Config, Any]:
     hparams = json.loads((run_dir / "hparams.json").read_text())
     config = GPT2Config(**hparams, **overrides)
     run_dir, step = resolve_checkpoint(run_dir)
-    shapes = param_shapes(GPT2Config(**hparams))
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # whatever mesh wrote it
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          param_shapes(GPT2Config(**hparams)))
     manager = make_manager(run_dir, read_only=True)
     restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(shapes)))
     return config, restored.params

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from gpt2_jax import checkpoints
+from gpt2_jax import checkpoints, parallel
 from gpt2_jax.data import WindowSampler, load_dataset
 from gpt2_jax.encoder import Encoder, byte_level_encoder, get_encoder
 from gpt2_jax.errors import UserError
@@ -145,6 +145,7 @@ def _write_run_files(run_dir: Path, model_config: GPT2Config, encoder: Encoder, 
 
 def run(config: Any, on_step: Callable[[int, dict], None] | None = None) -> dict:
     """Train as the config says; returns the last step's metrics. `on_step(step, metrics)` is for tests."""
+    parallel.init_distributed(config.parallel)  # before anything touches a device
     is_main = jax.process_index() == 0
     workdir = Path(config.workdir)
     run_dir = (workdir / "checkpoint" / config.run_name).absolute()
@@ -169,6 +170,10 @@ def run(config: Any, on_step: Callable[[int, dict], None] | None = None) -> dict
     schedule = learning_rate_schedule(train)  # validates the schedule settings early
     if train.batch_size < 1 or train.accumulate_gradients < 1:
         raise UserError("train.batch_size and train.accumulate_gradients must be >= 1")
+    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+    parallel.check_batch(train.batch_size, mesh)
+    if config.data.val_every > 0:
+        parallel.check_batch(config.data.val_batch_size, mesh)
     if not 0.0 <= train.noise < 1.0:
         raise UserError(f"train.noise={train.noise}: must be in [0, 1)")
 
@@ -189,16 +194,24 @@ def run(config: Any, on_step: Callable[[int, dict], None] | None = None) -> dict
         val_sampler = WindowSampler(val_chunks, seq_len + 1, seed=1, what=f"validation dataset {val_name!r}")
         val_batches = [val_sampler.batch(i, config.data.val_batch_size) for i in range(config.data.val_batch_count)]
 
-    optimizer = make_optimizer(train, params if params is not None else jax.eval_shape(
-        lambda: init_params(model_config, jax.random.key(0))))
+    abstract_params = jax.eval_shape(lambda: init_params(model_config, jax.random.key(0)))
+    optimizer = make_optimizer(train, abstract_params)
+    # Shardings: params and optimizer state replicated (data) or sharded (fsdp); batches split by rows.
+    abstract_state = jax.eval_shape(lambda: TrainState.create(init_params(model_config, jax.random.key(0)), optimizer))
+    step_fn = make_train_step(model_config, optimizer, schedule, accumulate=train.accumulate_gradients,
+                              noise=train.noise)
+    train_step, state_sh, batch_sh = parallel.shard_train_step(step_fn, mesh, abstract_state)
+    repl = parallel.replicated(mesh)
     seed = config.seed
     if resume is None:
-        state = TrainState.create(params, optimizer)
+        params = parallel.put_tree(params, state_sh.params)
+        state = jax.jit(lambda p: TrainState.create(p, optimizer), out_shardings=state_sh)(params)
+        del params
     else:
-        abstract = jax.eval_shape(lambda: TrainState.create(init_params(model_config, jax.random.key(0)), optimizer))
+        target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract_state, state_sh)
         manager = checkpoints.make_manager(resume[0], read_only=resume[0] != run_dir)
-        p, o, meta = checkpoints.restore(manager, resume[1], abstract.params, abstract.opt_state)
-        state = TrainState(step=jax.numpy.asarray(meta["step"], jax.numpy.int32), params=p, opt_state=o)
+        p, o, meta = checkpoints.restore(manager, resume[1], target.params, target.opt_state)
+        state = TrainState(step=parallel.put_tree(np.int32(meta["step"]), repl), params=p, opt_state=o)
         seed = meta["seed"]  # batches and noise continue exactly where the checkpoint left off
         tqdm.write(f"restored step {meta['step']} from {resume[0]}")
     if is_main:
@@ -207,10 +220,9 @@ def run(config: Any, on_step: Callable[[int, dict], None] | None = None) -> dict
                                        keep_every_hours=config.checkpoint.keep_every_hours,
                                        async_save=config.checkpoint.async_save)
 
-    train_step = jax.jit(make_train_step(model_config, optimizer, schedule, accumulate=train.accumulate_gradients,
-                                         noise=train.noise), donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(model_config))
-    rng = jax.random.key(seed)
+    eval_step = jax.jit(make_eval_step(model_config), in_shardings=(state_sh.params, batch_sh), out_shardings=repl)
+    step_key = jax.jit(lambda s: jax.random.fold_in(jax.random.key(seed), s), out_shardings=repl)
+    val_batches = [parallel.global_batch(b, batch_sh) for b in val_batches]
     tokens_per_step = train.batch_size * train.accumulate_gradients * seq_len
     peak = _peak_flops(config)
     logs = _Logs(workdir / "logs" / config.run_name, is_main)
@@ -241,8 +253,9 @@ def run(config: Any, on_step: Callable[[int, dict], None] | None = None) -> dict
     try:
         with _StopRequest() as stop:
             while not (total and step >= total) and not stop.requested:
-                batch = sampler.batch(step, train.batch_size * train.accumulate_gradients)
-                state, out = train_step(state, batch, jax.random.fold_in(rng, step))
+                batch = parallel.global_batch(sampler.batch(step, train.batch_size * train.accumulate_gradients),
+                                              batch_sh)
+                state, out = train_step(state, batch, step_key(step))
                 loss = float(out["loss"])  # waits for the step
                 step += 1
                 now = time.perf_counter()

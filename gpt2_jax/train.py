@@ -53,7 +53,9 @@ def make_train_step(config: GPT2Config, optimizer: optax.GradientTransformation,
     grad_fn = jax.value_and_grad(loss_fn)
 
     def train_step(state: TrainState, batch: jax.Array, rng: jax.Array) -> tuple[TrainState, dict]:
-        micro = batch.reshape(accumulate, -1, batch.shape[-1])  # [k, B, T+1]
+        # Micro-batch i takes rows i, k+i, 2k+i, ...: with rows split over devices, every micro-batch
+        # is spread over all of them (a plain [k, B] reshape would leave each on a few devices).
+        micro = batch.reshape(-1, accumulate, batch.shape[-1]).swapaxes(0, 1)  # [k, B, T+1]
         keys = jax.random.split(rng, accumulate)
         if accumulate == 1:
             loss, grads = grad_fn(state.params, micro[0], keys[0], config, noise)

@@ -13,6 +13,9 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# tests/multidevice needs 8 CPU devices, fixed before JAX starts: tests/test_parallel.py runs it
+# in its own process with XLA_FLAGS set, and GPT2_JAX_MULTIDEVICE=1 lets that run collect it.
+collect_ignore = [] if os.environ.get("GPT2_JAX_MULTIDEVICE") else ["multidevice"]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 

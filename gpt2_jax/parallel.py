@@ -1,0 +1,157 @@
+"""Parallelism, resolved in one place: the device mesh, shardings, global batches, multi-host start-up.
+
+The mesh has two axes: `data` (parameters replicated, the batch split, gradients all-reduced by
+XLA) and `fsdp` (the batch split too, and parameters plus optimizer state sharded along their
+largest divisible axis, gathered by XLA inside the step: ZeRO-3). The train step is one `jax.jit`
+with these shardings; XLA inserts every collective.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from gpt2_jax.errors import UserError
+
+AXES = ("data", "fsdp")
+BATCH_AXES = AXES  # the batch is split over both axes
+
+
+def init_distributed(parallel: Any) -> None:
+    """Join a multi-process job when configured: explicit settings, or 'auto' (SLURM, Kubernetes, TPU...)."""
+    mode = parallel.distributed
+    if not mode or jax.distributed.is_initialized():
+        return
+    # Collectives between CPU devices of different processes (harmless when training on accelerators).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs: dict[str, Any] = {"initialization_timeout": int(parallel.timeout_s)}
+    if mode != "auto":
+        if mode != "explicit":
+            raise UserError(f"parallel.distributed={mode!r}: use '' (single process), 'auto' or 'explicit'")
+        kwargs.update(coordinator_address=parallel.coordinator_address, num_processes=parallel.num_processes,
+                      process_id=parallel.process_id)
+        if parallel.process_id != 0:
+            _wait_for_coordinator(parallel.coordinator_address, float(parallel.timeout_s))
+    try:
+        jax.distributed.initialize(**kwargs)
+    except Exception as e:  # noqa: BLE001 - jax raises several types; all mean "could not join"
+        where = parallel.coordinator_address or "the auto-detected coordinator"
+        raise UserError(f"could not join the distributed job at {where} within {parallel.timeout_s}s "
+                        f"({str(e).splitlines()[0][:200]}); check parallel.coordinator_address, num_processes "
+                        "and process_id, and that process 0 is running") from None
+
+
+def _wait_for_coordinator(address: str, timeout_s: float) -> None:
+    """Poll process 0's coordinator port: JAX itself aborts the process when it cannot connect."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"parallel.coordinator_address={address!r}: use host:port of process 0")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=2.0):
+                return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise UserError(f"could not join the distributed job at {address} within {timeout_s:g}s ({e}); "
+                                "check parallel.coordinator_address and that process 0 is running") from None
+            time.sleep(0.5)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, devices: list | None = None) -> Mesh:
+    """A (data, fsdp) mesh over all devices; one axis may be -1 for 'all the remaining devices'."""
+    devices = list(devices if devices is not None else jax.devices())
+    n = len(devices)
+    if data == -1 and fsdp == -1:
+        raise UserError("mesh.data and mesh.fsdp cannot both be -1")
+    if data == -1:
+        data = n // fsdp if fsdp > 0 and n % fsdp == 0 else 0
+    if fsdp == -1:
+        fsdp = n // data if data > 0 and n % data == 0 else 0
+    if data < 1 or fsdp < 1 or data * fsdp != n:
+        raise UserError(f"mesh data={data} x fsdp={fsdp} does not match the {n} available devices; "
+                        f"make the product {n} (or set one axis to -1)")
+    # jax.devices() lists each process's devices together, so every host holds a contiguous block of
+    # batch rows. A plain Mesh keeps sharding automatic (XLA propagates it through the model).
+    return Mesh(np.asarray(devices, dtype=object).reshape(data, fsdp), AXES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Batches [rows, ...] split by rows over every device of the mesh."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """The same value on every device (scalars, rng keys, metrics)."""
+    return NamedSharding(mesh, P())
+
+
+def _leaf_spec(shape: tuple[int, ...], fsdp: int) -> P:
+    """Shard the largest axis that the fsdp size divides; replicate small or indivisible leaves."""
+    if fsdp <= 1 or not shape:
+        return P()
+    candidates = [i for i, size in enumerate(shape) if size % fsdp == 0 and size >= fsdp]
+    if not candidates:
+        return P()
+    axis = max(candidates, key=lambda i: shape[i])
+    return P(*[("fsdp" if i == axis else None) for i in range(len(shape))])
+
+
+def state_shardings(mesh: Mesh, tree: Any) -> Any:
+    """NamedShardings for params or optimizer state (real or abstract arrays): FSDP-sharded or replicated."""
+    fsdp = mesh.shape["fsdp"]
+    return jax.tree.map(lambda x: NamedSharding(mesh, _leaf_spec(tuple(x.shape), fsdp)), tree)
+
+
+def shard_train_step(step_fn: Callable, mesh: Mesh, abstract_state: Any, donate: bool = True
+                     ) -> tuple[Callable, Any, NamedSharding]:
+    """jit a (state, batch, rng) step over the mesh: (the compiled step, the state's shardings, the batch's)."""
+    state_sh = abstract_state.replace(step=replicated(mesh), params=state_shardings(mesh, abstract_state.params),
+                                      opt_state=state_shardings(mesh, abstract_state.opt_state))
+    batch_sh, repl = batch_sharding(mesh), replicated(mesh)
+    step = jax.jit(step_fn, in_shardings=(state_sh, batch_sh, repl), out_shardings=(state_sh, repl),
+                   donate_argnums=0 if donate else ())
+    return step, state_sh, batch_sh
+
+
+def check_batch(batch_size: int, mesh: Mesh) -> None:
+    """The global batch must split evenly over the data shards."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch_size % shards:
+        raise UserError(f"train.batch_size={batch_size} must be divisible by the {shards} data shards "
+                        f"(mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}); use a multiple of {shards}")
+
+
+def global_batch(batch: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A global array from the full host batch: each process contributes only the rows its devices hold."""
+    if jax.process_count() == 1:
+        return jax.device_put(batch, sharding)
+    index_map = sharding.addressable_devices_indices_map(batch.shape)
+    starts = [idx[0].start or 0 for idx in index_map.values()]
+    stops = [idx[0].stop if idx[0].stop is not None else batch.shape[0] for idx in index_map.values()]
+    local = batch[min(starts):max(stops)]
+    return jax.make_array_from_process_local_data(sharding, local, batch.shape)
+
+
+def put_tree(tree: Any, shardings: Any) -> Any:
+    """Place host (numpy or single-device) arrays onto the mesh, every process giving the same values."""
+    def put(x, sharding):
+        if isinstance(x, jax.Array) and x.sharding == sharding:
+            return x
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+    return jax.tree.map(put, tree, shardings)
+
+
+def bytes_per_device(tree: Any) -> int:
+    """Bytes of the first local device's shards of every array in the tree."""
+    device = jax.local_devices()[0]
+    total = 0
+    for x in jax.tree.leaves(tree):
+        total += sum(s.data.nbytes for s in x.addressable_shards if s.device == device)
+    return total

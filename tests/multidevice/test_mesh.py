@@ -1,0 +1,130 @@
+"""Runs with 8 forced CPU devices (see tests/test_parallel.py): mesh steps equal the single-device step."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import FIXTURES, REPO
+from experiments import base
+from gpt2_jax import checkpoints, loop, parallel
+from gpt2_jax.errors import UserError
+from gpt2_jax.model import GPT2Config, init_params
+from gpt2_jax.optim import learning_rate_schedule, make_optimizer
+from gpt2_jax.train import TrainState, make_train_step
+
+CONFIG = GPT2Config(n_vocab=96, n_ctx=16, n_embd=32, n_head=4, n_layer=2)
+
+
+def test_eight_devices():
+    assert len(jax.devices()) == 8
+
+
+def _step_fn(config, accumulate, optimizer="sgd"):
+    train = base.get_config().train
+    train.learning_rate, train.optimizer = 1e-2, optimizer
+    params = init_params(config, jax.random.key(0))
+    optimizer = make_optimizer(train, params)
+    fn = make_train_step(config, optimizer, learning_rate_schedule(train), accumulate=accumulate, noise=0.0)
+    return fn, TrainState.create(params, optimizer)
+
+
+@pytest.mark.parametrize("data, fsdp, accumulate, remat, dtype, optimizer", [
+    (8, 1, 1, "none", "float32", "sgd"),
+    (1, 8, 1, "none", "float32", "sgd"),
+    (4, 2, 1, "none", "float32", "adam"),
+    (4, 2, 2, "full", "float32", "sgd"),  # accumulation and remat keep working under a mixed mesh
+    (2, 4, 2, "dots", "bfloat16", "sgd"),  # and mixed precision
+])
+def test_mesh_step_equals_single_device_step(data, fsdp, accumulate, remat, dtype, optimizer):
+    config = GPT2Config(**CONFIG.hparams(), remat=remat, dtype=dtype)
+    fn, state = _step_fn(config, accumulate, optimizer)
+    batch = np.random.default_rng(0).integers(0, CONFIG.n_vocab, (16 * accumulate, CONFIG.n_ctx + 1)).astype(np.int32)
+    key = jax.random.key(1)
+    single = jax.device_put(state, jax.devices()[0])
+    ref_state, ref_metrics = jax.jit(fn)(single, jax.device_put(batch, jax.devices()[0]), key)
+
+    mesh = parallel.make_mesh(data, fsdp)
+    step, state_sh, batch_sh = parallel.shard_train_step(fn, mesh, jax.eval_shape(lambda: state), donate=False)
+    sharded = parallel.put_tree(state, state_sh)
+    new_state, metrics = step(sharded, parallel.global_batch(batch, batch_sh),
+                              jax.device_put(key, parallel.replicated(mesh)))
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=tol)
+    # Adam's first step is lr * g / |g|: float noise in a ~0 gradient moves it, so allow 1% of a step.
+    atol = 1e-4 if optimizer == "adam" else tol
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=atol, rtol=tol), new_state.params, ref_state.params)
+    kernel = new_state.params["params"]["h_0"]["mlp"]["c_fc"]["kernel"]
+    assert ("fsdp" in kernel.sharding.spec) == (fsdp > 1)
+
+
+def test_fsdp_really_shards_params_and_optimizer_state():
+    fn, state = _step_fn(CONFIG, 1, "adam")
+    mesh = parallel.make_mesh(1, 8)
+    _, state_sh, _ = parallel.shard_train_step(fn, mesh, jax.eval_shape(lambda: state))
+    sharded = parallel.put_tree(state, state_sh)
+    total = sum(x.nbytes for x in jax.tree.leaves(state.params))
+    per_device = parallel.bytes_per_device(sharded.params)
+    assert per_device <= total / 8 * 1.1  # every leaf here has an axis 8 divides
+    assert parallel.bytes_per_device(sharded.opt_state) <= sum(
+        x.nbytes for x in jax.tree.leaves(state.opt_state)) / 8 * 1.1
+    wte = sharded.params["params"]["wte"]
+    assert wte.sharding.spec == jax.sharding.PartitionSpec("fsdp", None)  # 96 x 32: the larger axis
+    assert {s.data.shape for s in wte.addressable_shards} == {(12, 32)}
+    replicated = parallel.put_tree(state, parallel.shard_train_step(fn, parallel.make_mesh(8, 1),
+                                                                     jax.eval_shape(lambda: state))[1])
+    assert parallel.bytes_per_device(replicated.params) == total
+
+
+def test_bad_mesh_and_batch_are_clear_errors():
+    with pytest.raises(UserError, match="mesh data=3 x fsdp=2 does not match the 8 available devices"):
+        parallel.make_mesh(3, 2)
+    with pytest.raises(UserError, match="mesh data=0 x fsdp=3 does not match the 8"):
+        parallel.make_mesh(-1, 3)
+    with pytest.raises(UserError, match="train.batch_size=6 must be divisible by the 8 data shards"):
+        parallel.check_batch(6, parallel.make_mesh(4, 2))
+
+
+def _config(workdir, **fields):
+    c = base.get_config()
+    c.workdir = str(workdir)
+    c.model.name = str(FIXTURES / "openai_tiny")
+    c.data.dataset = str(FIXTURES / "make_openai_checkpoint.py")
+    c.data.seq_len, c.train.batch_size = 16, 8
+    # SGD with momentum: strict float comparisons (Adam amplifies noise in ~0 gradients), and a
+    # momentum buffer in the optimizer state that must be resharded too.
+    c.train.optimizer, c.train.learning_rate, c.train.momentum = "sgd", 0.05, 0.9
+    c.sample.sample_every, c.checkpoint.save_every = 0, 0
+    c.mesh.data, c.mesh.fsdp = 1, 8
+    for key, value in fields.items():
+        section, name = key.split(".")
+        setattr(c[section], name, value)
+    return c
+
+
+def test_checkpoint_from_8_devices_restores_on_1_and_continues_identically(tmp_path):
+    loop.run(_config(tmp_path / "eight", **{"train.total_steps": 6}))  # reference: 6 steps on 8 devices
+    loop.run(_config(tmp_path / "moved", **{"train.total_steps": 3}))  # 3 steps on 8 devices (FSDP), saved
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "GPT2_JAX_MULTIDEVICE")}
+    done = subprocess.run([sys.executable, "launch.py", "--config=experiments/finetune.py",
+                           f"--workdir={tmp_path / 'moved'}", f"--config.model.name={FIXTURES / 'openai_tiny'}",
+                           f"--config.data.dataset={FIXTURES / 'make_openai_checkpoint.py'}", "--config.data.seq_len=16",
+                           "--config.train.batch_size=8", "--config.train.optimizer=sgd",
+                           "--config.train.learning_rate=0.05", "--config.train.momentum=0.9",
+                           "--config.sample.sample_every=0", "--config.train.total_steps=6"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "restored step 3" in done.stderr + done.stdout
+    losses = lambda d: [json.loads(x)["loss"] for x in (d / "logs" / "run1" / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    np.testing.assert_allclose(losses(tmp_path / "moved"), losses(tmp_path / "eight"), rtol=1e-5)
+    _, moved = checkpoints.load_run_params(tmp_path / "moved" / "checkpoint" / "run1")
+    _, eight = checkpoints.load_run_params(tmp_path / "eight" / "checkpoint" / "run1")
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), moved, eight)
+    assert int(jnp.asarray(moved["params"]["wte"]).shape[0]) == 257
