@@ -1,6 +1,8 @@
 """Run an experiment by config name.
 
     python launch.py --config=experiments/NAME.py[:VARIANT] [--config.section.field=value ...] [--workdir DIR]
+    python launch.py --list
+    python launch.py --config=experiments/NAME.py[:VARIANT] --dry_run
 """
 
 from __future__ import annotations
@@ -8,6 +10,9 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
+from typing import Any
+
+import jax
 
 from absl import flags
 from ml_collections import config_flags
@@ -16,6 +21,10 @@ from gpt2_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiments/NAME.py[:VARIANT]")
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoint/, samples/ and logs/ go (sets config.workdir)")
+_LIST = flags.DEFINE_bool("list", False, "list the experiments and their variants, then exit")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "print the resolved config, parameter count and the compiled "
+                             "step's FLOPs and memory, then exit without training")
+EXPERIMENTS = Path(__file__).resolve().parent / "experiments"
 
 
 def _valid_keys(config, prefix: str = "") -> list[str]:
@@ -28,15 +37,36 @@ def _valid_keys(config, prefix: str = "") -> list[str]:
     return keys
 
 
+def _module(path: Path):
+    module_spec = importlib.util.spec_from_file_location(f"experiment_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def experiments() -> dict[str, Any]:
+    """The experiment modules (those with VARIANTS), by file name."""
+    found = {p.name: _module(p) for p in sorted(EXPERIMENTS.glob("*.py")) if not p.name.startswith("_")}
+    return {name: m for name, m in found.items() if hasattr(m, "VARIANTS")}
+
+
+def list_experiments() -> str:
+    """One line per experiment and per variant, with their descriptions."""
+    lines = []
+    for name, module in experiments().items():
+        lines.append(f"experiments/{name}: {(module.__doc__ or '').strip().splitlines()[0]}")
+        lines += [f"    :{variant:<8} {text}" for variant, text in module.VARIANTS.items()]
+    return "\n".join(lines)
+
+
 def load_experiment(spec: str):
     """The config of `experiments/NAME.py[:VARIANT]`, loaded directly (for error messages)."""
     path, _, variant = spec.partition(":")
     if not Path(path).is_file():
-        names = ", ".join(sorted(p.name for p in Path("experiments").glob("*.py") if not p.name.startswith("_")))
-        raise UserError(f"--config={spec}: no experiment file {path}; the experiments are: {names}")
-    module_spec = importlib.util.spec_from_file_location(f"experiment_{Path(path).stem}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+        names = ", ".join(experiments())
+        raise UserError(f"--config={spec}: no experiment file {path}; the experiments are: {names} "
+                        "(python launch.py --list)")
+    module = _module(Path(path))
     try:
         return module.get_config(variant) if variant else module.get_config()
     except ValueError as e:
@@ -63,12 +93,55 @@ def parse(argv: list[str]):
     return config
 
 
-def main(argv: list[str]) -> None:
-    """Parse, then train."""
-    from gpt2_jax.loop import run
+def dry_run(config) -> None:
+    """Print the resolved config, the parameter count and the compiled step's FLOPs and memory."""
+    from gpt2_jax import parallel
+    from gpt2_jax.loop import model_config_of
 
+    parallel.init_distributed(config.parallel)
+    model_config = model_config_of(config)
+    seq_len = config.data.seq_len or model_config.n_ctx
+    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+    parallel.check_batch(config.train.batch_size, mesh)
+    rows = config.train.batch_size * config.train.accumulate_gradients
+    compiled = parallel.compile_train_step(model_config, config.train, mesh, rows, seq_len)[0]
+    stats = parallel.compiled_stats(compiled)
+    print(config)
+    print(f"model: {model_config.hparams()} dtype={model_config.dtype} remat={model_config.remat}")
+    print(f"parameters: {model_config.num_params():,}")
+    print(f"mesh: data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']} over {len(jax.devices())} "
+          f"{jax.devices()[0].device_kind} device(s)")
+    print(f"compiled step ({rows} windows of {seq_len} tokens): {stats['flops'] / 1e9:,.1f} GFLOP per device, "
+          f"peak memory {stats['peak_bytes'] / 2**30:.3f} GiB per device "
+          f"(arguments {stats['argument_bytes'] / 2**30:.3f}, temporaries {stats['temp_bytes'] / 2**30:.3f})")
+
+
+def main(argv: list[str]) -> None:
+    """Parse, then list, dry-run, ablate or train."""
     try:
+        if "--list" in argv:
+            print(list_experiments())
+            return
         config = parse(argv)
+        if _DRY_RUN.value or config.mode == "remat_ablation":
+            from gpt2_jax.parallel import use_memory_faithful_cpu_scheduler
+
+            use_memory_faithful_cpu_scheduler()  # before the backend starts: memory figures that show remat
+        if _DRY_RUN.value:
+            dry_run(config)
+            return
+        if config.mode == "remat_ablation":
+            from gpt2_jax.ablation import run_ablation
+            from gpt2_jax.loop import model_config_of
+
+            out = Path(config.workdir) / "ablation" / config.run_name
+            run_ablation(config, model_config_of(config), out)
+            print(f"wrote {out}/ablation.md, ablation.png and ablation.json")
+            return
+        if config.mode != "train":
+            raise UserError(f"mode={config.mode!r}: use train or remat_ablation")
+        from gpt2_jax.loop import run
+
         result = run(config)
     except UserError as e:
         print(f"launch.py: error: {e}", file=sys.stderr)

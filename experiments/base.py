@@ -12,6 +12,7 @@ from ml_collections import ConfigDict
 def get_config() -> ConfigDict:
     """Defaults: fine-tune 124M with Adam at 2e-5, batch 1, as the original train.py."""
     c = ConfigDict()
+    c.mode = "train"  # what launch.py runs: "train", or "remat_ablation" (experiments/remat_ablation.py)
     c.run_name = "run1"  # --run_name: outputs go to WORKDIR/{checkpoint,samples,logs}/RUN_NAME
     c.workdir = "."  # where checkpoint/, samples/ and logs/ are created (launch.py --workdir sets it)
     c.seed = 0  # init (from scratch), batch order, noise and samples all derive from it
@@ -84,4 +85,11 @@ def get_config() -> ConfigDict:
     c.parallel.num_processes = 1  # explicit
     c.parallel.process_id = 0  # explicit
     c.parallel.timeout_s = 300  # give up joining after this many seconds, with an error
+
+    c.ablation = ConfigDict()  # mode=remat_ablation only
+    c.ablation.policies = "none,full"  # comma-separated remat policy names
+    c.ablation.micro_batches = "1,2"  # comma-separated micro-batch sizes
+    c.ablation.steps = 3  # timed steps after one warm-up step
+    c.ablation.compile_only = False  # only compile: memory and FLOPs, no step time (for shapes too big to run)
+    c.ablation.memory_budget_gb = 80.0  # report the largest micro-batch whose peak memory fits this
     return c

@@ -23,11 +23,11 @@ from gpt2_jax import checkpoints, parallel
 from gpt2_jax.data import WindowSampler, load_dataset
 from gpt2_jax.encoder import Encoder, byte_level_encoder, get_encoder
 from gpt2_jax.errors import UserError
-from gpt2_jax.model import PRESETS, GPT2Config, init_params
+from gpt2_jax.model import PRESETS, GPT2Config, init_params, preset
 from gpt2_jax.optim import learning_rate_schedule, make_optimizer
 from gpt2_jax.sampling import SAMPLE_HEADER, generate
 from gpt2_jax.train import TrainState, make_eval_step, make_train_step
-from gpt2_jax.weights import load_weights
+from gpt2_jax.weights import load_weights, read_config
 
 # Dense bf16 peak FLOP/s by device kind, for model FLOPs utilisation (MFU).
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "TPU v4": 275e12,
@@ -53,6 +53,20 @@ def model_dir_of(config: Any) -> Path:
         hint = f"; run `gpt2-jax download {name} --models_dir {config.model.models_dir}`" if name in PRESETS else ""
         raise UserError(f"model.name={name!r}: no model directory at {path}{hint}")
     return path
+
+
+def model_config_of(config: Any) -> GPT2Config:
+    """The model's config as the experiment would train it, without loading any weights."""
+    overrides = dict(dtype=config.model.dtype, remat=config.model.remat)
+    if config.model.from_scratch:
+        vocab_dir = find_vocab_dir(config)
+        n_vocab = get_encoder(vocab_dir).n_vocab if vocab_dir else byte_level_encoder().n_vocab
+        return GPT2Config(n_vocab=n_vocab, n_ctx=config.model.n_ctx, n_embd=config.model.n_embd,
+                          n_head=config.model.n_head, n_layer=config.model.n_layer, **overrides)
+    name = config.model.name
+    if name in PRESETS and not (Path(config.model.models_dir) / name).is_dir() and not Path(name).is_dir():
+        return preset(name, **overrides)  # the released shape, before it is downloaded
+    return read_config(model_dir_of(config), **overrides)
 
 
 def initial_model(config: Any, resume_dir: Path | None) -> tuple[GPT2Config, Any, Encoder]:
@@ -220,7 +234,8 @@ def run(config: Any, on_step: Callable[[int, dict], None] | None = None) -> dict
                                        keep_every_hours=config.checkpoint.keep_every_hours,
                                        async_save=config.checkpoint.async_save)
 
-    eval_step = jax.jit(make_eval_step(model_config), in_shardings=(state_sh.params, batch_sh), out_shardings=repl)
+    eval_step = jax.jit(parallel.with_mesh_rules(make_eval_step(model_config), mesh),
+                        in_shardings=(state_sh.params, batch_sh), out_shardings=repl)
     step_key = jax.jit(lambda s: jax.random.fold_in(jax.random.key(seed), s), out_shardings=repl)
     val_batches = [parallel.global_batch(b, batch_sh) for b in val_batches]
     tokens_per_step = train.batch_size * train.accumulate_gradients * seq_len

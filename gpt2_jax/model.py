@@ -82,6 +82,12 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 }
 
 
+# Logical axes of the residual stream [B, T, C]. Under a mesh, parallel.py maps "batch" onto the
+# data-parallel mesh axes, which keeps activations batch-sharded while FSDP shards the weights;
+# outside one, the constraint does nothing.
+ACTIVATION_AXES = ("batch", "length", "embed")
+
+
 def _dtype(name: str) -> jnp.dtype:
     return jnp.dtype(name)
 
@@ -104,7 +110,7 @@ class Attention(nn.Module):
         N, H = cfg.n_head, C // cfg.n_head
         dense = lambda features, name: nn.Dense(  # noqa: E731 - OpenAI's Conv1D is a dense layer
             features, name=name, **_dense_kwargs(cfg))
-        qkv = dense(3 * C, "c_attn")(x)  # [B, T, 3C]
+        qkv = nn.with_logical_constraint(dense(3 * C, "c_attn")(x), ("batch", "length", "qkv"))  # [B, T, 3C]
         q, k, v = jnp.split(qkv, 3, axis=-1)
         q = checkpoint_name(q.reshape(B, T, N, H), "q")  # [B, T, N, H]
         k = checkpoint_name(k.reshape(B, T, N, H), "k")
@@ -136,6 +142,7 @@ class MLP(nn.Module):
         cfg = self.config
         kw = _dense_kwargs(cfg)
         h = nn.Dense(4 * cfg.n_embd, name="c_fc", **kw)(x)  # [B, T, 4C]
+        h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
         h = checkpoint_name(jax.nn.gelu(h, approximate=True), "mlp_hidden")
         return nn.Dense(cfg.n_embd, name="c_proj", **kw)(h)
 
@@ -153,7 +160,7 @@ class Block(nn.Module):
         a, cache = Attention(cfg, name="attn")(ln("ln_1")(x), cache, start)
         x = x + a
         x = x + MLP(cfg, name="mlp")(ln("ln_2")(x))
-        return x, cache
+        return nn.with_logical_constraint(x, ACTIVATION_AXES), cache
 
 
 class GPT2(nn.Module):
@@ -180,6 +187,7 @@ class GPT2(nn.Module):
         T = tokens.shape[1]
         positions = start + jnp.arange(T)  # absolute positions, offset by what the cache holds
         x = (jnp.take(self.wte, tokens, axis=0) + jnp.take(self.wpe, positions, axis=0)).astype(_dtype(cfg.dtype))
+        x = nn.with_logical_constraint(x, ACTIVATION_AXES)
         new_cache = None if cache is None else []
         for i, block in enumerate(self.h):
             x, layer_cache = block(x, None if cache is None else cache[i], start)

@@ -82,14 +82,14 @@ def _read_json(path: Path) -> dict:
 
 
 def _config_from(hparams: dict, source: Path, **overrides) -> GPT2Config:
-    missing = [k for k in ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer") if k not in hparams]
+    missing = [k for k in ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer") if hparams.get(k) is None]
     if missing:
         raise UserError(f"{source}: missing key(s) {', '.join(missing)}")
     return GPT2Config(**{k: int(hparams[k]) for k in ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")}, **overrides)
 
 
 def _load_openai(model_dir: Path, **overrides) -> tuple[GPT2Config, Params]:
-    config = _config_from(_read_json(model_dir / "hparams.json"), model_dir / "hparams.json", **overrides)
+    config = read_config(model_dir, **overrides)
     prefix = checkpoint_prefix(model_dir)
     variables = read_checkpoint(prefix)
     return config, _assemble(config, lambda n: variables.get(n.openai), f"{prefix}")
@@ -123,10 +123,7 @@ def _hf_state_dict(model_dir: Path) -> tuple[dict[str, np.ndarray], str]:
 
 
 def _load_hf(model_dir: Path, **overrides) -> tuple[GPT2Config, Params]:
-    hf = _read_json(model_dir / "config.json")
-    hparams = {"n_vocab": hf.get("vocab_size"), "n_ctx": hf.get("n_positions", hf.get("n_ctx")),
-               "n_embd": hf.get("n_embd"), "n_head": hf.get("n_head"), "n_layer": hf.get("n_layer")}
-    config = _config_from({k: v for k, v in hparams.items() if v is not None}, model_dir / "config.json", **overrides)
+    config = read_config(model_dir, **overrides)
     tensors, source = _hf_state_dict(model_dir)
     return config, _assemble(config, lambda n: tensors.get(n.hf), source)
 
@@ -146,6 +143,19 @@ LAYOUTS: list[tuple[str, Callable[[Path], bool], Callable[..., tuple[GPT2Config,
     ("OpenAI release (hparams.json + model.ckpt.index/.data-*)", _is_openai, _load_openai),
     ("transformers (config.json + model.safetensors or pytorch_model.bin)", _is_hf, _load_hf),
 ]
+
+
+def read_config(model_dir: str | Path, **overrides) -> GPT2Config:
+    """The config of a model directory in any supported layout, without reading its weights."""
+    d = Path(model_dir)
+    if (d / "hparams.json").is_file():  # OpenAI's layout and training runs
+        return _config_from(_read_json(d / "hparams.json"), d / "hparams.json", **overrides)
+    if (d / "config.json").is_file():
+        hf = _read_json(d / "config.json")
+        return _config_from({"n_vocab": hf.get("vocab_size"), "n_ctx": hf.get("n_positions", hf.get("n_ctx")),
+                             "n_embd": hf.get("n_embd"), "n_head": hf.get("n_head"), "n_layer": hf.get("n_layer")},
+                            d / "config.json", **overrides)
+    return load_weights(d, **overrides)[0]  # raises the unknown-layout error
 
 
 def load_weights(model_dir: str | Path, **config_overrides) -> tuple[GPT2Config, Params]:

@@ -10,15 +10,21 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from conftest import FIXTURES, REPO
 from gpt2_jax import checkpoints
 
 
-def test_multidevice_suite_on_8_forced_cpu_devices():
+@pytest.mark.parametrize("selection", ["mesh_step and (8-1 or 1-8)", "mesh_step and not (8-1 or 1-8)",
+                                       "not mesh_step"])
+def test_multidevice_suite_on_8_forced_cpu_devices(selection):
+    # tests/multidevice in a process of its own (the device count is fixed when JAX starts), in three
+    # parts so that parallel test workers can share them out.
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "GPT2_JAX_MULTIDEVICE": "1",
            "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/multidevice"],
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+                           "tests/multidevice", "-k", selection],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
     assert " passed" in done.stdout and "skipped" not in done.stdout

@@ -20,7 +20,7 @@ from gpt2_jax.model import GPT2Config, init_params
 from gpt2_jax.optim import learning_rate_schedule, make_optimizer
 from gpt2_jax.train import TrainState, make_train_step
 
-CONFIG = GPT2Config(n_vocab=96, n_ctx=16, n_embd=32, n_head=4, n_layer=2)
+CONFIG = GPT2Config(n_vocab=96, n_ctx=16, n_embd=32, n_head=4, n_layer=1)
 
 
 def test_eight_devices():

@@ -1,0 +1,75 @@
+"""Experiments by name: --list, --dry_run for each experiment, the remat ablation end to end, bad names."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+def _launch(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "launch.py", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env=env)
+
+
+def test_list_shows_every_experiment_and_variant():
+    done = _launch("--list")
+    assert done.returncode == 0, done.stderr
+    for name in ("demo.py", "finetune.py", "shakespeare.py", "remat_ablation.py"):
+        assert f"experiments/{name}: " in done.stdout
+    for variant in (":124M", ":355M", ":774M", ":1558M", ":tiny", ":default"):
+        assert variant in done.stdout
+    assert "base.py" not in done.stdout  # the base is not an experiment
+
+
+@pytest.mark.parametrize("spec, params", [
+    ("experiments/demo.py", None),
+    ("experiments/finetune.py:124M", "124,439,808"),
+    ("experiments/shakespeare.py", "124,439,808"),
+    ("experiments/remat_ablation.py:tiny", None),
+])
+def test_dry_run_prints_config_params_flops_and_memory(spec, params, shared_dir, tmp_path):
+    env = {**os.environ, "GPT2_JAX_SHARED": str(shared_dir)}
+    done = _launch(f"--config={spec}", "--dry_run", f"--workdir={tmp_path}", env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "train:" in out and "learning_rate" in out  # the resolved config
+    assert "parameters: " in out and (params is None or f"parameters: {params}" in out)
+    assert " GFLOP per device, peak memory " in out
+    assert not list(tmp_path.iterdir())  # nothing trained, nothing written
+
+
+def test_remat_ablation_end_to_end(tmp_path):
+    done = _launch("--config=experiments/remat_ablation.py:tiny", f"--workdir={tmp_path}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "ablation" / "remat_tiny"
+    report = json.loads((out / "ablation.json").read_text())
+    assert (out / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (out / "ablation.md").read_text()
+    rows = report["rows"]
+    policies = {r["policy"] for r in rows}
+    assert policies == {"none", "full", "dots", "dots_no_batch", "save_qkv", "save_attn", "save_named"}
+    for r in rows:
+        assert f"| {r['policy']} | {r['micro_batch']} |" in table
+    for batch in (2, 4):
+        by = {r["policy"]: r for r in rows if r["micro_batch"] == batch}
+        assert by["full"]["temp_bytes"] < by["none"]["temp_bytes"]
+        assert by["full"]["flops"] > by["none"]["flops"]
+        for r in by.values():
+            assert r["loss"] == pytest.approx(by["none"]["loss"], rel=1e-5), r["policy"]
+            assert r["step_s"] > 0 and r["tokens_per_s"] > 0
+    fits = report["meta"]["largest_micro_batch_within_budget"]
+    assert set(fits) == policies and all(isinstance(v, int) for v in fits.values())
+
+
+def test_bad_experiment_names_list_the_valid_ones():
+    done = _launch("--config=experiments/finetuen.py")
+    assert done.returncode == 2
+    assert "no experiment file experiments/finetuen.py; the experiments are: demo.py, finetune.py" in done.stderr
+    done = _launch("--config=experiments/remat_ablation.py:2B")
+    assert done.returncode == 2 and "use one of tiny, 124M, 355M, 774M, 1558M" in done.stderr
