@@ -41,6 +41,8 @@ def main() -> None:
 
     from experiments import base
     from gpt2_jax import parallel
+
+    parallel.use_memory_faithful_cpu_scheduler()  # memory figures as an accelerator would schedule them
     from gpt2_jax.model import GPT2Config, init_params, preset
     from gpt2_jax.optim import learning_rate_schedule, make_optimizer
     from gpt2_jax.train import TrainState, make_train_step

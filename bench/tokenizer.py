@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--large_factor", type=int, default=16, help="the large corpus is the corpus repeated N times")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script runs")
     parser.add_argument("--no_record", action="store_true", help="do not append to BENCHMARKS.md")
+    parser.add_argument("--out", type=Path, default=None, help="also append the table to this file")
     args = parser.parse_args()
     shared = shared_path()
     corpus = args.corpus or shared / "data" / "tinyshakespeare.txt"
@@ -79,6 +80,9 @@ def main() -> None:
     if not args.no_record and not args.smoke:
         with open(REPO / "BENCHMARKS.md", "a", encoding="utf-8") as f:
             f.write("\n" + table)
+    if args.out:
+        with open(args.out, "a", encoding="utf-8") as f:
+            f.write(table + "\n")
 
 
 if __name__ == "__main__":

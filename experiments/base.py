@@ -57,6 +57,7 @@ def get_config() -> ConfigDict:
     c.train.grad_clip = 0.0  # clip gradients to this global norm (0 = off)
     c.train.only_train_transformer_layers = False  # --only_train_transformer_layers: freeze embeddings and ln_f
     c.train.noise = 0.0  # --noise: replace each input token by a random one with this probability
+    c.train.loss_chunk = 0  # > 0: cross-entropy over this many positions at a time, never all [B, T, V] logits
     c.train.total_steps = 0  # stop after this many steps (0 = run until Ctrl-C, as the original)
     c.train.peak_tflops = 0.0  # device peak for MFU; 0 = known accelerators in bfloat16, otherwise not shown
 

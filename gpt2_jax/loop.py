@@ -213,7 +213,7 @@ def run(config: Any, on_step: Callable[[int, dict], None] | None = None) -> dict
     # Shardings: params and optimizer state replicated (data) or sharded (fsdp); batches split by rows.
     abstract_state = jax.eval_shape(lambda: TrainState.create(init_params(model_config, jax.random.key(0)), optimizer))
     step_fn = make_train_step(model_config, optimizer, schedule, accumulate=train.accumulate_gradients,
-                              noise=train.noise)
+                              noise=train.noise, loss_chunk=train.loss_chunk)
     train_step, state_sh, batch_sh = parallel.shard_train_step(step_fn, mesh, abstract_state)
     repl = parallel.replicated(mesh)
     seed = config.seed

@@ -203,7 +203,7 @@ def compile_train_step(model_config: Any, train: Any, mesh: Mesh, rows: int, seq
     abstract_params = jax.eval_shape(lambda: init_params(model_config, jax.random.key(0)))
     optimizer = make_optimizer(train, abstract_params)
     fn = make_train_step(model_config, optimizer, learning_rate_schedule(train),
-                         accumulate=train.accumulate_gradients, noise=train.noise)
+                         accumulate=train.accumulate_gradients, noise=train.noise, loss_chunk=train.loss_chunk)
     abstract = jax.eval_shape(lambda: TrainState.create(init_params(model_config, jax.random.key(0)), optimizer))
     step, state_sh, batch_sh = shard_train_step(fn, mesh, abstract)
     args = (jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh),

@@ -38,17 +38,46 @@ def add_noise(inputs: jax.Array, rng: jax.Array, p: float, n_vocab: int) -> jax.
     return jnp.where(replace, jax.random.randint(token_key, inputs.shape, 0, n_vocab, inputs.dtype), inputs)
 
 
-def loss_fn(params: Any, tokens: jax.Array, rng: jax.Array, config: GPT2Config, noise: float = 0.0) -> jax.Array:
-    """Mean next-token cross-entropy (float32) of windows [B, T+1]: predict tokens[:, 1:] from tokens[:, :-1]."""
+def chunked_cross_entropy(hidden: jax.Array, wte: jax.Array, targets: jax.Array, chunk: int) -> jax.Array:
+    """Mean cross-entropy of the tied-embedding logits, computed `chunk` positions at a time.
+
+    Only one chunk's [chunk, V] float32 logits exist at once, in the forward and (being
+    rematerialised) in the backward pass; the result equals the unchunked loss up to float rounding.
+    """
+    C = hidden.shape[-1]
+    h, t = hidden.reshape(-1, C), targets.reshape(-1)
+    pad = (-h.shape[0]) % chunk
+    h = jnp.pad(h, ((0, pad), (0, 0))).reshape(-1, chunk, C)
+    t = jnp.pad(t, (0, pad)).reshape(-1, chunk)
+    valid = (jnp.arange(h.shape[0] * chunk) < targets.size).reshape(-1, chunk)
+
+    @jax.checkpoint
+    def chunk_sum(args):
+        h_c, t_c, v_c = args
+        logits = jnp.einsum("nc,vc->nv", h_c, wte.astype(h_c.dtype), preferred_element_type=jnp.float32)
+        return jnp.sum(cross_entropy(logits, t_c) * v_c)
+
+    return jnp.sum(jax.lax.map(chunk_sum, (h, t, valid))) / targets.size
+
+
+def loss_fn(params: Any, tokens: jax.Array, rng: jax.Array, config: GPT2Config, noise: float = 0.0,
+            loss_chunk: int = 0) -> jax.Array:
+    """Mean next-token cross-entropy (float32) of windows [B, T+1]: predict tokens[:, 1:] from tokens[:, :-1].
+
+    With loss_chunk > 0 the logits are never held whole (chunked_cross_entropy).
+    """
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     if noise > 0:
         inputs = add_noise(inputs, rng, noise, config.n_vocab)
-    logits = GPT2(config).apply(params, inputs)
-    return jnp.mean(cross_entropy(logits, targets))
+    model = GPT2(config)
+    if loss_chunk > 0:
+        hidden, _ = model.apply(params, inputs, method=GPT2.hidden)
+        return chunked_cross_entropy(hidden, params["params"]["wte"], targets, loss_chunk)
+    return jnp.mean(cross_entropy(model.apply(params, inputs), targets))
 
 
 def make_train_step(config: GPT2Config, optimizer: optax.GradientTransformation, schedule: optax.Schedule, *,
-                    accumulate: int = 1, noise: float = 0.0) -> Callable:
+                    accumulate: int = 1, noise: float = 0.0, loss_chunk: int = 0) -> Callable:
     """The step for a batch of `accumulate` micro-batches stacked along axis 0 ([accumulate * B, T+1])."""
     grad_fn = jax.value_and_grad(loss_fn)
 
@@ -58,12 +87,12 @@ def make_train_step(config: GPT2Config, optimizer: optax.GradientTransformation,
         micro = batch.reshape(-1, accumulate, batch.shape[-1]).swapaxes(0, 1)  # [k, B, T+1]
         keys = jax.random.split(rng, accumulate)
         if accumulate == 1:
-            loss, grads = grad_fn(state.params, micro[0], keys[0], config, noise)
+            loss, grads = grad_fn(state.params, micro[0], keys[0], config, noise, loss_chunk)
         else:
             # Sum the micro-batch gradients in a scan (one micro-batch's activations alive at a time).
             def accumulate_one(carry, xs):
                 loss_sum, grad_sum = carry
-                loss, grads = grad_fn(state.params, xs[0], xs[1], config, noise)
+                loss, grads = grad_fn(state.params, xs[0], xs[1], config, noise, loss_chunk)
                 return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)

@@ -191,6 +191,6 @@ def test_console_entry_points_run(tmp_path):
                                "--seed", "0", "--json"], capture_output=True, text=True, cwd=REPO, timeout=120)
         assert done.returncode == 0, done.stderr
         assert len(json.loads(done.stdout)["tokens"]) <= 4
-        bad = subprocess.run([*cmd, "sample", "--model_dir", str(FIXTURES / "openai_tiny"), "--top_p", "2"],
-                             capture_output=True, text=True, cwd=REPO, timeout=120)
-        assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    bad = subprocess.run(["gpt2-jax", "sample", "--model_dir", str(FIXTURES / "openai_tiny"), "--top_p", "2"],
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr

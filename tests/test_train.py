@@ -139,3 +139,13 @@ def test_mixed_precision_keeps_float32_weights_and_optimizer_state():
     assert {x.dtype for x in jax.tree.leaves(state.opt_state) if x.ndim} == {jnp.dtype("float32")}
     assert history[0]["loss"].dtype == jnp.float32
     assert float(history[-1]["loss"]) < float(history[0]["loss"])
+
+
+@pytest.mark.parametrize("chunk", [7, 64])  # 7 leaves a ragged last chunk
+def test_chunked_cross_entropy_equals_the_unchunked_loss_and_gradients(chunk):
+    params = init_params(CONFIG, jax.random.key(0))
+    tokens = _batch(3)
+    full = jax.value_and_grad(loss_fn)(params, tokens, jax.random.key(0), CONFIG)
+    chunked = jax.value_and_grad(loss_fn)(params, tokens, jax.random.key(0), CONFIG, 0.0, chunk)
+    np.testing.assert_allclose(chunked[0], full[0], rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7, rtol=1e-5), chunked[1], full[1])

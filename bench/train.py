@@ -1,0 +1,146 @@
+"""Training throughput: this project's jitted step vs transformers' GPT2LMHeadModel + torch.optim.Adam.
+
+    python bench/train.py [--size 124M] [--batch 4] [--seq_len 256] [--dtype float32] [--smoke]
+
+Same model shape, batch, sequence length, dtype and optimizer in one process; after warm-up the
+two alternate (A/B) for --rounds rounds of --steps steps, and medians are reported with the ratio.
+MFU = tokens/s x (6·N + 12·L·T·C) / peak, N the parameter count, L layers, T the sequence length,
+C the width; the peak comes from --peak_tflops or --device (h100, h200, a100; dense bf16).
+On a GPU the torch peer runs under bf16 autocast with SDPA attention; --compile adds torch.compile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+PEAKS = {"h100": 989e12, "h200": 989e12, "a100": 312e12}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="124M", help="model shape: 124M, 355M, 774M, 1558M")
+    parser.add_argument("--batch", type=int, default=None, help="default 4 on CPU, 16 on GPU")
+    parser.add_argument("--seq_len", type=int, default=None, help="default 256 on CPU, 1024 on GPU")
+    parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: float32 on CPU, bfloat16 on GPU)")
+    parser.add_argument("--rounds", type=int, default=3, help="A/B rounds")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per round and peer")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile (GPU)")
+    parser.add_argument("--loss_chunk", type=int, default=0, help="our step with the chunked loss (0 = off)")
+    parser.add_argument("--device", default="", help="h100, h200 or a100, for MFU")
+    parser.add_argument("--peak_tflops", type=float, default=0.0, help="device peak for MFU (overrides --device)")
+    parser.add_argument("--smoke", action="store_true", help="a tiny model, to check the script runs")
+    parser.add_argument("--no_record", action="store_true", help="do not append to BENCHMARKS.md")
+    parser.add_argument("--out", type=Path, default=None, help="also append the table to this file")
+    args = parser.parse_args()
+
+    import jax
+    import numpy as np
+    import torch
+
+    from experiments import base
+    from gpt2_jax import parallel
+    from gpt2_jax.loop import flops_per_token
+    from gpt2_jax.model import GPT2Config, init_params, preset
+    from gpt2_jax.train import TrainState
+
+    on_gpu = jax.default_backend() == "gpu"
+    batch = args.batch or (16 if on_gpu else 4)
+    seq_len = args.seq_len or (1024 if on_gpu else 256)
+    dtype = args.dtype or ("bfloat16" if on_gpu else "float32")
+    config = preset(args.size, dtype=dtype)
+    if args.smoke:
+        config = GPT2Config(n_vocab=512, n_ctx=64, n_embd=64, n_head=4, n_layer=2, dtype=dtype)
+        batch, seq_len, args.rounds, args.steps, args.no_record = 2, 32, 1, 1, True
+    train = base.get_config().train
+    train.learning_rate, train.loss_chunk = 1e-4, args.loss_chunk
+
+    # A: this project's step, exactly as the loop compiles it (one-device mesh).
+    mesh = parallel.make_mesh(1, 1)
+    compiled, state_sh, batch_sh, optimizer = parallel.compile_train_step(config, train, mesh, batch, seq_len)
+    params = init_params(config, jax.random.key(0))
+    state = parallel.put_tree(jax.device_get(TrainState.create(params, optimizer)), state_sh)
+    tokens = np.random.default_rng(0).integers(0, config.n_vocab, (batch, seq_len + 1), dtype=np.int32)
+    jax_batch = parallel.global_batch(tokens, batch_sh)
+    key = jax.device_put(jax.random.key(0), parallel.replicated(mesh))
+
+    def jax_step():
+        nonlocal state
+        state, metrics = compiled(state, jax_batch, key)
+        metrics["loss"].block_until_ready()
+
+    # B: transformers + torch Adam on the same shapes.
+    from transformers import GPT2Config as HFConfig, GPT2LMHeadModel
+
+    device = "cuda" if on_gpu and torch.cuda.is_available() else "cpu"
+    hf_config = HFConfig(vocab_size=config.n_vocab, n_positions=config.n_ctx, n_embd=config.n_embd,
+                         n_head=config.n_head, n_layer=config.n_layer, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(hf_config).to(device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    inputs = torch.tensor(tokens[:, :-1].astype(np.int64), device=device)
+    labels = torch.tensor(tokens[:, 1:].astype(np.int64), device=device)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+
+    def torch_step_of(m):
+        def step():
+            with autocast:
+                logits = m(inputs).logits
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if device == "cuda":
+                torch.cuda.synchronize()
+        return step
+
+    peers = {"gpt2_jax (jit)": jax_step, "transformers + torch": torch_step_of(model)}
+    if args.compile:
+        peers["transformers + torch.compile"] = torch_step_of(torch.compile(model))
+    t0 = time.perf_counter()
+    jax_step()  # the first call of a compiled step: what remains after AOT compilation
+    first_step_s = time.perf_counter() - t0
+    for fn in peers.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in peers}
+    for _ in range(args.rounds):  # alternate A/B so drift hits both
+        for name, fn in peers.items():
+            for _ in range(args.steps):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    peak = args.peak_tflops * 1e12 or PEAKS.get(args.device.lower())
+    flops = flops_per_token(config, seq_len)
+    ref = statistics.median(times["transformers + torch"])
+    rows = []
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        tps = batch * seq_len / med
+        rows.append((name, f"{med * 1e3:.1f}", f"{tps:,.0f}", f"{ref / med:.2f}",
+                     f"{tps * flops / peak:.1%}" if peak else "n/a"))
+    chunked = f", loss chunk {args.loss_chunk}" if args.loss_chunk else ""
+    title = (f"Training step, {args.size if not args.smoke else 'smoke'} shape, batch {batch} x {seq_len}, {dtype}, Adam{chunked} "
+             f"(jax compile {compile_seconds(parallel, config, train, mesh, batch, seq_len, args.smoke):.1f} s, "
+             f"first call {first_step_s:.2f} s; torch threads {torch.get_num_threads()})")
+    common.report(common.table(title, ["peer", "median step ms", "tokens/s", "speed vs transformers", "MFU"], rows),
+                  record=not args.no_record, out=args.out)
+
+
+def compile_seconds(parallel, config, train, mesh, batch: int, seq_len: int, smoke: bool) -> float:
+    """Wall time of compiling the step once more from scratch (the persistent cache is off by default)."""
+    import jax
+
+    jax.clear_caches()
+    t0 = time.perf_counter()
+    parallel.compile_train_step(config, train, mesh, batch, seq_len)
+    return time.perf_counter() - t0
+
+
+if __name__ == "__main__":
+    main()
