@@ -9,15 +9,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 from conftest import shared_path  # noqa: E402  (the tests' one setting for ../shared)
 
 from gpt2_jax import encoder as encoder_module  # noqa: E402
@@ -32,15 +28,6 @@ def tiktoken_gpt2(vocab_dir: Path):
                                             encoder_json_file=str(vocab_dir / "encoder.json"))
     pattern = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
     return tiktoken.Encoding("gpt2", pat_str=pattern, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": 50256})
-
-
-def best_seconds(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -64,25 +51,18 @@ def main() -> None:
         ids = ours.encode(sample)
         assert ids == theirs.encode_ordinary(sample), "ids differ from tiktoken"
         mb = len(sample.encode("utf-8")) / 1e6
-        t_ours = best_seconds(lambda: ours.encode(sample), args.repeat)
-        t_tik = best_seconds(lambda: theirs.encode_ordinary(sample), args.repeat)
+        t_ours = common.median_seconds(lambda s=sample: ours.encode(s), args.repeat, warmup=0)
+        t_tik = common.median_seconds(lambda s=sample: theirs.encode_ordinary(s), args.repeat, warmup=0)
         parts = encoder_module.split_for_parallel(sample, (os.cpu_count() or 1) * 4)
-        t_tik_par = best_seconds(lambda: theirs.encode_ordinary_batch(parts, num_threads=os.cpu_count() or 1), args.repeat)
+        t_tik_par = common.median_seconds(
+            lambda p=parts: theirs.encode_ordinary_batch(p, num_threads=os.cpu_count() or 1), args.repeat, warmup=0)
         rows.append((label, mb, mb / t_ours, mb / t_tik, mb / t_tik_par))
-    header = ("| corpus | MB | gpt2_jax MB/s | tiktoken MB/s (1 thread) | tiktoken MB/s (batch, all cores) "
-              "| ratio vs 1 thread | ratio vs all cores |\n|---|---|---|---|---|---|---|")
-    lines = [f"| {r[0]} | {r[1]:.2f} | {r[2]:.2f} | {r[3]:.2f} | {r[4]:.2f} | {r[2] / r[3]:.2f} | {r[2] / r[4]:.2f} |"
-             for r in rows]
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-    table = "\n".join([f"### Tokenizer throughput ({time.strftime('%Y-%m-%d')}, {machine}, ids identical)", "",
-                       header, *lines, ""])
-    print(table)
-    if not args.no_record and not args.smoke:
-        with open(REPO / "BENCHMARKS.md", "a", encoding="utf-8") as f:
-            f.write("\n" + table)
-    if args.out:
-        with open(args.out, "a", encoding="utf-8") as f:
-            f.write(table + "\n")
+    table = common.table("Tokenizer throughput, ids identical to tiktoken's",
+                         ["corpus", "MB", "gpt2_jax MB/s", "tiktoken MB/s (1 thread)",
+                          "tiktoken MB/s (batch, all cores)", "ratio vs 1 thread", "ratio vs all cores"],
+                         [(r[0], f"{r[1]:.2f}", f"{r[2]:.2f}", f"{r[3]:.2f}", f"{r[4]:.2f}", f"{r[2] / r[3]:.2f}",
+                           f"{r[2] / r[4]:.2f}") for r in rows])
+    common.report(table, record=not args.no_record and not args.smoke, out=args.out)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,12 @@ from __future__ import annotations
 from ml_collections import ConfigDict
 
 
+def check_variant(experiment: str, variant: str, variants: dict[str, str]) -> None:
+    """Reject an unknown variant, listing the valid ones."""
+    if variant not in variants:
+        raise ValueError(f"unknown variant {variant!r} of experiments/{experiment}.py; use one of {', '.join(variants)}")
+
+
 def get_config() -> ConfigDict:
     """Defaults: fine-tune 124M with Adam at 2e-5, batch 1, as the original train.py."""
     c = ConfigDict()

@@ -17,8 +17,7 @@ VARIANTS = {"default": "4-layer, 128-wide GPT-2 (context 64) from scratch, 300 s
 
 def get_config(variant: str = "default"):
     """Small model, Adam with warmup and cosine decay, validation every 50 steps, a sample at the end."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r} of experiments/demo.py; use one of {', '.join(VARIANTS)}")
+    base.check_variant("demo", variant, VARIANTS)
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     c = base.get_config()
     c.run_name = "demo"

@@ -14,8 +14,7 @@ VARIANTS = {
 
 def get_config(variant: str = "124M"):
     """The base config pointed at one released size."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r} of experiments/finetune.py; use one of {', '.join(VARIANTS)}")
+    base.check_variant("finetune", variant, VARIANTS)
     c = base.get_config()
     c.model.name = variant
     if variant != "124M":

@@ -20,8 +20,7 @@ VARIANTS = {
 
 def get_config(variant: str = "124M"):
     """The base config with an `ablation` section; the model is randomly initialised at the variant's shape."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r} of experiments/remat_ablation.py; use one of {', '.join(VARIANTS)}")
+    base.check_variant("remat_ablation", variant, VARIANTS)
     c = base.get_config()
     c.mode = "remat_ablation"
     c.run_name = f"remat_{variant}"

@@ -12,8 +12,7 @@ VARIANTS = {"124M": "fine-tune 124M on tinyshakespeare: Adam 1e-4, batch 8 x 256
 
 def get_config(variant: str = "124M"):
     """Fine-tune 124M on tinyshakespeare, validating on a held-out tenth every 200 steps."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r} of experiments/shakespeare.py; use one of {', '.join(VARIANTS)}")
+    base.check_variant("shakespeare", variant, VARIANTS)
     shared = Path(os.environ.get("GPT2_JAX_SHARED", "../shared"))
     c = base.get_config()
     c.run_name = "shakespeare"

@@ -265,12 +265,13 @@ def run(config: Any, on_step: Callable[[int, dict], None] | None = None) -> dict
     avg_loss = (0.0, 0.0)  # the original's running average: decayed sum and weight
     metrics: dict[str, float] = {}
     last_time = None
+    rows = train.batch_size * train.accumulate_gradients
+    next_batch = parallel.global_batch(sampler.batch(step, rows), batch_sh)
     try:
         with _StopRequest() as stop:
             while not (total and step >= total) and not stop.requested:
-                batch = parallel.global_batch(sampler.batch(step, train.batch_size * train.accumulate_gradients),
-                                              batch_sh)
-                state, out = train_step(state, batch, step_key(step))
+                state, out = train_step(state, next_batch, step_key(step))  # dispatched, runs asynchronously
+                next_batch = parallel.global_batch(sampler.batch(step + 1, rows), batch_sh)  # meanwhile, on the host
                 loss = float(out["loss"])  # waits for the step
                 step += 1
                 now = time.perf_counter()
