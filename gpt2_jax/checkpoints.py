@@ -61,6 +61,12 @@ def restore(manager: ocp.CheckpointManager, step: int, params: Any, opt_state: A
     return restored.params, restored.opt_state, dict(restored.meta)
 
 
+def read_meta(run_dir: Path, step: int) -> dict:
+    """The metadata (step, seed, ...) saved with one step, without reading any array."""
+    manager = make_manager(run_dir, read_only=True)
+    return dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+
+
 def resolve_checkpoint(path: Path) -> tuple[Path, int]:
     """(run directory, step) of a path naming a run directory (its latest step) or one step directory."""
     path = Path(path).absolute()

@@ -176,6 +176,8 @@ def run(config: Any, on_step: Callable[[int, dict], None] | None = None) -> dict
         if existing is not None and resume[0] != run_dir:
             raise UserError(f"{run_dir} already holds checkpoints; restore {restore_from} under a new run_name")
 
+    # A resumed run keeps the seed it started with: batches and noise continue exactly.
+    seed = checkpoints.read_meta(*resume)["seed"] if resume else config.seed
     model_config, params, encoder = initial_model(config, resume[0] if resume else None)
     seq_len = config.data.seq_len or model_config.n_ctx
     if not 1 <= seq_len <= model_config.n_ctx:
@@ -197,7 +199,7 @@ def run(config: Any, on_step: Callable[[int, dict], None] | None = None) -> dict
     data_kw = dict(combine=config.data.combine, encoding=config.data.encoding,
                    encoding_errors=config.data.encoding_errors, progress=is_main)
     chunks = load_dataset(config.data.dataset, encoder, **data_kw)
-    sampler = WindowSampler(chunks, seq_len + 1, config.seed, f"dataset {config.data.dataset!r}")
+    sampler = WindowSampler(chunks, seq_len + 1, seed, f"dataset {config.data.dataset!r}")
     val_batches = []
     if config.data.val_every > 0:
         if config.data.val_dataset:
@@ -216,7 +218,6 @@ def run(config: Any, on_step: Callable[[int, dict], None] | None = None) -> dict
                               noise=train.noise, loss_chunk=train.loss_chunk)
     train_step, state_sh, batch_sh = parallel.shard_train_step(step_fn, mesh, abstract_state)
     repl = parallel.replicated(mesh)
-    seed = config.seed
     if resume is None:
         params = parallel.put_tree(params, state_sh.params)
         state = jax.jit(lambda p: TrainState.create(p, optimizer), out_shardings=state_sh)(params)
@@ -226,7 +227,6 @@ def run(config: Any, on_step: Callable[[int, dict], None] | None = None) -> dict
         manager = checkpoints.make_manager(resume[0], read_only=resume[0] != run_dir)
         p, o, meta = checkpoints.restore(manager, resume[1], target.params, target.opt_state)
         state = TrainState(step=parallel.put_tree(np.int32(meta["step"]), repl), params=p, opt_state=o)
-        seed = meta["seed"]  # batches and noise continue exactly where the checkpoint left off
         tqdm.write(f"restored step {meta['step']} from {resume[0]}")
     if is_main:
         _write_run_files(run_dir, model_config, encoder, config)

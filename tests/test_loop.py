@@ -89,7 +89,8 @@ def test_stop_and_resume_is_exact(tmp_path, straight_run, shakespeare):
     assert stopped["step"] == 4
     run_dir = tmp_path / "checkpoint" / "run1"
     assert checkpoints.make_manager(run_dir, read_only=True).all_steps() == [4]
-    resumed = loop.run(tiny_config(tmp_path, shakespeare[0], **RESUME_FIELDS))
+    # a different seed on the command line does not change a resumed run: the checkpoint's is used
+    resumed = loop.run(tiny_config(tmp_path, shakespeare[0], **{**RESUME_FIELDS, "seed": 12345}))
     assert resumed["step"] == 8
     losses = [m["loss"] for m in read_metrics(tmp_path)]
     assert losses == [m["loss"] for m in read_metrics(straight_run)]  # bitwise equal floats
