@@ -33,7 +33,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
-    import jax
     import numpy as np
     import torch
     from transformers import GPT2Config as HFConfig, GPT2LMHeadModel

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Sequence
 
@@ -15,6 +16,11 @@ from gpt2_jax.errors import UserError
 from gpt2_jax.model import GPT2, GPT2Config
 from gpt2_jax.sampling import Generated, generate
 from gpt2_jax.weights import load_weights
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def _forward(params: dict, tokens: jax.Array, *, config: GPT2Config) -> jax.Array:
+    return GPT2(config).apply(params, tokens)
 
 
 @dataclasses.dataclass
@@ -31,7 +37,7 @@ class Model:
         batched = ids if ids.ndim == 2 else ids[None]
         if batched.shape[1] > self.config.n_ctx:
             raise UserError(f"{batched.shape[1]} tokens exceed the model's context of {self.config.n_ctx}")
-        out = jax.jit(GPT2(self.config).apply)(self.params, jnp.asarray(batched))
+        out = _forward(self.params, jnp.asarray(batched), config=self.config)
         return np.asarray(out if ids.ndim == 2 else out[0])
 
     def generate(self, prompt: str | Sequence[int], length: int, **kwargs) -> Generated:

@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Callable, Sequence, TextIO
+from typing import Callable, Iterator, Sequence, TextIO
 
 from gpt2_jax.errors import UserError
 from gpt2_jax.sampling import SAMPLE_HEADER
@@ -46,7 +46,7 @@ def cut_at_stop(encoder, ids: Sequence[int], stops: Sequence[str]) -> tuple[str,
     return text[:cut], list(ids[:keep])
 
 
-def _sample_prompts(args: argparse.Namespace, stdin: TextIO) -> Sequence[str | None]:
+def _sample_prompts(args: argparse.Namespace, stdin: TextIO) -> Iterator[str | None]:
     if not args.interactive:
         yield args.prompt
         return
