@@ -50,13 +50,14 @@ def _measure(model_config: GPT2Config, train: Any, mesh, batch: int, seq_len: in
 
 def largest_batch_within(rows: list[dict], budget_bytes: float) -> int | None:
     """Largest micro-batch whose peak memory fits the budget, extrapolated linearly from the measured ones."""
-    points = sorted((r["micro_batch"], r["peak_bytes"]) for r in rows)
-    if len(points) == 1:
-        b, m = points[0]
-        return b if m <= budget_bytes else 0
-    (b0, m0), (b1, m1) = points[-2], points[-1]
-    per_row = max((m1 - m0) / (b1 - b0), 1.0)
-    fixed = m1 - per_row * b1
+    points = sorted((r["micro_batch"], r["peak_bytes"], r["temp_bytes"]) for r in rows)
+    if len(points) == 1:  # one measurement: temporaries grow with the batch, the rest is fixed
+        b, m, temp = points[0]
+        per_row, fixed = max(temp / b, 1.0), m - temp
+    else:
+        (b0, m0, _), (b1, m1, _) = points[-2], points[-1]
+        per_row = max((m1 - m0) / (b1 - b0), 1.0)
+        fixed = m1 - per_row * b1
     return max(0, int((budget_bytes - fixed) // per_row))
 
 
@@ -87,16 +88,22 @@ def run_ablation(config: Any, model_config: GPT2Config, out_dir: Path) -> list[d
         ref = baseline.get(r["micro_batch"])
         r["recompute_overhead"] = r["flops"] / ref["flops"] - 1 if ref and ref["flops"] else None
         r["time_overhead"] = r["step_s"] / ref["step_s"] - 1 if ref and "step_s" in r and "step_s" in ref else None
-    budget = ab.memory_budget_gb * GiB
-    fits = {p: largest_batch_within([r for r in rows if r["policy"] == p], budget) for p in policies}
-    out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"model": model_config.hparams(), "dtype": model_config.dtype, "seq_len": seq_len,
-            "device": jax.devices()[0].device_kind, "devices": len(jax.devices()),
-            "memory_budget_gb": ab.memory_budget_gb, "largest_micro_batch_within_budget": fits}
+            "device": jax.devices()[0].device_kind, "devices": len(jax.devices()), "memory_budget_gb": ab.memory_budget_gb}
+    write_report(rows, meta, out_dir)
+    return rows
+
+
+def write_report(rows: list[dict], meta: dict, out_dir: Path) -> None:
+    """ablation.json, ablation.md and ablation.png from the measured rows."""
+    budget = meta["memory_budget_gb"] * GiB
+    policies = list(dict.fromkeys(r["policy"] for r in rows))
+    meta["largest_micro_batch_within_budget"] = {
+        p: largest_batch_within([r for r in rows if r["policy"] == p], budget) for p in policies}
+    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "ablation.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     (out_dir / "ablation.md").write_text(_markdown(rows, meta))
     _plot(rows, out_dir / "ablation.png", meta)
-    return rows
 
 
 def _markdown(rows: list[dict], meta: dict) -> str:
@@ -119,7 +126,8 @@ def _markdown(rows: list[dict], meta: dict) -> str:
     lines += ["", "Peak memory and FLOPs are XLA's compiled figures per device (memory_analysis, cost_analysis); "
               "on CPU the step is compiled with XLA's memory-minimising scheduler "
               "(xla_cpu_enable_concurrency_optimized_scheduler=false), as the default one hides remat's savings. "
-              "The largest micro-batch is extrapolated linearly from the two largest measured ones."]
+              "The largest micro-batch is extrapolated linearly from the two largest measured ones (from a single one: "
+              "arguments fixed, temporaries proportional to the batch)."]
     return "\n".join(lines) + "\n"
 
 

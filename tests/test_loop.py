@@ -100,6 +100,18 @@ def test_stop_and_resume_is_exact(tmp_path, straight_run, shakespeare):
     assert (tmp_path / "samples" / "run1" / "samples-4").is_file() and (tmp_path / "samples" / "run1" / "samples-8").is_file()
 
 
+def test_sigterm_saves_and_stops_cleanly(tmp_path, shakespeare):
+    def terminate_at_2(step, metrics):
+        if step == 2:
+            signal.raise_signal(signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    result = loop.run(tiny_config(tmp_path, shakespeare[0], **{"train.total_steps": 50}), on_step=terminate_at_2)
+    assert result["step"] == 2
+    assert checkpoints.make_manager(tmp_path / "checkpoint" / "run1", read_only=True).all_steps() == [2]
+    assert signal.getsignal(signal.SIGTERM) == before  # the loop's handler is gone again
+
+
 def test_run_directory_is_a_model_directory(straight_run, tmp_path, capsys):
     from transformers import GPT2LMHeadModel
 
