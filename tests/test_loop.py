@@ -222,6 +222,7 @@ def test_demo_writes_every_output(tmp_path, shared_dir):
     env = {**os.environ, "GPT2_JAX_SHARED": str(shared_dir)}
     done = subprocess.run([sys.executable, "launch.py", "--config=experiments/demo.py", f"--workdir={tmp_path}",
                            "--config.train.total_steps=2", "--config.train.warmup_steps=1",
+                           "--config.train.batch_size=2", "--config.data.val_batch_size=2",
                            "--config.data.val_every=2", "--config.data.val_batch_count=1",
                            "--config.sample.sample_every=2", "--config.sample.sample_length=8"],
                           cwd=REPO, capture_output=True, text=True, timeout=300, env=env)

@@ -39,8 +39,7 @@ def _step_fn(config, accumulate, optimizer="sgd"):
 @pytest.mark.parametrize("data, fsdp, accumulate, remat, dtype, optimizer", [
     (8, 1, 1, "none", "float32", "sgd"),
     (1, 8, 1, "none", "float32", "sgd"),
-    (4, 2, 1, "none", "float32", "adam"),
-    (2, 4, 2, "full", "bfloat16", "sgd"),  # accumulation, remat and mixed precision under a mixed mesh
+    (4, 2, 2, "full", "bfloat16", "adam"),  # mixed mesh, with accumulation, remat, bf16 compute and Adam
 ])
 def test_mesh_step_equals_single_device_step(data, fsdp, accumulate, remat, dtype, optimizer):
     config = GPT2Config(**CONFIG.hparams(), remat=remat, dtype=dtype)
@@ -57,8 +56,9 @@ def test_mesh_step_equals_single_device_step(data, fsdp, accumulate, remat, dtyp
                               jax.device_put(key, parallel.replicated(mesh)))
     tol = 1e-5 if dtype == "float32" else 2e-2
     np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=tol)
-    # Adam's first step is lr * g / |g|: float noise in a ~0 gradient moves it, so allow 1% of a step.
-    atol = 1e-4 if optimizer == "adam" else tol
+    # Adam's first step is lr * g / |g|: float noise in a ~0 gradient moves it, so allow 1% of a step
+    # (in bfloat16, a whole step: rounding can flip the sign of a tiny gradient).
+    atol = (1e-4 if dtype == "float32" else 2e-2) if optimizer == "adam" else tol
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=atol, rtol=tol), new_state.params, ref_state.params)
     kernel = new_state.params["params"]["h_0"]["mlp"]["c_fc"]["kernel"]
     assert ("fsdp" in kernel.sharding.spec) == (fsdp > 1)
@@ -109,18 +109,18 @@ def _config(workdir, **fields):
 
 
 def test_checkpoint_from_8_devices_restores_on_1_and_continues_identically(tmp_path):
-    loop.run(_config(tmp_path / "eight", **{"train.total_steps": 6}))  # reference: 6 steps on 8 devices
-    loop.run(_config(tmp_path / "moved", **{"train.total_steps": 3}))  # 3 steps on 8 devices (FSDP), saved
+    loop.run(_config(tmp_path / "eight", **{"train.total_steps": 4}))  # reference: 4 steps on 8 devices
+    loop.run(_config(tmp_path / "moved", **{"train.total_steps": 2}))  # 2 steps on 8 devices (FSDP), saved
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "GPT2_JAX_MULTIDEVICE")}
     done = subprocess.run([sys.executable, "launch.py", "--config=experiments/finetune.py",
                            f"--workdir={tmp_path / 'moved'}", f"--config.model.name={FIXTURES / 'openai_tiny'}",
                            f"--config.data.dataset={FIXTURES / 'make_openai_checkpoint.py'}", "--config.data.seq_len=16",
                            "--config.train.batch_size=8", "--config.train.optimizer=sgd",
                            "--config.train.learning_rate=0.05", "--config.train.momentum=0.9",
-                           "--config.sample.sample_every=0", "--config.train.total_steps=6"],
+                           "--config.sample.sample_every=0", "--config.train.total_steps=4"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "restored step 3" in done.stderr + done.stdout
+    assert "restored step 2" in done.stderr + done.stdout
     losses = lambda d: [json.loads(x)["loss"] for x in (d / "logs" / "run1" / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     np.testing.assert_allclose(losses(tmp_path / "moved"), losses(tmp_path / "eight"), rtol=1e-5)
     _, moved = checkpoints.load_run_params(tmp_path / "moved" / "checkpoint" / "run1")
