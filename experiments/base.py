@@ -34,6 +34,7 @@ def get_config() -> ConfigDict:
     c.model.vocab = ""  # from scratch only: a dir with encoder.json + vocab.bpe, "bytes", or "" = find GPT-2's locally
     c.model.dtype = "float32"  # compute dtype; "bfloat16" = mixed precision (float32 weights and optimizer state)
     c.model.remat = "none"  # --memory_saving_gradients: a remat policy (none, full, dots, dots_no_batch, save_*)
+    c.model.scan_layers = False  # nn.scan over the blocks: one block compiled (faster compiles), params [n_layer, ...]
 
     c.data = ConfigDict()
     c.data.dataset = ""  # --dataset: a text file, directory, glob, .npz or .bin

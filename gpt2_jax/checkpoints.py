@@ -17,7 +17,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from gpt2_jax.errors import UserError
-from gpt2_jax.model import GPT2Config
+from gpt2_jax.model import GPT2Config, convert_layout
 
 RUN_CONFIG = "run_config.json"
 
@@ -80,6 +80,14 @@ def resolve_checkpoint(path: Path) -> tuple[Path, int]:
     return path, step
 
 
+def saved_scan_layers(run_dir: Path) -> bool:
+    """Whether a run directory's checkpoints hold the blocks stacked (model.scan_layers when it trained)."""
+    try:
+        return bool(json.loads((Path(run_dir) / RUN_CONFIG).read_text()).get("model", {}).get("scan_layers", False))
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+
+
 def load_run_params(run_dir: Path, **overrides) -> tuple[GPT2Config, Any]:
     """Config and params of a run directory's latest checkpoint (the optimizer state is not read)."""
     from gpt2_jax.weights import param_shapes
@@ -89,7 +97,7 @@ def load_run_params(run_dir: Path, **overrides) -> tuple[GPT2Config, Any]:
     run_dir, step = resolve_checkpoint(run_dir)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # whatever mesh wrote it
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          param_shapes(GPT2Config(**hparams)))
+                          param_shapes(GPT2Config(**hparams, scan_layers=saved_scan_layers(run_dir))))
     manager = make_manager(run_dir, read_only=True)
     restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(shapes)))
-    return config, restored.params
+    return config, convert_layout(restored.params, config.scan_layers)

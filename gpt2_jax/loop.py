@@ -7,6 +7,7 @@ WORKDIR/logs/RUN/        metrics.jsonl and TensorBoard event files
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -23,7 +24,7 @@ from gpt2_jax import checkpoints, parallel
 from gpt2_jax.data import WindowSampler, load_dataset
 from gpt2_jax.encoder import Encoder, byte_level_encoder, get_encoder
 from gpt2_jax.errors import UserError
-from gpt2_jax.model import PRESETS, GPT2Config, init_params, preset
+from gpt2_jax.model import PRESETS, GPT2Config, convert_layout, init_params, preset
 from gpt2_jax.optim import learning_rate_schedule, make_optimizer
 from gpt2_jax.sampling import SAMPLE_HEADER, generate
 from gpt2_jax.train import TrainState, make_eval_step, make_train_step
@@ -55,9 +56,14 @@ def model_dir_of(config: Any) -> Path:
     return path
 
 
+def _compute_settings(config: Any) -> dict[str, Any]:
+    """The GPT2Config fields that say how to compute, not what the model is."""
+    return dict(dtype=config.model.dtype, remat=config.model.remat, scan_layers=config.model.scan_layers)
+
+
 def model_config_of(config: Any) -> GPT2Config:
     """The model's config as the experiment would train it, without loading any weights."""
-    overrides = dict(dtype=config.model.dtype, remat=config.model.remat)
+    overrides = _compute_settings(config)
     if config.model.from_scratch:
         vocab_dir = find_vocab_dir(config)
         n_vocab = get_encoder(vocab_dir).n_vocab if vocab_dir else byte_level_encoder().n_vocab
@@ -71,7 +77,7 @@ def model_config_of(config: Any) -> GPT2Config:
 
 def initial_model(config: Any, resume_dir: Path | None) -> tuple[GPT2Config, Any, Encoder]:
     """Model config, starting params (None when resuming: the checkpoint supplies them) and tokenizer."""
-    overrides = dict(dtype=config.model.dtype, remat=config.model.remat)
+    overrides = _compute_settings(config)
     if resume_dir is not None:
         hparams = json.loads((resume_dir / "hparams.json").read_text())
         return GPT2Config(**hparams, **overrides), None, get_encoder(resume_dir)
@@ -223,9 +229,7 @@ def run(config: Any, on_step: Callable[[int, dict], None] | None = None) -> dict
         state = jax.jit(lambda p: TrainState.create(p, optimizer), out_shardings=state_sh)(params)
         del params
     else:
-        target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract_state, state_sh)
-        manager = checkpoints.make_manager(resume[0], read_only=resume[0] != run_dir)
-        p, o, meta = checkpoints.restore(manager, resume[1], target.params, target.opt_state)
+        p, o, meta = _restore(resume, model_config, train, mesh, state_sh, read_only=resume[0] != run_dir)
         state = TrainState(step=parallel.put_tree(np.int32(meta["step"]), repl), params=p, opt_state=o)
         tqdm.write(f"restored step {meta['step']} from {resume[0]}")
     if is_main:
@@ -310,6 +314,27 @@ def run(config: Any, on_step: Callable[[int, dict], None] | None = None) -> dict
         manager.wait_until_finished()
         manager.close()
     return {"step": step, "run_dir": str(run_dir), **metrics}
+
+
+def _restore(resume: tuple[Path, int], model_config: GPT2Config, train: Any, mesh: Any, state_sh: Any,
+             read_only: bool) -> tuple[Any, Any, dict]:
+    """Params, optimizer state and metadata of a checkpoint, in this run's layout and shardings.
+
+    A checkpoint written with the other model.scan_layers setting is read as it was saved, then its
+    blocks are stacked or unrolled on the devices.
+    """
+    run_dir, step = resume
+    manager = checkpoints.make_manager(run_dir, read_only=read_only)
+    saved = dataclasses.replace(model_config, scan_layers=checkpoints.saved_scan_layers(run_dir))
+    params = jax.eval_shape(lambda: init_params(saved, jax.random.key(0)))
+    opt_state = jax.eval_shape(make_optimizer(train, params).init, params)
+    target = lambda tree: jax.tree.map(  # noqa: E731
+        lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), tree, parallel.state_shardings(mesh, tree))
+    p, o, meta = checkpoints.restore(manager, step, target(params), target(opt_state))
+    if saved.scan_layers != model_config.scan_layers:
+        p, o = jax.jit(lambda t: convert_layout(t, model_config.scan_layers),
+                       out_shardings=(state_sh.params, state_sh.opt_state))((p, o))
+    return p, o, meta
 
 
 def _postfix(metrics: dict[str, float]) -> str:

@@ -30,6 +30,7 @@ class GPT2Config:
     dtype: str = "float32"  # compute dtype of activations and matmuls
     param_dtype: str = "float32"  # dtype the parameters are stored in
     remat: str = "none"  # a name from REMAT_POLICIES, applied to each block
+    scan_layers: bool = False  # one nn.scan over the blocks: params stacked [n_layer, ...], one block compiled
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -174,20 +175,28 @@ class GPT2(nn.Module):
         self.wte = self.param("wte", init, (cfg.n_vocab, cfg.n_embd), _dtype(cfg.param_dtype))
         self.wpe = self.param("wpe", nn.initializers.normal(0.01), (cfg.n_ctx, cfg.n_embd), _dtype(cfg.param_dtype))
         block = Block
-        policy = REMAT_POLICIES[cfg.remat]
         if cfg.remat != "none":
-            block = nn.remat(Block, policy=policy, prevent_cse=True)
-        self.h = [block(cfg, name=f"h_{i}") for i in range(cfg.n_layer)]
+            # Inside a scan the loop itself keeps XLA from merging the recomputation away.
+            block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            # One block traced and compiled once, looped n_layer times: params live under "h" with a
+            # leading [n_layer] axis; the residual stream is the carry, each layer's cache slice an input.
+            self.h = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                             in_axes=(0, nn.broadcast), length=cfg.n_layer)(cfg, name="h")
+        else:
+            self.h = [block(cfg, name=f"h_{i}") for i in range(cfg.n_layer)]
         self.ln_f = nn.LayerNorm(epsilon=1e-5, dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype))
 
-    def hidden(self, tokens: jax.Array, cache: list | None = None, start: jax.Array | int = 0
-               ) -> tuple[jax.Array, list | None]:
-        """Final-LayerNorm hidden states [B, T, C] and the updated cache (one dict per layer)."""
+    def hidden(self, tokens: jax.Array, cache: Any = None, start: jax.Array | int = 0) -> tuple[jax.Array, Any]:
+        """Final-LayerNorm hidden states [B, T, C] and the updated cache (laid out as init_cache's)."""
         cfg = self.config
         T = tokens.shape[1]
         positions = start + jnp.arange(T)  # absolute positions, offset by what the cache holds
         x = (jnp.take(self.wte, tokens, axis=0) + jnp.take(self.wpe, positions, axis=0)).astype(_dtype(cfg.dtype))
         x = nn.with_logical_constraint(x, ACTIVATION_AXES)
+        if cfg.scan_layers:
+            x, new_cache = self.h(x, cache, start)
+            return self.ln_f(x), new_cache
         new_cache = None if cache is None else []
         for i, block in enumerate(self.h):
             x, layer_cache = block(x, None if cache is None else cache[i], start)
@@ -200,20 +209,47 @@ class GPT2(nn.Module):
         wte = self.wte.astype(hidden.dtype)
         return jnp.einsum("btc,vc->btv", hidden, wte, preferred_element_type=jnp.float32)
 
-    def __call__(self, tokens: jax.Array, cache: list | None = None, start: jax.Array | int = 0):
+    def __call__(self, tokens: jax.Array, cache: Any = None, start: jax.Array | int = 0):
         """Logits [B, T, V]; with a cache, returns (logits, updated cache)."""
         h, new_cache = self.hidden(tokens, cache, start)
         logits = self.logits(h)
         return logits if cache is None else (logits, new_cache)
 
 
-def init_cache(config: GPT2Config, batch_size: int, length: int) -> list[dict[str, jax.Array]]:
-    """Zeroed key/value buffers of a fixed length, one {k, v} of [B, S, N, H] per layer."""
+def init_cache(config: GPT2Config, batch_size: int, length: int) -> Any:
+    """Zeroed key/value buffers of a fixed length: one {k, v} of [B, S, N, H] per layer, or with
+    scan_layers a single {k, v} of [n_layer, B, S, N, H]."""
     shape = (batch_size, length, config.n_head, config.n_embd // config.n_head)
+    if config.scan_layers:
+        zeros = jnp.zeros((config.n_layer, *shape), _dtype(config.dtype))
+        return {"k": zeros, "v": zeros}
     zeros = jnp.zeros(shape, _dtype(config.dtype))
     return [{"k": zeros, "v": zeros} for _ in range(config.n_layer)]
 
 
+def _is_model_params(tree: Any) -> bool:
+    return isinstance(tree, dict) and "wte" in tree and ("h" in tree or "h_0" in tree)
+
+
+def convert_layout(tree: Any, scan_layers: bool) -> Any:
+    """Any tree holding model params (params, gradients, optimizer state) with its blocks stacked
+    under "h" (scan_layers=True) or unrolled as h_0 ... h_{L-1}; a tree already so is returned as is."""
+    def convert(p):
+        if not _is_model_params(p) or scan_layers == ("h" in p):
+            return p
+        rest = {k: v for k, v in p.items() if k != "h" and not k.startswith("h_")}
+        if scan_layers:
+            blocks = [p[f"h_{i}"] for i in range(sum(k.startswith("h_") for k in p))]
+            return {**rest, "h": jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}
+        n_layer = jax.tree.leaves(p["h"])[0].shape[0]
+        return {**rest, **{f"h_{i}": jax.tree.map(lambda x, i=i: x[i], p["h"]) for i in range(n_layer)}}
+    return jax.tree.map(convert, tree, is_leaf=_is_model_params)
+
+
 def init_params(config: GPT2Config, rng: jax.Array) -> dict:
-    """Fresh parameters (normal(0.02) weights as OpenAI's model.py; wpe normal(0.01))."""
-    return GPT2(config).init(rng, jnp.zeros((1, 1), jnp.int32))
+    """Fresh parameters (normal(0.02) weights as OpenAI's model.py; wpe normal(0.01)).
+
+    Drawn unrolled and then laid out, so a seed gives the same weights with or without scan_layers.
+    """
+    unrolled = dataclasses.replace(config, scan_layers=False)
+    return convert_layout(GPT2(unrolled).init(rng, jnp.zeros((1, 1), jnp.int32)), config.scan_layers)

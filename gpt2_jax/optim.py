@@ -43,10 +43,11 @@ def _decay_mask(params: Any) -> Any:
 
 
 def _trainable_labels(params: Any, only_blocks: bool) -> Any:
-    """'train' or 'frozen' per parameter; with only_blocks, everything outside the h_i blocks is frozen."""
+    """'train' or 'frozen' per parameter; with only_blocks, everything outside the blocks (h_i, or h
+    when stacked) is frozen."""
     def label(path, _):
-        top = next((getattr(p, "key", None) for p in path if getattr(p, "key", "params") != "params"), None)
-        return "train" if not only_blocks or str(top).startswith("h_") else "frozen"
+        top = str(next((getattr(p, "key", None) for p in path if getattr(p, "key", "params") != "params"), None))
+        return "train" if not only_blocks or top == "h" or top.startswith("h_") else "frozen"
     return jax.tree_util.tree_map_with_path(label, params)
 
 

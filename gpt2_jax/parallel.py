@@ -95,11 +95,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def _leaf_spec(shape: tuple[int, ...], fsdp: int) -> P:
-    """Shard the largest axis that the fsdp size divides; replicate small or indivisible leaves."""
+def _leaf_spec(shape: tuple[int, ...], fsdp: int, stacked: bool = False) -> P:
+    """Shard the largest axis that the fsdp size divides; replicate small or indivisible leaves.
+
+    A stacked leaf (scan_layers: [n_layer, ...]) never shards its layer axis, so each scan step
+    gathers one layer's weights, not every layer's.
+    """
     if fsdp <= 1 or not shape:
         return P()
-    candidates = [i for i, size in enumerate(shape) if size % fsdp == 0 and size >= fsdp]
+    candidates = [i for i, size in enumerate(shape) if size % fsdp == 0 and size >= fsdp and not (stacked and i == 0)]
     if not candidates:
         return P()
     axis = max(candidates, key=lambda i: shape[i])
@@ -109,7 +113,10 @@ def _leaf_spec(shape: tuple[int, ...], fsdp: int) -> P:
 def state_shardings(mesh: Mesh, tree: Any) -> Any:
     """NamedShardings for params or optimizer state (real or abstract arrays): FSDP-sharded or replicated."""
     fsdp = mesh.shape["fsdp"]
-    return jax.tree.map(lambda x: NamedSharding(mesh, _leaf_spec(tuple(x.shape), fsdp)), tree)
+    def spec(path, x):
+        stacked = any(getattr(k, "key", None) == "h" for k in path)
+        return NamedSharding(mesh, _leaf_spec(tuple(x.shape), fsdp, stacked))
+    return jax.tree_util.tree_map_with_path(spec, tree)
 
 
 # How the model's logical activation axes map onto mesh axes (see model.ACTIVATION_AXES).

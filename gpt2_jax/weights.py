@@ -6,6 +6,7 @@ OpenAI's TensorFlow variable names and transformers' state-dict keys.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -17,7 +18,7 @@ import numpy as np
 from gpt2_jax.checkpoints import is_run_dir, load_run_params
 from gpt2_jax.encoder import find_vocab, get_encoder
 from gpt2_jax.errors import UserError
-from gpt2_jax.model import GPT2Config, init_params
+from gpt2_jax.model import GPT2Config, convert_layout, init_params
 from gpt2_jax.tf_checkpoint import checkpoint_prefix, read_checkpoint
 
 Params = dict  # {"params": {...}} as returned by GPT2(config).init
@@ -50,7 +51,7 @@ def param_shapes(config: GPT2Config) -> dict:
 
 def _assemble(config: GPT2Config, fetch: Callable[[TensorName], np.ndarray | None], source: str) -> Params:
     """Build params by fetching each tensor, checking it exists and has the expected shape."""
-    shapes = param_shapes(config)["params"]
+    shapes = param_shapes(dataclasses.replace(config, scan_layers=False))["params"]
     out: dict = {}
     for name in _tensor_names(config.n_layer):
         expected = shapes
@@ -71,7 +72,7 @@ def _assemble(config: GPT2Config, fetch: Callable[[TensorName], np.ndarray | Non
         for key in name.path[:-1]:
             node = node.setdefault(key, {})
         node[name.path[-1]] = jax.numpy.asarray(value, dtype=expected.dtype)
-    return {"params": out}
+    return convert_layout({"params": out}, config.scan_layers)
 
 
 def _read_json(path: Path) -> dict:
@@ -176,7 +177,7 @@ def export_transformers(config: GPT2Config, params: Params, vocab_dir: str | Pat
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    p = params["params"]
+    p = convert_layout(params, False)["params"]
     tensors = {}
     for name in _tensor_names(config.n_layer):
         value = p

@@ -130,9 +130,16 @@ def test_restore_from_fresh_never_overwrites_and_a_path_restores(straight_run, t
     with pytest.raises(UserError, match="restore_from=fresh but .* already holds checkpoints up to step 8"):
         loop.run(tiny_config(straight_run, shakespeare[0], **{**RESUME_FIELDS, "checkpoint.restore_from": "fresh"}))
     assert checkpoints.make_manager(straight_run / "checkpoint" / "run1", read_only=True).latest_step() == 8
-    result = loop.run(tiny_config(tmp_path, shakespeare[0], **{
-        **RESUME_FIELDS, "train.total_steps": 9, "checkpoint.restore_from": str(straight_run / "checkpoint" / "run1")}))
+    restore = {**RESUME_FIELDS, "train.total_steps": 9, "checkpoint.restore_from": str(straight_run / "checkpoint" / "run1")}
+    result = loop.run(tiny_config(tmp_path, shakespeare[0], **restore))
     assert result["step"] == 9 and [m["step"] for m in read_metrics(tmp_path)] == [9]
+    # The same checkpoint resumed with stacked blocks: params and Adam's moments are converted.
+    scanned = loop.run(tiny_config(tmp_path / "scan", shakespeare[0], **{**restore, "model.scan_layers": True}))
+    np.testing.assert_allclose(scanned["loss"], result["loss"], rtol=1e-5)
+    config, params = checkpoints.load_run_params(tmp_path / "scan" / "checkpoint" / "run1")
+    assert checkpoints.saved_scan_layers(tmp_path / "scan" / "checkpoint" / "run1") and not config.scan_layers
+    _, reference = checkpoints.load_run_params(tmp_path / "checkpoint" / "run1")
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), params, reference)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, shakespeare):

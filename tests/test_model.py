@@ -10,7 +10,7 @@ import torch
 
 from conftest import FIXTURES, hf_logits, random_hf_model, save_hf_model, write_byte_vocab
 from gpt2_jax.evaluate import cross_entropy
-from gpt2_jax.model import GPT2, REMAT_POLICIES, GPT2Config, init_cache, preset
+from gpt2_jax.model import GPT2, REMAT_POLICIES, GPT2Config, convert_layout, init_cache, init_params, preset
 from gpt2_jax.weights import load_weights
 
 
@@ -124,6 +124,34 @@ def test_remat_policy_keeps_loss_and_gradients(policy):
     jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: jnp.sum(GPT2(GPT2Config(**base.hparams(), remat=policy))
                                                         .apply(p, tokens))))(params))
     assert "remat" in jaxpr or "checkpoint" in jaxpr
+
+
+def test_scan_layers_matches_unrolled_blocks():
+    unrolled = GPT2Config(n_vocab=300, n_ctx=32, n_embd=32, n_head=4, n_layer=3)
+    scanned = GPT2Config(**unrolled.hparams(), scan_layers=True, remat="save_attn")
+    params, stacked = init_params(unrolled, jax.random.key(0)), init_params(scanned, jax.random.key(0))
+    assert stacked["params"]["h"]["attn"]["c_attn"]["kernel"].shape == (3, 32, 96) and "h_0" not in stacked["params"]
+    jax.tree.map(np.testing.assert_array_equal, convert_layout(stacked, False), params)  # same draw, either layout
+    jax.tree.map(np.testing.assert_array_equal, convert_layout(params, True), stacked)
+    tokens = jnp.asarray(np.random.default_rng(7).integers(0, 300, (2, 17)))
+    full = GPT2(unrolled).apply(params, tokens)
+    np.testing.assert_allclose(GPT2(scanned).apply(stacked, tokens), full, atol=1e-5, rtol=0)
+    # the stacked cache: prefill 9 positions, then one at a time
+    cache = init_cache(scanned, 2, 32)
+    assert cache["k"].shape == (3, 2, 32, 4, 8)
+    logits, cache = GPT2(scanned).apply(stacked, tokens[:, :9], cache, 0)
+    rows = [logits]
+    for t in range(9, 17):
+        logits, cache = GPT2(scanned).apply(stacked, tokens[:, t:t + 1], cache, t)
+        rows.append(logits)
+    np.testing.assert_allclose(np.concatenate(rows, axis=1), full, atol=1e-5, rtol=0)
+
+    def grads(config, p):
+        loss = lambda p: jnp.mean(cross_entropy(GPT2(config).apply(p, tokens[:, :-1]), tokens[:, 1:]))  # noqa: E731
+        return jax.jit(jax.grad(loss))(p)
+
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5),
+                 convert_layout(grads(scanned, stacked), False), grads(unrolled, params))
 
 
 def test_presets_match_released_sizes():

@@ -59,14 +59,17 @@ def test_accumulation_works_together_with_remat():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), remat.params, plain.params)
 
 
-def test_only_train_transformer_layers_freezes_everything_else_bitwise():
-    start = init_params(CONFIG, jax.random.key(0))["params"]
-    state, _ = _run(_train_cfg(only_train_transformer_layers=True, optimizer="adamw"), 3, _batch(4))
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_only_train_transformer_layers_freezes_everything_else_bitwise(scan_layers):
+    config = GPT2Config(**CONFIG.hparams(), scan_layers=scan_layers)
+    start = init_params(config, jax.random.key(0))["params"]
+    state, _ = _run(_train_cfg(only_train_transformer_layers=True, optimizer="adamw"), 3, _batch(4), config=config)
     p = state.params["params"]
     for name in ("wte", "wpe"):
         np.testing.assert_array_equal(p[name], start[name])
     jax.tree.map(np.testing.assert_array_equal, p["ln_f"], start["ln_f"])
-    assert not np.array_equal(p["h_0"]["attn"]["c_attn"]["kernel"], start["h_0"]["attn"]["c_attn"]["kernel"])
+    block = "h" if scan_layers else "h_0"
+    assert not np.array_equal(p[block]["attn"]["c_attn"]["kernel"], start[block]["attn"]["c_attn"]["kernel"])
 
 
 def test_noise_replaces_inputs_and_leaves_targets_alone():

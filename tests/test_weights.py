@@ -14,15 +14,15 @@ from safetensors.numpy import load_file, save_file
 from conftest import FIXTURES, hf_logits, random_hf_model, save_hf_model, write_byte_vocab
 from gpt2_jax import load
 from gpt2_jax.errors import UserError
-from gpt2_jax.model import GPT2, GPT2Config
+from gpt2_jax.model import GPT2, GPT2Config, init_params
 from gpt2_jax.weights import export_transformers, load_weights
 
 
 def test_export_loads_in_transformers_with_the_same_logits(tmp_path, gpt2_vocab_dir):
     from transformers import GPT2LMHeadModel, GPT2TokenizerFast
 
-    config = GPT2Config(n_vocab=50257, n_ctx=64, n_embd=32, n_head=4, n_layer=2)
-    params = GPT2(config).init(jax.random.key(1), jnp.zeros((1, 1), jnp.int32))
+    config = GPT2Config(n_vocab=50257, n_ctx=64, n_embd=32, n_head=4, n_layer=2, scan_layers=True)  # stacked blocks
+    params = init_params(config, jax.random.key(1))
     # Move every tensor off its init value (LayerNorm ones, zero biases) so a dropped one shows.
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(2), len(leaves))
@@ -34,8 +34,9 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path, gpt2_vocab_
     tokenizer = GPT2TokenizerFast.from_pretrained(out)
     assert tokenizer.encode("Hello world") == [15496, 995]
     # and the exported directory is itself a model directory here
-    reloaded = load(out)
-    jax.tree.map(np.testing.assert_array_equal, reloaded.params, params)
+    jax.tree.map(np.testing.assert_array_equal, load(out, scan_layers=True).params, params)
+    unrolled = load(out)
+    assert "h_1" in unrolled.params["params"] and not unrolled.config.scan_layers
 
 
 def test_export_cli_from_openai_layout(tmp_path, capsys):

@@ -39,10 +39,11 @@ def _step_fn(config, accumulate, optimizer="sgd"):
 @pytest.mark.parametrize("data, fsdp, accumulate, remat, dtype, optimizer", [
     (8, 1, 1, "none", "float32", "sgd"),
     (1, 8, 1, "none", "float32", "sgd"),
-    (4, 2, 2, "full", "bfloat16", "adam"),  # mixed mesh, with accumulation, remat, bf16 compute and Adam
+    (4, 2, 2, "full", "bfloat16", "adam"),  # mixed mesh, accumulation, remat, bf16, Adam and scanned blocks
 ])
 def test_mesh_step_equals_single_device_step(data, fsdp, accumulate, remat, dtype, optimizer):
-    config = GPT2Config(**CONFIG.hparams(), remat=remat, dtype=dtype)
+    scan = optimizer == "adam"
+    config = GPT2Config(**CONFIG.hparams(), remat=remat, dtype=dtype, scan_layers=scan)
     fn, state = _step_fn(config, accumulate, optimizer)
     batch = np.random.default_rng(0).integers(0, CONFIG.n_vocab, (16 * accumulate, CONFIG.n_ctx + 1)).astype(np.int32)
     key = jax.random.key(1)
@@ -60,8 +61,10 @@ def test_mesh_step_equals_single_device_step(data, fsdp, accumulate, remat, dtyp
     # (in bfloat16, a whole step: rounding can flip the sign of a tiny gradient).
     atol = (1e-4 if dtype == "float32" else 2e-2) if optimizer == "adam" else tol
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=atol, rtol=tol), new_state.params, ref_state.params)
-    kernel = new_state.params["params"]["h_0"]["mlp"]["c_fc"]["kernel"]
+    kernel = new_state.params["params"]["h" if scan else "h_0"]["mlp"]["c_fc"]["kernel"]
     assert ("fsdp" in kernel.sharding.spec) == (fsdp > 1)
+    if scan:  # stacked [n_layer, C, 4C]: never split by layer, so the scan gathers one layer at a time
+        assert kernel.sharding.spec[0] is None
 
 
 def test_fsdp_really_shards_params_and_optimizer_state():
