@@ -3,7 +3,9 @@
     python bench/train.py [--size 124M] [--batch 4] [--seq_len 256] [--dtype float32] [--smoke]
 
 Same model shape, batch, sequence length, dtype and optimizer in one process; after warm-up the
-two alternate (A/B) for --rounds rounds of --steps steps, and medians are reported with the ratio.
+peers alternate (A/B) for --rounds rounds of --steps steps, and medians are reported with the ratio.
+Our step runs twice, with the blocks unrolled and scanned (model.scan_layers), each with the time
+its first step took to trace and compile.
 MFU = tokens/s x (6·N + 12·L·T·C) / peak, N the parameter count, L layers, T the sequence length,
 C the width; the peak comes from --peak_tflops or --device (h100, h200, a100; dense bf16).
 On a GPU the torch peer runs under bf16 autocast with SDPA attention; --compile adds torch.compile.
@@ -12,6 +14,7 @@ On a GPU the torch peer runs under bf16 autocast with SDPA attention; --compile 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -33,6 +36,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="timed steps per round and peer")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (GPU)")
     parser.add_argument("--loss_chunk", type=int, default=0, help="our step with the chunked loss (0 = off)")
+    parser.add_argument("--layouts", default="unrolled,scan", help="our block layouts to run: unrolled, scan")
     parser.add_argument("--device", default="", help="h100, h200 or a100, for MFU")
     parser.add_argument("--peak_tflops", type=float, default=0.0, help="device peak for MFU (overrides --device)")
     parser.add_argument("--smoke", action="store_true", help="a tiny model, to check the script runs")
@@ -61,21 +65,31 @@ def main() -> None:
     train = base.get_config().train
     train.learning_rate, train.loss_chunk = 1e-4, args.loss_chunk
 
-    # A: this project's step, exactly as the loop compiles it (one-device mesh).
+    # A: this project's step, exactly as the loop compiles it (one-device mesh), per block layout.
     mesh = parallel.make_mesh(1, 1)
-    t0 = time.perf_counter()
-    compiled, state_sh, batch_sh, optimizer = parallel.compile_train_step(config, train, mesh, batch, seq_len)
-    compile_s = time.perf_counter() - t0  # tracing + XLA compilation of the whole step
-    params = init_params(config, jax.random.key(0))
-    state = parallel.put_tree(jax.device_get(TrainState.create(params, optimizer)), state_sh)
     tokens = np.random.default_rng(0).integers(0, config.n_vocab, (batch, seq_len + 1), dtype=np.int32)
-    jax_batch = parallel.global_batch(tokens, batch_sh)
     key = jax.device_put(jax.random.key(0), parallel.replicated(mesh))
+    compile_s: dict[str, float] = {}  # tracing + XLA compilation, then the first call
+    first_step_s: dict[str, float] = {}
 
-    def jax_step():
-        nonlocal state
-        state, metrics = compiled(state, jax_batch, key)
-        metrics["loss"].block_until_ready()
+    def jax_peer(layout: str):
+        cfg = dataclasses.replace(config, scan_layers=layout == "scan")
+        t0 = time.perf_counter()
+        compiled, state_sh, batch_sh, optimizer = parallel.compile_train_step(cfg, train, mesh, batch, seq_len)
+        compile_s[layout] = time.perf_counter() - t0
+        state = parallel.put_tree(jax.device_get(TrainState.create(init_params(cfg, jax.random.key(0)), optimizer)),
+                                  state_sh)
+        jax_batch = parallel.global_batch(tokens, batch_sh)
+
+        def step():
+            nonlocal state
+            state, metrics = compiled(state, jax_batch, key)
+            metrics["loss"].block_until_ready()
+
+        t0 = time.perf_counter()
+        step()  # what remains after AOT compilation
+        first_step_s[layout] = time.perf_counter() - t0
+        return step
 
     # B: transformers + torch Adam on the same shapes.
     from transformers import GPT2Config as HFConfig, GPT2LMHeadModel
@@ -102,12 +116,13 @@ def main() -> None:
                 torch.cuda.synchronize()
         return step
 
-    peers = {"gpt2_jax (jit)": jax_step, "transformers + torch": torch_step_of(model)}
+    layouts = [x for x in args.layouts.split(",") if x]
+    if not layouts or set(layouts) - {"unrolled", "scan"}:
+        parser.error(f"--layouts={args.layouts!r}: use unrolled, scan or both")
+    peers = {f"gpt2_jax ({layout})": jax_peer(layout) for layout in layouts}
+    peers["transformers + torch"] = torch_step_of(model)
     if args.compile:
         peers["transformers + torch.compile"] = torch_step_of(torch.compile(model))
-    t0 = time.perf_counter()
-    jax_step()  # the first call of a compiled step: what remains after AOT compilation
-    first_step_s = time.perf_counter() - t0
     for fn in peers.values():
         fn()  # warm-up
     times: dict[str, list[float]] = {name: [] for name in peers}
@@ -124,14 +139,15 @@ def main() -> None:
     for name, ts in times.items():
         med = statistics.median(ts)
         tps = batch * seq_len / med
-        rows.append((name, f"{med * 1e3:.1f}", f"{tps:,.0f}", f"{ref / med:.2f}",
+        layout = name[len("gpt2_jax ("):-1] if name.startswith("gpt2_jax") else None
+        compiled = f"{compile_s[layout]:.1f} + {first_step_s[layout]:.2f}" if layout else "n/a"
+        rows.append((name, compiled, f"{med * 1e3:.1f}", f"{tps:,.0f}", f"{ref / med:.2f}",
                      f"{tps * flops / peak:.1%}" if peak else "n/a"))
     chunked = f", loss chunk {args.loss_chunk}" if args.loss_chunk else ""
-    title = (f"Training step, {args.size if not args.smoke else 'smoke'} shape, batch {batch} x {seq_len}, {dtype}, Adam{chunked} "
-             f"(jax compile {compile_s:.1f} s, "
-             f"first call {first_step_s:.2f} s; torch threads {torch.get_num_threads()})")
-    common.report(common.table(title, ["peer", "median step ms", "tokens/s", "speed vs transformers", "MFU"], rows),
-                  record=not args.no_record, out=args.out)
+    title = (f"Training step, {args.size if not args.smoke else 'smoke'} shape, batch {batch} x {seq_len}, {dtype}, "
+             f"Adam{chunked} (torch threads {torch.get_num_threads()})")
+    header = ["peer", "compile s + first call s", "median step ms", "tokens/s", "speed vs transformers", "MFU"]
+    common.report(common.table(title, header, rows), record=not args.no_record, out=args.out)
 
 
 if __name__ == "__main__":

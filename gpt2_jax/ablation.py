@@ -7,6 +7,7 @@ must give no-remat's loss). Writes ablation.json, ablation.md and ablation.png t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -75,7 +76,7 @@ def run_ablation(config: Any, model_config: GPT2Config, out_dir: Path) -> list[d
         parallel.check_batch(b, mesh)
     rows = []
     for policy in policies:
-        cfg = GPT2Config(**model_config.hparams(), dtype=model_config.dtype, remat=policy)
+        cfg = dataclasses.replace(model_config, remat=policy)
         for b in micro_batches:
             row = {"policy": policy, "micro_batch": b,
                    **_measure(cfg, config.train, mesh, b, seq_len, ab.steps, ab.compile_only, config.seed)}
