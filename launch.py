@@ -108,7 +108,7 @@ def dry_run(config) -> None:
     stats = parallel.compiled_stats(compiled)
     print(config)
     print(f"model: {model_config.hparams()} dtype={model_config.dtype} remat={model_config.remat} "
-          f"scan_layers={model_config.scan_layers}")
+          f"scan_layers={model_config.scan_layers} vocab_multiple={model_config.vocab_multiple}")
     print(f"parameters: {model_config.num_params():,}")
     print(f"mesh: data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']} over {len(jax.devices())} "
           f"{jax.devices()[0].device_kind} device(s)")

@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="timed steps per round and peer")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (GPU)")
     parser.add_argument("--loss_chunk", type=int, default=0, help="our step with the chunked loss (0 = off)")
+    parser.add_argument("--vocab_multiple", type=int, default=1, help="our logits matmul over a padded vocabulary")
     parser.add_argument("--layouts", default="unrolled,scan", help="our block layouts to run: unrolled, scan")
     parser.add_argument("--device", default="", help="h100, h200 or a100, for MFU")
     parser.add_argument("--peak_tflops", type=float, default=0.0, help="device peak for MFU (overrides --device)")
@@ -58,9 +59,10 @@ def main() -> None:
     batch = args.batch or (16 if on_gpu else 4)
     seq_len = args.seq_len or (1024 if on_gpu else 256)
     dtype = args.dtype or ("bfloat16" if on_gpu else "float32")
-    config = preset(args.size, dtype=dtype)
+    config = preset(args.size, dtype=dtype, vocab_multiple=args.vocab_multiple)
     if args.smoke:
-        config = GPT2Config(n_vocab=512, n_ctx=64, n_embd=64, n_head=4, n_layer=2, dtype=dtype)
+        config = GPT2Config(n_vocab=500, n_ctx=64, n_embd=64, n_head=4, n_layer=2, dtype=dtype,
+                            vocab_multiple=args.vocab_multiple)
         batch, seq_len, args.rounds, args.steps, args.no_record = 2, 32, 1, 1, True
     train = base.get_config().train
     train.learning_rate, train.loss_chunk = 1e-4, args.loss_chunk
@@ -144,6 +146,7 @@ def main() -> None:
         rows.append((name, compiled, f"{med * 1e3:.1f}", f"{tps:,.0f}", f"{ref / med:.2f}",
                      f"{tps * flops / peak:.1%}" if peak else "n/a"))
     chunked = f", loss chunk {args.loss_chunk}" if args.loss_chunk else ""
+    chunked += f", vocabulary padded to a multiple of {args.vocab_multiple}" if args.vocab_multiple > 1 else ""
     title = (f"Training step, {args.size if not args.smoke else 'smoke'} shape, batch {batch} x {seq_len}, {dtype}, "
              f"Adam{chunked} (torch threads {torch.get_num_threads()})")
     header = ["peer", "compile s + first call s", "median step ms", "tokens/s", "speed vs transformers", "MFU"]

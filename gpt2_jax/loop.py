@@ -58,7 +58,8 @@ def model_dir_of(config: Any) -> Path:
 
 def _compute_settings(config: Any) -> dict[str, Any]:
     """The GPT2Config fields that say how to compute, not what the model is."""
-    return dict(dtype=config.model.dtype, remat=config.model.remat, scan_layers=config.model.scan_layers)
+    m = config.model
+    return dict(dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers, vocab_multiple=m.vocab_multiple)
 
 
 def model_config_of(config: Any) -> GPT2Config:

@@ -31,6 +31,7 @@ class GPT2Config:
     param_dtype: str = "float32"  # dtype the parameters are stored in
     remat: str = "none"  # a name from REMAT_POLICIES, applied to each block
     scan_layers: bool = False  # one nn.scan over the blocks: params stacked [n_layer, ...], one block compiled
+    vocab_multiple: int = 1  # the logits matmul runs over n_vocab padded up to a multiple of this (e.g. 128)
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -38,6 +39,8 @@ class GPT2Config:
         for field in ("dtype", "param_dtype"):
             if getattr(self, field) not in ("float32", "bfloat16", "float16"):
                 raise UserError(f"{field}={getattr(self, field)!r}: use float32, bfloat16 or float16")
+        if self.vocab_multiple < 1:
+            raise UserError(f"vocab_multiple={self.vocab_multiple}: must be >= 1 (1 = no padding)")
         if self.remat not in REMAT_POLICIES:
             raise UserError(f"remat={self.remat!r} is not a known policy; use one of {sorted(REMAT_POLICIES)}")
 
@@ -206,14 +209,27 @@ class GPT2(nn.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Logits tied to the token embedding, accumulated and returned in float32."""
-        wte = self.wte.astype(hidden.dtype)
-        return jnp.einsum("btc,vc->btv", hidden, wte, preferred_element_type=jnp.float32)
+        return tied_logits(hidden, self.wte, self.config.vocab_multiple)
 
     def __call__(self, tokens: jax.Array, cache: Any = None, start: jax.Array | int = 0):
         """Logits [B, T, V]; with a cache, returns (logits, updated cache)."""
         h, new_cache = self.hidden(tokens, cache, start)
         logits = self.logits(h)
         return logits if cache is None else (logits, new_cache)
+
+
+def tied_logits(hidden: jax.Array, wte: jax.Array, vocab_multiple: int = 1) -> jax.Array:
+    """hidden [..., C] @ wte[V, C].T -> float32 logits [..., V].
+
+    With vocab_multiple > 1 the matmul runs over wte zero-padded to a multiple of it rows (GPUs
+    prefer such shapes: 50257 -> 50304 for 128), then the padded columns are sliced off, so the
+    result is exactly the unpadded one; the padding is never stored in the params.
+    """
+    V = wte.shape[0]
+    pad = (-V) % vocab_multiple
+    w = jnp.pad(wte.astype(hidden.dtype), ((0, pad), (0, 0))) if pad else wte.astype(hidden.dtype)
+    logits = jnp.einsum("...c,vc->...v", hidden, w, preferred_element_type=jnp.float32)  # [..., V + pad]
+    return logits[..., :V] if pad else logits
 
 
 def init_cache(config: GPT2Config, batch_size: int, length: int) -> Any:

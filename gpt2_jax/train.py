@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from gpt2_jax.evaluate import cross_entropy
-from gpt2_jax.model import GPT2, GPT2Config
+from gpt2_jax.model import GPT2, GPT2Config, tied_logits
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -38,7 +38,8 @@ def add_noise(inputs: jax.Array, rng: jax.Array, p: float, n_vocab: int) -> jax.
     return jnp.where(replace, jax.random.randint(token_key, inputs.shape, 0, n_vocab, inputs.dtype), inputs)
 
 
-def chunked_cross_entropy(hidden: jax.Array, wte: jax.Array, targets: jax.Array, chunk: int) -> jax.Array:
+def chunked_cross_entropy(hidden: jax.Array, wte: jax.Array, targets: jax.Array, chunk: int,
+                          vocab_multiple: int = 1) -> jax.Array:
     """Mean cross-entropy of the tied-embedding logits, computed `chunk` positions at a time.
 
     Only one chunk's [chunk, V] float32 logits exist at once, in the forward and (being
@@ -54,7 +55,7 @@ def chunked_cross_entropy(hidden: jax.Array, wte: jax.Array, targets: jax.Array,
     @jax.checkpoint
     def chunk_sum(args):
         h_c, t_c, v_c = args
-        logits = jnp.einsum("nc,vc->nv", h_c, wte.astype(h_c.dtype), preferred_element_type=jnp.float32)
+        logits = tied_logits(h_c, wte, vocab_multiple)  # [chunk, V] float32
         return jnp.sum(cross_entropy(logits, t_c) * v_c)
 
     return jnp.sum(jax.lax.map(chunk_sum, (h, t, valid))) / targets.size
@@ -72,7 +73,7 @@ def loss_fn(params: Any, tokens: jax.Array, rng: jax.Array, config: GPT2Config, 
     model = GPT2(config)
     if loss_chunk > 0:
         hidden, _ = model.apply(params, inputs, method=GPT2.hidden)
-        return chunked_cross_entropy(hidden, params["params"]["wte"], targets, loss_chunk)
+        return chunked_cross_entropy(hidden, params["params"]["wte"], targets, loss_chunk, config.vocab_multiple)
     return jnp.mean(cross_entropy(model.apply(params, inputs), targets))
 
 

@@ -144,11 +144,17 @@ def test_mixed_precision_keeps_float32_weights_and_optimizer_state():
     assert float(history[-1]["loss"]) < float(history[0]["loss"])
 
 
-@pytest.mark.parametrize("chunk", [7, 64])  # 7 leaves a ragged last chunk
-def test_chunked_cross_entropy_equals_the_unchunked_loss_and_gradients(chunk):
+@pytest.mark.parametrize("chunk, vocab_multiple", [(7, 1), (64, 128), (0, 128)])  # 7: a ragged last chunk
+def test_chunked_and_padded_losses_equal_the_plain_loss_and_gradients(chunk, vocab_multiple):
     params = init_params(CONFIG, jax.random.key(0))
     tokens = _batch(3)
     full = jax.value_and_grad(loss_fn)(params, tokens, jax.random.key(0), CONFIG)
-    chunked = jax.value_and_grad(loss_fn)(params, tokens, jax.random.key(0), CONFIG, 0.0, chunk)
+    # the logits matmul over 128 rows (97 real, 31 zero padding), whole or in chunks
+    padded = GPT2Config(**CONFIG.hparams(), vocab_multiple=vocab_multiple)
+    chunked = jax.value_and_grad(loss_fn)(params, tokens, jax.random.key(0), padded, 0.0, chunk)
+    if vocab_multiple > 1:
+        assert GPT2(padded).apply(params, tokens).shape[-1] == CONFIG.n_vocab
+        jaxpr = str(jax.make_jaxpr(lambda p: GPT2(padded).apply(p, tokens))(params))
+        assert "f32[3,17,128] = dot_general" in jaxpr  # the logits matmul really runs padded
     np.testing.assert_allclose(chunked[0], full[0], rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7, rtol=1e-5), chunked[1], full[1])
