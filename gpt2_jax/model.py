@@ -8,6 +8,7 @@ B batch, T query length, S key/value length, C n_embd, N n_head, H head size (C 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -262,8 +263,9 @@ def convert_layout(tree: Any, scan_layers: bool) -> Any:
     return jax.tree.map(convert, tree, is_leaf=_is_model_params)
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def init_params(config: GPT2Config, rng: jax.Array) -> dict:
-    """Fresh parameters (normal(0.02) weights as OpenAI's model.py; wpe normal(0.01)).
+    """Fresh parameters (normal(0.02) weights as OpenAI's model.py; wpe normal(0.01)), in one compiled call.
 
     Drawn unrolled and then laid out, so a seed gives the same weights with or without scan_layers.
     """

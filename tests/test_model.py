@@ -134,15 +134,16 @@ def test_scan_layers_matches_unrolled_blocks():
     jax.tree.map(np.testing.assert_array_equal, convert_layout(stacked, False), params)  # same draw, either layout
     jax.tree.map(np.testing.assert_array_equal, convert_layout(params, True), stacked)
     tokens = jnp.asarray(np.random.default_rng(7).integers(0, 300, (2, 17)))
-    full = GPT2(unrolled).apply(params, tokens)
-    np.testing.assert_allclose(GPT2(scanned).apply(stacked, tokens), full, atol=1e-5, rtol=0)
+    full = jax.jit(GPT2(unrolled).apply)(params, tokens)
+    np.testing.assert_allclose(jax.jit(GPT2(scanned).apply)(stacked, tokens), full, atol=1e-5, rtol=0)
     # the stacked cache: prefill 9 positions, then one at a time
     cache = init_cache(scanned, 2, 32)
     assert cache["k"].shape == (3, 2, 32, 4, 8)
-    logits, cache = GPT2(scanned).apply(stacked, tokens[:, :9], cache, 0)
+    step = jax.jit(GPT2(scanned).apply)
+    logits, cache = step(stacked, tokens[:, :9], cache, jnp.int32(0))
     rows = [logits]
     for t in range(9, 17):
-        logits, cache = GPT2(scanned).apply(stacked, tokens[:, t:t + 1], cache, t)
+        logits, cache = step(stacked, tokens[:, t:t + 1], cache, jnp.int32(t))
         rows.append(logits)
     np.testing.assert_allclose(np.concatenate(rows, axis=1), full, atol=1e-5, rtol=0)
 
