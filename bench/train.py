@@ -52,7 +52,7 @@ def main() -> None:
     from experiments import base
     from gpt2_jax import parallel
     from gpt2_jax.loop import flops_per_token
-    from gpt2_jax.model import GPT2Config, init_params, preset
+    from gpt2_jax.model import GPT2Config, attention_implementation, init_params, preset
     from gpt2_jax.train import TrainState
 
     on_gpu = jax.default_backend() == "gpu"
@@ -146,6 +146,7 @@ def main() -> None:
         rows.append((name, compiled, f"{med * 1e3:.1f}", f"{tps:,.0f}", f"{ref / med:.2f}",
                      f"{tps * flops / peak:.1%}" if peak else "n/a"))
     chunked = f", loss chunk {args.loss_chunk}" if args.loss_chunk else ""
+    chunked += f", {attention_implementation(config.attention, dtype, jax.default_backend())} attention"
     chunked += f", vocabulary padded to a multiple of {args.vocab_multiple}" if args.vocab_multiple > 1 else ""
     title = (f"Training step, {args.size if not args.smoke else 'smoke'} shape, batch {batch} x {seq_len}, {dtype}, "
              f"Adam{chunked} (torch threads {torch.get_num_threads()})")

@@ -35,6 +35,7 @@ def get_config() -> ConfigDict:
     c.model.dtype = "float32"  # compute dtype; "bfloat16" = mixed precision (float32 weights and optimizer state)
     c.model.remat = "none"  # --memory_saving_gradients: a remat policy (none, full, dots, dots_no_batch, save_*)
     c.model.scan_layers = False  # nn.scan over the blocks: one block compiled (faster compiles), params [n_layer, ...]
+    c.model.attention = "auto"  # auto (cuDNN's fused kernel on GPU in bfloat16, else XLA), xla or cudnn
     c.model.vocab_multiple = 1  # logits matmul over the vocabulary padded to a multiple of this (128 for GPUs)
 
     c.data = ConfigDict()

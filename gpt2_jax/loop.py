@@ -59,7 +59,8 @@ def model_dir_of(config: Any) -> Path:
 def _compute_settings(config: Any) -> dict[str, Any]:
     """The GPT2Config fields that say how to compute, not what the model is."""
     m = config.model
-    return dict(dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers, vocab_multiple=m.vocab_multiple)
+    return dict(dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers, vocab_multiple=m.vocab_multiple,
+                attention=m.attention)
 
 
 def model_config_of(config: Any) -> GPT2Config:

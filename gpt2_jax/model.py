@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -33,6 +34,7 @@ class GPT2Config:
     remat: str = "none"  # a name from REMAT_POLICIES, applied to each block
     scan_layers: bool = False  # one nn.scan over the blocks: params stacked [n_layer, ...], one block compiled
     vocab_multiple: int = 1  # the logits matmul runs over n_vocab padded up to a multiple of this (e.g. 128)
+    attention: str = "auto"  # training attention: "auto" (cuDNN's fused kernel on GPU in bf16/f16), "xla", "cudnn"
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -42,6 +44,8 @@ class GPT2Config:
                 raise UserError(f"{field}={getattr(self, field)!r}: use float32, bfloat16 or float16")
         if self.vocab_multiple < 1:
             raise UserError(f"vocab_multiple={self.vocab_multiple}: must be >= 1 (1 = no padding)")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise UserError(f"attention={self.attention!r}: use one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
         if self.remat not in REMAT_POLICIES:
             raise UserError(f"remat={self.remat!r} is not a known policy; use one of {sorted(REMAT_POLICIES)}")
 
@@ -87,6 +91,32 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 }
 
 
+# How causal self-attention over a whole sequence is computed (decoding with a cache always uses XLA).
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+
+
+def attention_implementation(setting: str, dtype: Any, backend: str) -> str:
+    """The implementation a setting means here: "auto" is cuDNN's fused kernel on GPU for 16-bit inputs
+    (it supports no float32), else XLA's."""
+    if setting != "auto":
+        return setting
+    return "cudnn" if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, setting: str = "auto") -> jax.Array:
+    """softmax(q k^T / sqrt(H) + causal mask) v for q, k, v [B, T, N, H], by the configured implementation."""
+    implementation = attention_implementation(setting, q.dtype, jax.default_backend())
+    if implementation == "cudnn":
+        try:
+            return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+        except (RuntimeError, ValueError, NotImplementedError) as e:  # raised while tracing: no cuDNN, bad shape
+            if setting == "cudnn":
+                raise UserError(f"model.attention=cudnn: cuDNN's fused attention is not available here ({e}); "
+                                "use auto or xla") from None
+            warnings.warn(f"cuDNN fused attention unavailable ({e}); using XLA's attention", stacklevel=2)
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+
+
 # Logical axes of the residual stream [B, T, C]. Under a mesh, parallel.py maps "batch" onto the
 # data-parallel mesh axes, which keeps activations batch-sharded while FSDP shards the weights;
 # outside one, the constraint does nothing.
@@ -121,7 +151,7 @@ class Attention(nn.Module):
         k = checkpoint_name(k.reshape(B, T, N, H), "k")
         v = checkpoint_name(v.reshape(B, T, N, H), "v")
         if cache is None:
-            y = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # scale 1/sqrt(H)
+            y = causal_attention(q, k, v, cfg.attention)  # scale 1/sqrt(H)
         else:
             # Decoding: the cache holds S >= start + T positions; write ours at [start, start + T),
             # then attend to every cached position up to our own. Positions past ours are masked,
@@ -132,7 +162,8 @@ class Attention(nn.Module):
             S = k_all.shape[1]
             q_pos = start + jnp.arange(T)
             mask = jnp.arange(S)[None, :] <= q_pos[:, None]  # [T, S]
-            y = jax.nn.dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask=mask[None, None])
+            y = jax.nn.dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask=mask[None, None],
+                                             implementation="xla")
         y = checkpoint_name(y.reshape(B, T, C), "attn_out")
         return dense(C, "c_proj")(y), cache
 

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from conftest import FIXTURES, hf_logits, random_hf_model, save_hf_model, write_byte_vocab
+from gpt2_jax.errors import UserError
 from gpt2_jax.evaluate import cross_entropy
-from gpt2_jax.model import GPT2, REMAT_POLICIES, GPT2Config, convert_layout, init_cache, init_params, preset
+from gpt2_jax.model import (GPT2, REMAT_POLICIES, GPT2Config, attention_implementation, convert_layout, init_cache,
+                            init_params, preset)
 from gpt2_jax.weights import load_weights
 
 
@@ -155,6 +157,23 @@ def test_scan_layers_matches_unrolled_blocks():
                  convert_layout(grads(scanned, stacked), False), grads(unrolled, params))
 
 
+def test_attention_setting_picks_cudnn_only_where_it_runs():
+    assert attention_implementation("auto", jnp.bfloat16, "gpu") == "cudnn"
+    assert attention_implementation("auto", jnp.float32, "gpu") == "xla"  # cuDNN's kernel has no float32
+    assert attention_implementation("auto", jnp.bfloat16, "cpu") == "xla"
+    assert attention_implementation("xla", jnp.bfloat16, "gpu") == "xla"
+    config = GPT2Config(n_vocab=300, n_ctx=32, n_embd=64, n_head=1, n_layer=1, dtype="bfloat16")
+    params = init_params(config, jax.random.key(0))
+    tokens = jnp.asarray(np.random.default_rng(8).integers(0, 300, (2, 32)))
+    cudnn = GPT2Config(**config.hparams(), dtype="bfloat16", attention="cudnn")
+    if jax.default_backend() == "gpu":  # the fused kernel gives XLA's logits
+        xla = GPT2(GPT2Config(**config.hparams(), dtype="bfloat16", attention="xla")).apply(params, tokens)
+        np.testing.assert_allclose(GPT2(cudnn).apply(params, tokens), xla, atol=5e-2, rtol=0)
+    else:
+        with pytest.raises(UserError, match="model.attention=cudnn: cuDNN's fused attention is not available here"):
+            GPT2(cudnn).apply(params, tokens)
+
+
 def test_presets_match_released_sizes():
     counts = {name: preset(name).num_params() for name in ("124M", "355M", "774M", "1558M")}
     assert counts == {"124M": 124_439_808, "355M": 354_823_168, "774M": 774_030_080, "1558M": 1_557_611_200}
@@ -164,12 +183,14 @@ def test_presets_match_released_sizes():
 
 
 def test_bad_config_values_are_clear():
-    from gpt2_jax.errors import UserError
-
     with pytest.raises(UserError, match="remat='bogus'.*full"):
         GPT2Config(remat="bogus")
     with pytest.raises(UserError, match="n_embd=30 is not divisible by n_head=4"):
         GPT2Config(n_embd=30, n_head=4)
+    with pytest.raises(UserError, match="attention='flash': use one of auto, xla, cudnn"):
+        GPT2Config(attention="flash")
+    with pytest.raises(UserError, match="vocab_multiple=0: must be >= 1"):
+        GPT2Config(vocab_multiple=0)
     with pytest.raises(UserError, match="unknown model size '2B'"):
         preset("2B")
 
