@@ -4,7 +4,9 @@
 
 Same random weights (transformers' model saved and loaded here), the same prompt and length; greedy
 tokens are checked identical at batch 1. Reports new tokens/s (batch x new tokens / time) and the
-ratio, medians over --repeat runs after a warm-up (which includes our compile).
+ratio, medians over --repeat runs after a warm-up (which includes our compile), and the rate at
+which our loop reads the weights (decode steps/s x bytes of the weights in the compute dtype):
+batch-1 decoding is bound by it, so compare it with the device's memory bandwidth.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ def main() -> None:
         hf.save_pretrained(tmp)
         config, params = load_weights(tmp, dtype=args.dtype)
     hf = hf.to(device, dtype=torch.bfloat16 if args.dtype == "bfloat16" else torch.float32)
+    weight_bytes = config.num_params() * np.dtype(np.float32 if args.dtype == "float32" else np.float16).itemsize
     prompt = np.random.default_rng(0).integers(0, shape["n_vocab"], args.prompt_len).tolist()
 
     def ours(b):
@@ -82,12 +85,14 @@ def main() -> None:
                 times.append(time.perf_counter() - t0)
             t[name] = statistics.median(times)
         rate = lambda s: b * args.new_tokens / s  # noqa: E731
+        weight_gbs = args.new_tokens / t["gpt2_jax"] * weight_bytes / 1e9
         rows.append((b, f"{rate(t['gpt2_jax']):,.0f}", f"{rate(t['transformers']):,.0f}",
-                     f"{t['transformers'] / t['gpt2_jax']:.2f}", "yes" if same else "no (bf16)"))
+                     f"{t['transformers'] / t['gpt2_jax']:.2f}", f"{weight_gbs:,.1f}", "yes" if same else "no (bf16)"))
     title = (f"Greedy decoding, {args.size if not args.smoke else 'smoke'} shape, prompt {args.prompt_len}, "
              f"{args.new_tokens} new tokens, {args.dtype}")
     common.report(common.table(title, ["batch", "gpt2_jax tokens/s", "transformers tokens/s", "ratio",
-                                       "same tokens (row 0)"], rows), record=not args.no_record, out=args.out)
+                                       "gpt2_jax weight reads GB/s", "same tokens (row 0)"], rows),
+                  record=not args.no_record, out=args.out)
 
 
 if __name__ == "__main__":

@@ -58,6 +58,10 @@ def _decode(params, prompt, prompt_len, rng, temperature, stop_ids, eot, *, conf
     # stacked blocks re-slices weights and cache every token (2.4x slower at batch 1 on CPU).
     config = dataclasses.replace(config, scan_layers=False)
     params = convert_layout(params, False)  # once per call, before the loop
+    if jnp.dtype(config.dtype).itemsize < jnp.dtype(config.param_dtype).itemsize:
+        # Batch-1 decoding is bound by reading the weights each token: read them in the compute dtype
+        # (every use casts them to it anyway).
+        params = jax.tree.map(lambda x: x.astype(config.dtype), params)
     model = GPT2(config)
     B = prompt.shape[0]
     # Prefill: the prompt is right-padded to a bucket length; padded positions write cache entries
