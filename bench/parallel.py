@@ -17,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 
-def main() -> None:
+def arguments() -> argparse.ArgumentParser:
+    """The command line (also parsed by tests/test_bench.py against bench/gpu.sh)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--devices", type=int, default=8, help="host devices to force on CPU")
     parser.add_argument("--n_layer", type=int, default=4)
@@ -29,7 +30,12 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script runs")
     parser.add_argument("--no_record", action="store_true", help="do not append to BENCHMARKS.md")
     parser.add_argument("--out", type=Path, default=None, help="also append the tables to this file")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    """Run the benchmark, print its table and record it."""
+    args = arguments().parse_args()
     if args.smoke:
         args.n_layer, args.n_embd, args.batch, args.seq_len, args.repeat = 1, 32, 8, 16, 1
         args.memory_sizes, args.no_record = "", True

@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 
-def main() -> None:
+def arguments() -> argparse.ArgumentParser:
+    """The command line (also parsed by tests/test_bench.py against bench/gpu.sh)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="124M")
     parser.add_argument("--batches", default="1,8,64")
@@ -33,7 +34,12 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="a tiny model, to check the script runs")
     parser.add_argument("--no_record", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    """Run the benchmark, print its table and record it."""
+    args = arguments().parse_args()
 
     import numpy as np
     import torch

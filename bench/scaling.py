@@ -17,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 
-def main() -> None:
+def arguments() -> argparse.ArgumentParser:
+    """The command line (also parsed by tests/test_bench.py against bench/gpu.sh)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", default="1,2,4")
     parser.add_argument("--seq_lens", default="128,256,512,1024")
@@ -31,7 +32,12 @@ def main() -> None:
     parser.add_argument("--png", type=Path, default=None)
     parser.add_argument("--no_record", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    """Run the benchmark, print its table and record it."""
+    args = arguments().parse_args()
 
     from gpt2_jax import parallel
 

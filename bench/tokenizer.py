@@ -30,7 +30,8 @@ def tiktoken_gpt2(vocab_dir: Path):
     return tiktoken.Encoding("gpt2", pat_str=pattern, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": 50256})
 
 
-def main() -> None:
+def arguments() -> argparse.ArgumentParser:
+    """The command line (also parsed by tests/test_bench.py against bench/gpu.sh)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", type=Path, default=None, help="text file (default: shared tinyshakespeare)")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per row (median reported)")
@@ -38,7 +39,12 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script runs")
     parser.add_argument("--no_record", action="store_true", help="do not append to BENCHMARKS.md")
     parser.add_argument("--out", type=Path, default=None, help="also append the table to this file")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    """Run the benchmark, print its table and record it."""
+    args = arguments().parse_args()
     shared = shared_path()
     corpus = args.corpus or shared / "data" / "tinyshakespeare.txt"
     text = corpus.read_text(encoding="utf-8")

@@ -26,7 +26,16 @@ import common  # noqa: E402
 PEAKS = {"h100": 989e12, "h200": 989e12, "a100": 312e12}
 
 
-def main() -> None:
+def _layouts(text: str) -> list[str]:
+    """--layouts: a comma-separated subset of unrolled, scan."""
+    layouts = [x for x in text.split(",") if x]
+    if not layouts or set(layouts) - {"unrolled", "scan"}:
+        raise argparse.ArgumentTypeError(f"{text!r}: use unrolled, scan or both")
+    return layouts
+
+
+def arguments() -> argparse.ArgumentParser:
+    """The command line (also parsed by tests/test_bench.py against bench/gpu.sh)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="124M", help="model shape: 124M, 355M, 774M, 1558M")
     parser.add_argument("--batch", type=int, default=None, help="default 4 on CPU, 16 on GPU")
@@ -37,13 +46,18 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (GPU)")
     parser.add_argument("--loss_chunk", type=int, default=0, help="our step with the chunked loss (0 = off)")
     parser.add_argument("--vocab_multiple", type=int, default=1, help="our logits matmul over a padded vocabulary")
-    parser.add_argument("--layouts", default="unrolled,scan", help="our block layouts to run: unrolled, scan")
+    parser.add_argument("--layouts", type=_layouts, default="unrolled,scan", help="our block layouts: unrolled, scan")
     parser.add_argument("--device", default="", help="h100, h200 or a100, for MFU")
     parser.add_argument("--peak_tflops", type=float, default=0.0, help="device peak for MFU (overrides --device)")
     parser.add_argument("--smoke", action="store_true", help="a tiny model, to check the script runs")
     parser.add_argument("--no_record", action="store_true", help="do not append to BENCHMARKS.md")
     parser.add_argument("--out", type=Path, default=None, help="also append the table to this file")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    """Run the benchmark, print its table and record it."""
+    args = arguments().parse_args()
 
     import jax
     import numpy as np
@@ -118,10 +132,7 @@ def main() -> None:
                 torch.cuda.synchronize()
         return step
 
-    layouts = [x for x in args.layouts.split(",") if x]
-    if not layouts or set(layouts) - {"unrolled", "scan"}:
-        parser.error(f"--layouts={args.layouts!r}: use unrolled, scan or both")
-    peers = {f"gpt2_jax ({layout})": jax_peer(layout) for layout in layouts}
+    peers = {f"gpt2_jax ({layout})": jax_peer(layout) for layout in args.layouts}
     peers["transformers + torch"] = torch_step_of(model)
     if args.compile:
         peers["transformers + torch.compile"] = torch_step_of(torch.compile(model))

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -26,3 +29,39 @@ def test_bench_smoke(script, extra, tmp_path, shared_dir):
     assert "| " in done.stdout and "---|" in done.stdout  # a table was printed
     help_text = subprocess.run([sys.executable, f"bench/{script}", "--help"], cwd=REPO, capture_output=True, text=True)
     assert help_text.returncode == 0 and "--smoke" in help_text.stdout
+
+
+def _gpu_suite_steps() -> list[tuple[int, list[str]]]:
+    """bench/gpu.sh's `step SECONDS COMMAND...` lines, continuations joined, $OUT and $DEVICE filled in."""
+    text = (REPO / "bench" / "gpu.sh").read_text().replace("\\\n", " ")
+    text = text.replace("$OUT", "/tmp/out").replace("$DEVICE", "h100")
+    steps = []
+    for line in text.splitlines():
+        if line.startswith("step "):
+            words = shlex.split(line)
+            steps.append((int(words[1]), words[2:]))
+    return steps
+
+
+def test_gpu_suite_commands_parse_and_fit_the_device_limit():
+    """The GPU suite runs only on a lent GPU: check here that its every command line is still valid."""
+    assert subprocess.run(["bash", "-n", str(REPO / "bench" / "gpu.sh")]).returncode == 0
+    steps = _gpu_suite_steps()
+    assert len(steps) >= 5 and sum(seconds for seconds, _ in steps) <= 600  # one device command's limit
+    for _, command in steps:
+        assert command[0] == "python3", command
+        script, args = command[1], command[2:]
+        if script.startswith("bench/"):
+            spec = importlib.util.spec_from_file_location(f"bench_{Path(script).stem}", REPO / script)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            try:
+                module.arguments().parse_args(args)
+            except SystemExit:
+                pytest.fail(f"bench/gpu.sh: {script} rejects {' '.join(args)}")
+        else:
+            assert script == "launch.py", command
+            done = subprocess.run([sys.executable, "-c", "import sys, launch; c = launch.parse(sys.argv); "
+                                   "print(c.model.scan_layers, c.model.dtype)", *args],
+                                  cwd=REPO, capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0 and done.stdout.split() == ["True", "bfloat16"], done.stderr[-2000:]
