@@ -18,8 +18,9 @@ step() {  # step SECONDS COMMAND...: one benchmark, bounded in time, logged
     timeout "$seconds" "$@" 2>&1 | tee -a "$OUT/log.txt" | grep -v "^W[0-9]" || echo "(exit or timeout: $?)" | tee -a "$OUT/log.txt"
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/log.txt"
-# 124M, batch 16 x 1024, bf16: ours vs transformers (autocast bf16, SDPA) and torch.compile; MFU.
-step 170 python3 bench/train.py --device "$DEVICE" --compile --rounds 3 --steps 10 --no_record --out "$OUT/gpu.md"
+# 124M, batch 16 x 1024, bf16: ours vs transformers (autocast bf16, SDPA) and torch.compile; MFU;
+# then a profile of our step: where the time goes, by model part and kind of op.
+step 170 python3 bench/train.py --device "$DEVICE" --compile --rounds 3 --steps 10 --profile 3 --no_record --out "$OUT/gpu.md"
 # the same with the chunked loss (no [B, T, 50257] float32 logits)
 step 80 python3 bench/train.py --device "$DEVICE" --rounds 3 --steps 10 --no_record --out "$OUT/gpu.md" --loss_chunk 2048 --layouts unrolled
 # the logits matmul over the vocabulary padded to 50304 (a multiple of 128): does it help here?

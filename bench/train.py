@@ -9,6 +9,8 @@ its first step took to trace and compile.
 MFU = tokens/s x (6·N + 12·L·T·C) / peak, N the parameter count, L layers, T the sequence length,
 C the width; the peak comes from --peak_tflops or --device (h100, h200, a100; dense bf16).
 On a GPU the torch peer runs under bf16 autocast with SDPA attention; --compile adds torch.compile.
+--profile N traces N of our steps with jax.profiler and sums the device time of their ops by place in
+the step (forward/backward/update x model part, named from the compiled HLO's JAX name stacks) and kind.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import dataclasses
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,6 +52,8 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--layouts", type=_layouts, default="unrolled,scan", help="our block layouts: unrolled, scan")
     parser.add_argument("--device", default="", help="h100, h200 or a100, for MFU")
     parser.add_argument("--peak_tflops", type=float, default=0.0, help="device peak for MFU (overrides --device)")
+    parser.add_argument("--profile", type=int, default=0,
+                        help="then trace this many of our steps (first layout) and tabulate where the time goes")
     parser.add_argument("--smoke", action="store_true", help="a tiny model, to check the script runs")
     parser.add_argument("--no_record", action="store_true", help="do not append to BENCHMARKS.md")
     parser.add_argument("--out", type=Path, default=None, help="also append the table to this file")
@@ -78,6 +83,7 @@ def main() -> None:
         config = GPT2Config(n_vocab=500, n_ctx=64, n_embd=64, n_head=4, n_layer=2, dtype=dtype,
                             vocab_multiple=args.vocab_multiple)
         batch, seq_len, args.rounds, args.steps, args.no_record = 2, 32, 1, 1, True
+        args.profile = min(args.profile, 2)
     train = base.get_config().train
     train.learning_rate, train.loss_chunk = 1e-4, args.loss_chunk
 
@@ -87,12 +93,14 @@ def main() -> None:
     key = jax.device_put(jax.random.key(0), parallel.replicated(mesh))
     compile_s: dict[str, float] = {}  # tracing + XLA compilation, then the first call
     first_step_s: dict[str, float] = {}
+    hlo_text: dict[str, str] = {}  # the compiled step, to name the ops of a profile
 
     def jax_peer(layout: str):
         cfg = dataclasses.replace(config, scan_layers=layout == "scan")
         t0 = time.perf_counter()
         compiled, state_sh, batch_sh, optimizer = parallel.compile_train_step(cfg, train, mesh, batch, seq_len)
         compile_s[layout] = time.perf_counter() - t0
+        hlo_text[layout] = compiled.as_text()
         state = parallel.put_tree(jax.device_get(TrainState.create(init_params(cfg, jax.random.key(0)), optimizer)),
                                   state_sh)
         jax_batch = parallel.global_batch(tokens, batch_sh)
@@ -163,6 +171,18 @@ def main() -> None:
              f"Adam{chunked} (torch threads {torch.get_num_threads()})")
     header = ["peer", "compile s + first call s", "median step ms", "tokens/s", "speed vs transformers", "MFU"]
     common.report(common.table(title, header, rows), record=not args.no_record, out=args.out)
+    if args.profile:
+        name = next(iter(peers))
+        with tempfile.TemporaryDirectory() as trace_dir:
+            with jax.profiler.trace(trace_dir):
+                t0 = time.perf_counter()
+                for _ in range(args.profile):
+                    peers[name]()
+                wall_s = time.perf_counter() - t0
+            rows = common.time_breakdown(Path(trace_dir), hlo_text[args.layouts[0]], args.profile, wall_s)
+        header = ["place in the step (top by time)", "category", "ms per step", "share"]
+        common.report(common.table(f"Where the time goes: {name}, {title}", header, rows),
+                      record=not args.no_record, out=args.out)
 
 
 if __name__ == "__main__":

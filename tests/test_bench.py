@@ -14,7 +14,7 @@ from conftest import REPO
 
 
 @pytest.mark.parametrize("script, extra", [
-    ("train.py", []),
+    ("train.py", ["--profile", "1"]),
     ("sample.py", []),
     ("tokenizer.py", []),
     ("parallel.py", ["--devices", "2"]),
@@ -27,6 +27,8 @@ def test_bench_smoke(script, extra, tmp_path, shared_dir):
                           env={**__import__("os").environ, "GPT2_JAX_SHARED": str(shared_dir)})
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| " in done.stdout and "---|" in done.stdout  # a table was printed
+    if "--profile" in extra:  # the profile's ops were traced, named after the model's parts and summed
+        assert "Where the time goes" in done.stdout and "forward mlp.c_fc | matmul" in done.stdout
     help_text = subprocess.run([sys.executable, f"bench/{script}", "--help"], cwd=REPO, capture_output=True, text=True)
     assert help_text.returncode == 0 and "--smoke" in help_text.stdout
 
