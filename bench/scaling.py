@@ -27,6 +27,7 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--base_seq_len", type=int, default=256, help="sequence length of the batch sweep")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--remat", default="none")
+    parser.add_argument("--scan_layers", action="store_true", help="scan the blocks (compiles in about a block's time)")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--png", type=Path, default=None)
@@ -52,8 +53,8 @@ def main() -> None:
     def config_of(size: str) -> GPT2Config:
         if args.smoke:
             return GPT2Config(n_vocab=512, n_ctx=1024, n_embd=32 * (1 + ["124M", "355M"].index(size)), n_head=2,
-                              n_layer=1, dtype=args.dtype, remat=args.remat)
-        return preset(size, dtype=args.dtype, remat=args.remat)
+                              n_layer=1, dtype=args.dtype, remat=args.remat, scan_layers=args.scan_layers)
+        return preset(size, dtype=args.dtype, remat=args.remat, scan_layers=args.scan_layers)
 
     if args.smoke:
         args.batches, args.seq_lens, args.sizes, args.repeat, args.no_record = "1,2", "32", "124M,355M", 1, True
@@ -61,7 +62,11 @@ def main() -> None:
     train = base.get_config().train
     mesh = parallel.make_mesh(1, 1)
 
+    measured: dict[tuple, dict] = {}  # a point two sweeps share is measured once
+
     def measure(config: GPT2Config, batch: int, seq_len: int, timed: bool) -> dict:
+        if (config, batch, seq_len, timed) in measured:
+            return measured[config, batch, seq_len, timed]
         compiled, state_sh, batch_sh, optimizer = parallel.compile_train_step(config, train, mesh, batch, seq_len)
         row = parallel.compiled_stats(compiled)
         if timed:
@@ -76,6 +81,10 @@ def main() -> None:
                 metrics["loss"].block_until_ready()
 
             row["step_s"] = common.median_seconds(step, args.repeat)
+        timed_text = f", step {row['step_s'] * 1e3:.0f} ms" if timed else ""
+        print(f"{config.num_params() / 1e6:.0f}M params, batch {batch} x {seq_len}: peak "
+              f"{row['peak_bytes'] / 2**30:.3f} GiB{timed_text}", flush=True)  # kept in the log if the run is cut
+        measured[config, batch, seq_len, timed] = row
         return row
 
     rows, points = [], {"batch": [], "seq_len": [], "size": []}
@@ -96,7 +105,8 @@ def main() -> None:
     table_rows = [(sweep, size, b, t, f"{r['peak_bytes'] / 2**30:.3f}", f"{r['flops'] / 1e9:,.0f}",
                    f"{r['step_s'] * 1e3:.0f}" if "step_s" in r else "compile-only",
                    f"{b * t / r['step_s']:,.0f}" if "step_s" in r else "") for sweep, size, b, t, r in rows]
-    common.report(common.table(f"Scaling, {args.dtype}, remat {args.remat}, Adam",
+    layout = ", blocks scanned" if args.scan_layers else ""
+    common.report(common.table(f"Scaling, {args.dtype}, remat {args.remat}{layout}, Adam",
                                ["sweep", "model", "batch", "seq len", "peak GiB", "GFLOP", "step ms", "tokens/s"],
                                table_rows), record=not args.no_record, out=args.out)
     _plot(points, args.png or common.REPO / "bench" / "scaling.png")

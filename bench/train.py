@@ -172,6 +172,7 @@ def main() -> None:
     chunked = f", loss chunk {args.loss_chunk}" if args.loss_chunk else ""
     chunked += f", {attention_implementation(config.attention, dtype, jax.default_backend())} attention"
     chunked += f", vocabulary padded to a multiple of {args.vocab_multiple}" if args.vocab_multiple > 1 else ""
+    chunked += ", JAX compilation cache on (compile s may be a load)" if jax.config.jax_compilation_cache_dir else ""
     title = (f"Training step, {args.size if not args.smoke else 'smoke'} shape, batch {batch} x {seq_len}, {dtype}, "
              f"Adam{chunked} (torch threads {torch.get_num_threads()})")
     header = ["peer", "compile s + first call s", "median step ms", "tokens/s", "speed vs transformers", "MFU"]

@@ -49,7 +49,7 @@ def test_gpu_suite_commands_parse_and_fit_the_device_limit():
     """The GPU suite runs only on a lent GPU: check here that its every command line is still valid."""
     assert subprocess.run(["bash", "-n", str(REPO / "bench" / "gpu.sh")]).returncode == 0
     steps = _gpu_suite_steps()
-    assert len(steps) >= 5 and sum(seconds for seconds, _ in steps) <= 600  # one device command's limit
+    assert len(steps) >= 5 and sum(seconds + 1 for seconds, _ in steps) <= 580  # the device limit is 600 s
     for _, command in steps:
         assert command[0] == "python3", command
         script, args = command[1], command[2:]
