@@ -7,6 +7,8 @@ so they never skip silently there.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,20 @@ REPO = Path(__file__).resolve().parent.parent
 # in its own process with XLA_FLAGS set, and GPT2_JAX_MULTIDEVICE=1 lets that run collect it.
 collect_ignore = [] if os.environ.get("GPT2_JAX_MULTIDEVICE") else ["multidevice"]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def pytest_configure(config) -> None:
+    """One JAX compilation cache for the whole run (workers and subprocesses inherit it): the many
+    identical tiny programs the tests compile are compiled once. Fresh per run, removed after it."""
+    if "PYTEST_XDIST_WORKER" not in os.environ and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        config._jax_cache_dir = tempfile.mkdtemp(prefix="gpt2_jax_test_xla_cache_")
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = config._jax_cache_dir
+        os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+
+
+def pytest_unconfigure(config) -> None:
+    if getattr(config, "_jax_cache_dir", None):
+        shutil.rmtree(config._jax_cache_dir, ignore_errors=True)
 
 
 def shared_path() -> Path:
