@@ -93,14 +93,15 @@ def main() -> None:
     key = jax.device_put(jax.random.key(0), parallel.replicated(mesh))
     compile_s: dict[str, float] = {}  # tracing + XLA compilation, then the first call
     first_step_s: dict[str, float] = {}
-    hlo_text: dict[str, str] = {}  # the compiled step, to name the ops of a profile
+    hlo_text: dict[str, str] = {}  # the profiled layout's compiled step, to name the ops of its trace
 
     def jax_peer(layout: str):
         cfg = dataclasses.replace(config, scan_layers=layout == "scan")
         t0 = time.perf_counter()
         compiled, state_sh, batch_sh, optimizer = parallel.compile_train_step(cfg, train, mesh, batch, seq_len)
         compile_s[layout] = time.perf_counter() - t0
-        hlo_text[layout] = compiled.as_text()
+        if args.profile and layout == args.layouts[0]:
+            hlo_text[layout] = compiled.as_text()
         state = parallel.put_tree(jax.device_get(TrainState.create(init_params(cfg, jax.random.key(0)), optimizer)),
                                   state_sh)
         jax_batch = parallel.global_batch(tokens, batch_sh)
