@@ -78,14 +78,22 @@ MODEL_PARTS = ("attn", "mlp", "ln_1", "ln_2", "ln_f", "c_attn", "c_proj", "c_fc"
 
 def category(name: str) -> str:
     """What a kernel or op computes, by its name: attention, matmul, collective, copy, or other."""
-    lowered = name.lower()
+    lowered = name.lower().replace("transpose(", "(")  # JAX's name stacks mark the backward pass transpose(jvp(...))
     return next((cat for cat, keys in CATEGORIES if any(k in lowered for k in keys)), "other (fusions)")
 
 
-def hlo_name_stacks(hlo_text: str) -> dict[str, str]:
-    """HLO instruction name -> the JAX name stack it was lowered from (its metadata op_name)."""
-    found = re.finditer(r'^\s*(?:ROOT )?%?([\w.\-]+) = [^\n]*?metadata=\{[^\n]*?op_name="([^"]*)"', hlo_text, re.M)
-    return {m.group(1): m.group(2).split(";")[0] for m in found}
+def hlo_name_stacks(hlo_text: str) -> dict[str, tuple[str, str]]:
+    """HLO instruction name -> (its text up to the metadata: opcode, operands, fusion kind or custom-call
+    target such as __cublas$gemm; the JAX name stack it was lowered from, its metadata op_name)."""
+    found = re.finditer(r'^\s*(?:ROOT )?%?([\w.\-]+) = ([^\n]*?)metadata=\{[^\n]*?op_name="([^"]*)"', hlo_text, re.M)
+    return {m.group(1): (_what_it_runs(m.group(2)), m.group(3).split(";")[0]) for m in found}
+
+
+def _what_it_runs(instruction: str) -> str:
+    """An HLO instruction's opcode, custom-call target and called computation (not its operands' names)."""
+    found = [re.search(r"[\]}) ]([a-z][\w\-]*)\(", instruction), re.search(r'custom_call_target="([^"]*)"', instruction),
+             re.search(r"calls=%?([\w.\-]+)", instruction)]
+    return " ".join(m.group(1) for m in found if m)
 
 
 def place_in_step(stack: str) -> str:
@@ -139,8 +147,10 @@ def time_breakdown(trace_dir: Path, hlo_text: str, steps: int, wall_s: float, to
     by_place: dict[tuple[str, str], float] = {}
     by_category: dict[str, float] = {}
     for name, d in events:
-        stack = stacks.get(name)
-        key = (place_in_step(stack), category(f"{name} {stack}")) if stack else (name[:60], category(name))
+        instruction, stack = stacks.get(name, ("", ""))
+        # what it computes, by its name, its instruction (a GPU matmul is a custom call to cuBLAS), its stack
+        kind = category(f"{name} {instruction} {stack}")
+        key = (place_in_step(stack), kind) if stack else (name[:60], kind)
         by_place[key] = by_place.get(key, 0.0) + d
         by_category[key[1]] = by_category.get(key[1], 0.0) + d
     ms = lambda ns: f"{ns / steps / 1e6:.2f}"  # noqa: E731
@@ -149,4 +159,7 @@ def time_breakdown(trace_dir: Path, hlo_text: str, steps: int, wall_s: float, to
     rows += [(f"all {cat}", cat, ms(d), f"{d / busy:.1%}") for cat, d in sorted(by_category.items(), key=lambda kv: -kv[1])]
     rows += [(place, cat, ms(d), f"{d / busy:.1%}")
              for (place, cat), d in sorted(by_place.items(), key=lambda kv: -kv[1])[:top]]
+    if any(name.startswith("command_buffer") for name, _ in events):  # XLA's CUDA graphs: one event for many ops
+        rows.append(("ops inside XLA command buffers are not seen one by one: rerun with "
+                     "XLA_FLAGS=--xla_gpu_enable_command_buffer=", "", "", ""))
     return rows

@@ -41,6 +41,7 @@ def main() -> None:
     """Run the benchmark, print its table and record it."""
     args = arguments().parse_args()
 
+    import jax
     import numpy as np
     import torch
     from transformers import GPT2Config as HFConfig, GPT2LMHeadModel
@@ -60,6 +61,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
         config, params = load_weights(tmp, dtype=args.dtype)
+    params = jax.device_put(params)  # once, as the sampling CLI does: no weight upload inside the timed calls
     hf = hf.to(device, dtype=torch.bfloat16 if args.dtype == "bfloat16" else torch.float32)
     weight_bytes = config.num_params() * np.dtype(np.float32 if args.dtype == "float32" else np.float16).itemsize
     prompt = np.random.default_rng(0).integers(0, shape["n_vocab"], args.prompt_len).tolist()
@@ -79,7 +81,9 @@ def main() -> None:
 
     rows = []
     for b in [int(x) for x in args.batches.split(",")]:
+        t0 = time.perf_counter()
         same = np.array_equal(ours(b)[:1], theirs(b)[:1])  # warm-up both; our first call compiles
+        print(f"batch {b}: warm-up (our compile, their first call) {time.perf_counter() - t0:.1f} s", flush=True)
         if b == 1 and args.dtype == "float32":
             assert same, "greedy tokens differ from transformers"
         t = {}
@@ -94,6 +98,7 @@ def main() -> None:
         weight_gbs = args.new_tokens / t["gpt2_jax"] * weight_bytes / 1e9
         rows.append((b, f"{rate(t['gpt2_jax']):,.0f}", f"{rate(t['transformers']):,.0f}",
                      f"{t['transformers'] / t['gpt2_jax']:.2f}", f"{weight_gbs:,.1f}", "yes" if same else "no (bf16)"))
+        print(" | ".join(str(x) for x in rows[-1]), flush=True)  # kept in the log if the run is cut
     title = (f"Greedy decoding, {args.size if not args.smoke else 'smoke'} shape, prompt {args.prompt_len}, "
              f"{args.new_tokens} new tokens, {args.dtype}")
     common.report(common.table(title, ["batch", "gpt2_jax tokens/s", "transformers tokens/s", "ratio",

@@ -10,13 +10,16 @@ MFU = tokens/s x (6·N + 12·L·T·C) / peak, N the parameter count, L layers, T
 C the width; the peak comes from --peak_tflops or --device (h100, h200, a100; dense bf16).
 On a GPU the torch peer runs under bf16 autocast with SDPA attention; --compile adds torch.compile.
 --profile N traces N of our steps with jax.profiler and sums the device time of their ops by place in
-the step (forward/backward/update x model part, named from the compiled HLO's JAX name stacks) and kind.
+the step (forward/backward/update x model part, named from the compiled HLO's JAX name stacks) and kind;
+it turns XLA's GPU command buffers off for the whole run (the table's title says so), so that the
+profiler sees each op.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import statistics
 import sys
 import tempfile
@@ -63,6 +66,8 @@ def arguments() -> argparse.ArgumentParser:
 def main() -> None:
     """Run the benchmark, print its table and record it."""
     args = arguments().parse_args()
+    if args.profile:  # XLA's command buffers (CUDA graphs) would show the profiler one event for many ops
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_gpu_enable_command_buffer=".strip()
 
     import jax
     import numpy as np
@@ -174,6 +179,7 @@ def main() -> None:
     chunked += f", {attention_implementation(config.attention, dtype, jax.default_backend())} attention"
     chunked += f", vocabulary padded to a multiple of {args.vocab_multiple}" if args.vocab_multiple > 1 else ""
     chunked += ", JAX compilation cache on (compile s may be a load)" if jax.config.jax_compilation_cache_dir else ""
+    chunked += f", XLA_FLAGS={os.environ['XLA_FLAGS']}" if os.environ.get("XLA_FLAGS") else ""
     title = (f"Training step, {args.size if not args.smoke else 'smoke'} shape, batch {batch} x {seq_len}, {dtype}, "
              f"Adam{chunked} (torch threads {torch.get_num_threads()})")
     header = ["peer", "compile s + first call s", "median step ms", "tokens/s", "speed vs transformers", "MFU"]
