@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +13,7 @@ from conftest import FIXTURES, hf_logits, random_hf_model, save_hf_model, write_
 from gpt2_jax.errors import UserError
 from gpt2_jax.evaluate import cross_entropy
 from gpt2_jax.model import (GPT2, REMAT_POLICIES, GPT2Config, attention_implementation, convert_layout, init_cache,
-                            init_params, preset)
+                            init_params, preset, tied_logits)
 from gpt2_jax.weights import load_weights
 
 
@@ -180,6 +181,35 @@ def test_presets_match_released_sizes():
     config = preset("124M")
     shapes = jax.eval_shape(lambda: GPT2(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
     assert sum(x.size for x in jax.tree.leaves(shapes)) == counts["124M"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_tied_logits_backward_matmuls_run_in_the_compute_dtype(dtype):
+    # Autodiff of the float32-accumulated logits would make the backward matmuls float32 x bf16; ours
+    # rounds the cotangent first, so every matmul takes two operands of the compute dtype, and the
+    # gradients are autodiff's (exactly in float32, to bf16 rounding in bf16).
+    rng = np.random.default_rng(0)
+    hidden32 = jnp.asarray(rng.normal(size=(2, 5, 16)), jnp.float32)
+    wte = jnp.asarray(rng.normal(size=(40, 16)) * 0.2, jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 40, (2, 5)))
+
+    def loss(hidden, w, logits_of):
+        return jnp.mean(cross_entropy(logits_of(hidden, w), labels))
+
+    def autodiff_logits(hidden, w):
+        return jnp.einsum("btc,vc->btv", hidden.astype(jnp.float32), w)
+
+    hidden = hidden32.astype(dtype)
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
+    lowered = grad.lower(hidden, wte, lambda h, w: tied_logits(h, w, 8)).as_text()
+    operands = re.findall(r"dot_general.*: \(tensor<[0-9x]*x(\w+)>, tensor<[0-9x]*x(\w+)>\)", lowered)
+    short = {"float32": "f32", "bfloat16": "bf16"}[dtype]
+    assert len(operands) == 3 and all(a == b == short for a, b in operands), operands
+    ours = grad(hidden, wte, lambda h, w: tied_logits(h, w, 8))
+    reference = grad(hidden32, wte, autodiff_logits)
+    tol = dict(rtol=1e-5, atol=1e-7) if dtype == "float32" else dict(rtol=0.05, atol=2e-3)
+    np.testing.assert_allclose(np.asarray(ours[0], np.float32), reference[0], **tol)
+    np.testing.assert_allclose(ours[1], reference[1], **tol)
 
 
 def test_bad_config_values_are_clear():
