@@ -97,7 +97,7 @@ def dry_run(config) -> None:
     """Print the resolved config, the parameter count and the compiled step's FLOPs and memory."""
     from gpt2_jax import parallel
     from gpt2_jax.loop import model_config_of
-    from gpt2_jax.model import attention_implementation
+    from gpt2_jax.model import attention_implementation, vocab_padding
 
     parallel.init_distributed(config.parallel)
     model_config = model_config_of(config)
@@ -109,7 +109,7 @@ def dry_run(config) -> None:
     stats = parallel.compiled_stats(compiled)
     print(config)
     print(f"model: {model_config.hparams()} dtype={model_config.dtype} remat={model_config.remat} "
-          f"scan_layers={model_config.scan_layers} vocab_multiple={model_config.vocab_multiple} "
+          f"scan_layers={model_config.scan_layers} vocab_multiple={vocab_padding(model_config.vocab_multiple, jax.default_backend())} "
           f"attention={attention_implementation(model_config.attention, model_config.dtype, jax.default_backend())}")
     print(f"parameters: {model_config.num_params():,}")
     print(f"mesh: data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']} over {len(jax.devices())} "

@@ -51,7 +51,8 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=2, help="timed steps per round and peer")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (GPU)")
     parser.add_argument("--loss_chunk", type=int, default=0, help="our step with the chunked loss (0 = off)")
-    parser.add_argument("--vocab_multiple", type=int, default=1, help="our logits matmul over a padded vocabulary")
+    parser.add_argument("--vocab_multiple", type=int, default=0,
+                        help="our logits matmul over the vocabulary padded to a multiple of this (0: auto, 1: none)")
     parser.add_argument("--layouts", type=_layouts, default="unrolled,scan", help="our block layouts: unrolled, scan")
     parser.add_argument("--device", default="", help="h100, h200 or a100, for MFU")
     parser.add_argument("--peak_tflops", type=float, default=0.0, help="device peak for MFU (overrides --device)")
@@ -76,7 +77,7 @@ def main() -> None:
     from experiments import base
     from gpt2_jax import parallel
     from gpt2_jax.loop import flops_per_token
-    from gpt2_jax.model import GPT2Config, attention_implementation, init_params, preset
+    from gpt2_jax.model import GPT2Config, attention_implementation, init_params, preset, vocab_padding
     from gpt2_jax.train import TrainState
 
     on_gpu = jax.default_backend() == "gpu"
@@ -177,7 +178,8 @@ def main() -> None:
                      f"{tps * flops / peak:.1%}" if peak else "n/a"))
     chunked = f", loss chunk {args.loss_chunk}" if args.loss_chunk else ""
     chunked += f", {attention_implementation(config.attention, dtype, jax.default_backend())} attention"
-    chunked += f", vocabulary padded to a multiple of {args.vocab_multiple}" if args.vocab_multiple > 1 else ""
+    multiple = vocab_padding(args.vocab_multiple, jax.default_backend())
+    chunked += f", vocabulary padded to a multiple of {multiple}" if multiple > 1 else ", vocabulary not padded"
     chunked += ", JAX compilation cache on (compile s may be a load)" if jax.config.jax_compilation_cache_dir else ""
     chunked += f", XLA_FLAGS={os.environ['XLA_FLAGS']}" if os.environ.get("XLA_FLAGS") else ""
     title = (f"Training step, {args.size if not args.smoke else 'smoke'} shape, batch {batch} x {seq_len}, {dtype}, "

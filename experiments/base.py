@@ -36,7 +36,7 @@ def get_config() -> ConfigDict:
     c.model.remat = "none"  # --memory_saving_gradients: a remat policy (none, full, dots, dots_no_batch, save_*)
     c.model.scan_layers = False  # nn.scan over the blocks: one block compiled (faster compiles), params [n_layer, ...]
     c.model.attention = "auto"  # auto (cuDNN's fused kernel on GPU in bfloat16, else XLA), xla or cudnn
-    c.model.vocab_multiple = 1  # logits matmul over the vocabulary padded to a multiple of this (128 for GPUs)
+    c.model.vocab_multiple = 0  # logits matmul over the vocabulary padded to a multiple of this; 0: 128 on GPU/TPU, 1 on CPU
 
     c.data = ConfigDict()
     c.data.dataset = ""  # --dataset: a text file, directory, glob, .npz or .bin

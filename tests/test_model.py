@@ -13,7 +13,7 @@ from conftest import FIXTURES, hf_logits, random_hf_model, save_hf_model, write_
 from gpt2_jax.errors import UserError
 from gpt2_jax.evaluate import cross_entropy
 from gpt2_jax.model import (GPT2, REMAT_POLICIES, GPT2Config, attention_implementation, convert_layout, init_cache,
-                            init_params, preset, tied_logits)
+                            init_params, preset, tied_logits, vocab_padding)
 from gpt2_jax.weights import load_weights
 
 
@@ -158,6 +158,12 @@ def test_scan_layers_matches_unrolled_blocks():
                  convert_layout(grads(scanned, stacked), False), grads(unrolled, params))
 
 
+def test_vocab_padding_auto_pads_only_on_accelerators():
+    assert [vocab_padding(0, backend) for backend in ("cpu", "gpu", "tpu")] == [1, 128, 128]
+    assert vocab_padding(1, "gpu") == 1 and vocab_padding(64, "cpu") == 64
+    assert GPT2Config().vocab_multiple == 0  # auto by default
+
+
 def test_attention_setting_picks_cudnn_only_where_it_runs():
     assert attention_implementation("auto", jnp.bfloat16, "gpu") == "cudnn"
     assert attention_implementation("auto", jnp.float32, "gpu") == "xla"  # cuDNN's kernel has no float32
@@ -219,8 +225,8 @@ def test_bad_config_values_are_clear():
         GPT2Config(n_embd=30, n_head=4)
     with pytest.raises(UserError, match="attention='flash': use one of auto, xla, cudnn"):
         GPT2Config(attention="flash")
-    with pytest.raises(UserError, match="vocab_multiple=0: must be >= 1"):
-        GPT2Config(vocab_multiple=0)
+    with pytest.raises(UserError, match="vocab_multiple=-1: must be >= 0"):
+        GPT2Config(vocab_multiple=-1)
     with pytest.raises(UserError, match="unknown model size '2B'"):
         preset("2B")
 
