@@ -108,9 +108,11 @@ def dry_run(config) -> None:
     compiled = parallel.compile_train_step(model_config, config.train, mesh, rows, seq_len)[0]
     stats = parallel.compiled_stats(compiled)
     print(config)
+    backend = jax.default_backend()
     print(f"model: {model_config.hparams()} dtype={model_config.dtype} remat={model_config.remat} "
-          f"scan_layers={model_config.scan_layers} vocab_multiple={vocab_padding(model_config.vocab_multiple, jax.default_backend())} "
-          f"attention={attention_implementation(model_config.attention, model_config.dtype, jax.default_backend())}")
+          f"scan_layers={model_config.scan_layers} "
+          f"vocab_multiple={vocab_padding(model_config.vocab_multiple, backend)} "
+          f"attention={attention_implementation(model_config.attention, model_config.dtype, backend)}")
     print(f"parameters: {model_config.num_params():,}")
     print(f"mesh: data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']} over {len(jax.devices())} "
           f"{jax.devices()[0].device_kind} device(s)")

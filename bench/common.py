@@ -82,17 +82,17 @@ def category(name: str) -> str:
     return next((cat for cat, keys in CATEGORIES if any(k in lowered for k in keys)), "other (fusions)")
 
 
-def hlo_name_stacks(hlo_text: str) -> dict[str, tuple[str, str]]:
-    """HLO instruction name -> (its text up to the metadata: opcode, operands, fusion kind or custom-call
-    target such as __cublas$gemm; the JAX name stack it was lowered from, its metadata op_name)."""
+def hlo_instructions(hlo_text: str) -> dict[str, tuple[str, str]]:
+    """HLO instruction name -> (what it runs: opcode, custom-call target such as __cublas$gemm, called
+    computation; the JAX name stack it was lowered from, its metadata op_name)."""
     found = re.finditer(r'^\s*(?:ROOT )?%?([\w.\-]+) = ([^\n]*?)metadata=\{[^\n]*?op_name="([^"]*)"', hlo_text, re.M)
     return {m.group(1): (_what_it_runs(m.group(2)), m.group(3).split(";")[0]) for m in found}
 
 
 def _what_it_runs(instruction: str) -> str:
     """An HLO instruction's opcode, custom-call target and called computation (not its operands' names)."""
-    found = [re.search(r"[\]}) ]([a-z][\w\-]*)\(", instruction), re.search(r'custom_call_target="([^"]*)"', instruction),
-             re.search(r"calls=%?([\w.\-]+)", instruction)]
+    patterns = (r"[\]}) ]([a-z][\w\-]*)\(", r'custom_call_target="([^"]*)"', r"calls=%?([\w.\-]+)")
+    found = (re.search(pattern, instruction) for pattern in patterns)
     return " ".join(m.group(1) for m in found if m)
 
 
@@ -141,13 +141,13 @@ def device_events(trace_dir: Path) -> list[tuple[str, float]]:
 
 def time_breakdown(trace_dir: Path, hlo_text: str, steps: int, wall_s: float, top: int = 16) -> list[tuple]:
     """Rows (place in the step, category, ms per step, share) from a trace of `steps` calls of one compiled step."""
-    stacks = hlo_name_stacks(hlo_text)
+    instructions = hlo_instructions(hlo_text)
     events = device_events(trace_dir)
     busy = sum(d for _, d in events) or 1.0
     by_place: dict[tuple[str, str], float] = {}
     by_category: dict[str, float] = {}
     for name, d in events:
-        instruction, stack = stacks.get(name, ("", ""))
+        instruction, stack = instructions.get(name, ("", ""))
         # what it computes, by its name, its instruction (a GPU matmul is a custom call to cuBLAS), its stack
         kind = category(f"{name} {instruction} {stack}")
         key = (place_in_step(stack), kind) if stack else (name[:60], kind)

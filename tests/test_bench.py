@@ -45,11 +45,11 @@ def test_profile_categories_tell_backward_fusions_from_copies():
            f'kind=kLoop, calls=%fused_multiply.3, metadata={{op_name="{backward}/gelu/mul"}}\n'
            f'  ROOT %copy.7 = f32[8,32]{{0,1}} copy(f32[8,32]{{1,0}} %param.1), metadata={{op_name="{backward}/x"}}\n')
     kinds = {name: common.category(f"{name} {runs} {stack}") for name, (runs, stack) in
-             common.hlo_name_stacks(hlo).items()}
+             common.hlo_instructions(hlo).items()}
     # a cuBLAS call is a matmul whatever its stack; a backward fusion is not a copy for its operands' names
     # or for the transpose(...) that marks the backward pass in JAX's name stacks
     assert kinds == {"custom-call.12": "matmul", "loop_multiply_fusion.3": "other (fusions)", "copy.7": "copy"}
-    assert common.place_in_step(common.hlo_name_stacks(hlo)["custom-call.12"][1]) == "backward mlp.c_fc"
+    assert common.place_in_step(common.hlo_instructions(hlo)["custom-call.12"][1]) == "backward mlp.c_fc"
     assert common.category("loop_transpose_fusion.2") == "copy" and common.category("nvjet_tst_gemm") == "matmul"
 
 
