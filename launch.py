@@ -96,8 +96,9 @@ def parse(argv: list[str]):
 def dry_run(config) -> None:
     """Print the resolved config, the parameter count and the compiled step's FLOPs and memory."""
     from gpt2_jax import parallel
-    from gpt2_jax.loop import model_config_of
     from gpt2_jax.model import attention_implementation, vocab_padding
+    from gpt2_jax.resolve import model_config_of
+    from gpt2_jax.steps import build_steps, compiled_stats
 
     parallel.init_distributed(config.parallel)
     model_config = model_config_of(config)
@@ -105,8 +106,7 @@ def dry_run(config) -> None:
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
     parallel.check_batch(config.train.batch_size, mesh)
     rows = config.train.batch_size * config.train.accumulate_gradients
-    compiled = parallel.compile_train_step(model_config, config.train, mesh, rows, seq_len)[0]
-    stats = parallel.compiled_stats(compiled)
+    stats = compiled_stats(build_steps(model_config, config.train, mesh).compile(rows, seq_len))
     print(config)
     backend = jax.default_backend()
     print(f"model: {model_config.hparams()} dtype={model_config.dtype} remat={model_config.remat} "
@@ -129,7 +129,7 @@ def main(argv: list[str]) -> None:
             return
         config = parse(argv)
         if _DRY_RUN.value or config.mode == "remat_ablation":
-            from gpt2_jax.parallel import use_memory_faithful_cpu_scheduler
+            from gpt2_jax.steps import use_memory_faithful_cpu_scheduler
 
             use_memory_faithful_cpu_scheduler()  # before the backend starts: memory figures that show remat
         if _DRY_RUN.value:
@@ -137,7 +137,7 @@ def main(argv: list[str]) -> None:
             return
         if config.mode == "remat_ablation":
             from gpt2_jax.ablation import run_ablation
-            from gpt2_jax.loop import model_config_of
+            from gpt2_jax.resolve import model_config_of
 
             out = Path(config.workdir) / "ablation" / config.run_name
             run_ablation(config, model_config_of(config), out)

@@ -47,38 +47,27 @@ def main() -> None:
 
     from experiments import base
     from gpt2_jax import parallel
+    from gpt2_jax.steps import build_steps, use_memory_faithful_cpu_scheduler
 
-    parallel.use_memory_faithful_cpu_scheduler()  # memory figures as an accelerator would schedule them
+    use_memory_faithful_cpu_scheduler()  # memory figures as an accelerator would schedule them
     from gpt2_jax.model import GPT2Config, init_params, preset
-    from gpt2_jax.optim import learning_rate_schedule, make_optimizer
-    from gpt2_jax.train import TrainState, make_train_step
 
     n = len(jax.devices())
     layouts = [("data", n, 1), ("fsdp", 1, n), ("mixed", max(1, n // 2), min(2, n))]
     train = base.get_config().train
 
     def compiled(config: GPT2Config, data: int, fsdp: int, batch: int, seq_len: int):
-        abstract_params = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
-        optimizer = make_optimizer(train, abstract_params)
-        fn = make_train_step(config, optimizer, learning_rate_schedule(train))
-        abstract = jax.eval_shape(lambda: TrainState.create(init_params(config, jax.random.key(0)), optimizer))
-        mesh = parallel.make_mesh(data, fsdp)
-        step, state_sh, batch_sh = parallel.shard_train_step(fn, mesh, abstract)
-        batch_struct = jax.ShapeDtypeStruct((batch, seq_len + 1), np.int32, sharding=batch_sh)
-        key = jax.eval_shape(lambda: jax.random.key(0))
-        lowered = step.lower(jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                          abstract, state_sh), batch_struct, key)
-        return lowered.compile(), state_sh, batch_sh, optimizer
+        steps = build_steps(config, train, parallel.make_mesh(data, fsdp))
+        return steps.compile(batch, seq_len), steps
 
     small = GPT2Config(n_vocab=50257, n_ctx=args.seq_len, n_embd=args.n_embd, n_head=max(1, args.n_embd // 64),
                        n_layer=args.n_layer)
     rows, base_time = [], None
     for name, data, fsdp in layouts:
-        exe, state_sh, batch_sh, optimizer = compiled(small, data, fsdp, args.batch, args.seq_len)
-        state = parallel.put_tree(jax.device_get(TrainState.create(init_params(small, jax.random.key(0)), optimizer)),
-                                  state_sh)
+        exe, steps = compiled(small, data, fsdp, args.batch, args.seq_len)
+        state = steps.init_state(init_params(small, jax.random.key(0)))
         batch = parallel.global_batch(np.random.default_rng(0).integers(0, 50257, (args.batch, args.seq_len + 1),
-                                                                        dtype=np.int32), batch_sh)
+                                                                        dtype=np.int32), steps.batch_sharding)
         key = jax.random.key(0)
 
         def one_step():

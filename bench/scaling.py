@@ -41,14 +41,14 @@ def main() -> None:
     args = arguments().parse_args()
 
     from gpt2_jax import parallel
+    from gpt2_jax.steps import build_steps, compiled_stats, use_memory_faithful_cpu_scheduler
 
-    parallel.use_memory_faithful_cpu_scheduler()
+    use_memory_faithful_cpu_scheduler()
     import jax
     import numpy as np
 
     from experiments import base
     from gpt2_jax.model import GPT2Config, init_params, preset
-    from gpt2_jax.train import TrainState
 
     def config_of(size: str) -> GPT2Config:
         if args.smoke:
@@ -67,12 +67,12 @@ def main() -> None:
     def measure(config: GPT2Config, batch: int, seq_len: int, timed: bool) -> dict:
         if (config, batch, seq_len, timed) in measured:
             return measured[config, batch, seq_len, timed]
-        compiled, state_sh, batch_sh, optimizer = parallel.compile_train_step(config, train, mesh, batch, seq_len)
-        row = parallel.compiled_stats(compiled)
+        steps = build_steps(config, train, mesh)
+        compiled = steps.compile(batch, seq_len)
+        row = compiled_stats(compiled)
         if timed:
-            state = parallel.put_tree(jax.device_get(TrainState.create(init_params(config, jax.random.key(0)),
-                                                                       optimizer)), state_sh)
-            tokens = parallel.global_batch(np.zeros((batch, seq_len + 1), np.int32), batch_sh)
+            state = steps.init_state(init_params(config, jax.random.key(0)))
+            tokens = parallel.global_batch(np.zeros((batch, seq_len + 1), np.int32), steps.batch_sharding)
             key = jax.device_put(jax.random.key(0), parallel.replicated(mesh))
 
             def step():

@@ -7,7 +7,8 @@ peers alternate (A/B) for --rounds rounds of --steps steps, and medians are repo
 Our step runs twice, with the blocks unrolled and scanned (model.scan_layers), each with the time
 its first step took to trace and compile.
 MFU = tokens/s x (6·N + 12·L·T·C) / peak, N the parameter count, L layers, T the sequence length,
-C the width; the peak comes from --peak_tflops or --device (h100, h200, a100; dense bf16).
+C the width; the peak comes from --peak_tflops, else --device (h100, h200, a100, ...: dense bf16, the table
+in gpt2_jax/steps.py), else the device JAX runs on when computing in bfloat16.
 On a GPU the torch peer runs under bf16 autocast with SDPA attention; --compile adds torch.compile.
 --profile N traces N of our steps with jax.profiler and sums the device time of their ops by place in
 the step (forward/backward/update x model part, named from the compiled HLO's JAX name stacks) and kind;
@@ -28,9 +29,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-
-PEAKS = {"h100": 989e12, "h200": 989e12, "a100": 312e12}
-
 
 def _layouts(text: str) -> list[str]:
     """--layouts: a comma-separated subset of unrolled, scan."""
@@ -76,9 +74,8 @@ def main() -> None:
 
     from experiments import base
     from gpt2_jax import parallel
-    from gpt2_jax.loop import flops_per_token
     from gpt2_jax.model import GPT2Config, attention_implementation, init_params, preset, vocab_padding
-    from gpt2_jax.train import TrainState
+    from gpt2_jax.steps import build_steps, flops_per_token, peak_bf16_flops
 
     on_gpu = jax.default_backend() == "gpu"
     batch = args.batch or (16 if on_gpu else 4)
@@ -104,13 +101,13 @@ def main() -> None:
     def jax_peer(layout: str):
         cfg = dataclasses.replace(config, scan_layers=layout == "scan")
         t0 = time.perf_counter()
-        compiled, state_sh, batch_sh, optimizer = parallel.compile_train_step(cfg, train, mesh, batch, seq_len)
+        steps = build_steps(cfg, train, mesh)
+        compiled = steps.compile(batch, seq_len)
         compile_s[layout] = time.perf_counter() - t0
         if args.profile and layout == args.layouts[0]:
             hlo_text[layout] = compiled.as_text()
-        state = parallel.put_tree(jax.device_get(TrainState.create(init_params(cfg, jax.random.key(0)), optimizer)),
-                                  state_sh)
-        jax_batch = parallel.global_batch(tokens, batch_sh)
+        state = steps.init_state(init_params(cfg, jax.random.key(0)))
+        jax_batch = parallel.global_batch(tokens, steps.batch_sharding)
 
         def step():
             nonlocal state
@@ -165,7 +162,8 @@ def main() -> None:
                 t0 = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - t0)
-    peak = args.peak_tflops * 1e12 or PEAKS.get(args.device.lower())
+    peak = args.peak_tflops * 1e12 or peak_bf16_flops(args.device or (jax.devices()[0].device_kind
+                                                                       if dtype == "bfloat16" else ""))
     flops = flops_per_token(config, seq_len)
     ref = statistics.median(times["transformers + torch"])
     rows = []

@@ -44,7 +44,8 @@ def get_config() -> ConfigDict:
     c.data.encoding = "utf-8"  # --encoding: text encoding of the dataset files
     c.data.encoding_errors = "strict"  # "replace" substitutes undecodable bytes instead of stopping
     c.data.seq_len = 0  # tokens per training window; 0 = the model's n_ctx (the original's 1024)
-    c.data.val_dataset = ""  # --val_dataset: validation data; "" = windows drawn from the training data
+    c.data.val_dataset = ""  # --val_dataset: validation data; "" = val_split, else windows of the training data
+    c.data.val_split = 0.0  # hold out the last fraction of the training data for validation (never trained on)
     c.data.val_batch_size = 2  # --val_batch_size
     c.data.val_batch_count = 40  # --val_batch_count: a fixed set of batches, drawn once with a fixed seed
     c.data.val_every = 0  # --val_every: validate every N steps (0 = never)

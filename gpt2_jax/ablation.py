@@ -19,7 +19,7 @@ import numpy as np
 from gpt2_jax import parallel
 from gpt2_jax.errors import UserError
 from gpt2_jax.model import REMAT_POLICIES, GPT2Config, init_params
-from gpt2_jax.train import TrainState
+from gpt2_jax.steps import build_steps, compiled_stats
 
 GiB = 2**30
 
@@ -27,14 +27,14 @@ GiB = 2**30
 def _measure(model_config: GPT2Config, train: Any, mesh, batch: int, seq_len: int, steps: int,
              compile_only: bool, seed: int) -> dict[str, float]:
     t0 = time.perf_counter()
-    compiled, state_sh, batch_sh, optimizer = parallel.compile_train_step(model_config, train, mesh, batch, seq_len)
-    row = {"compile_s": time.perf_counter() - t0, **parallel.compiled_stats(compiled)}
+    built = build_steps(model_config, train, mesh)
+    compiled = built.compile(batch, seq_len)
+    row = {"compile_s": time.perf_counter() - t0, **compiled_stats(compiled)}
     if compile_only:
         return row
-    params = jax.device_get(init_params(model_config, jax.random.key(seed)))
-    state = parallel.put_tree(jax.device_get(TrainState.create(params, optimizer)), state_sh)
+    state = built.init_state(init_params(model_config, jax.random.key(seed)))
     tokens = np.random.default_rng(seed).integers(0, model_config.n_vocab, (batch, seq_len + 1), dtype=np.int32)
-    batch_arr = parallel.global_batch(tokens, batch_sh)
+    batch_arr = parallel.global_batch(tokens, built.batch_sharding)
     key = jax.device_put(jax.random.key(seed), parallel.replicated(mesh))
     state, metrics = compiled(state, batch_arr, key)  # warm-up; the first loss is of the initial params
     row["loss"] = float(metrics["loss"])

@@ -4,6 +4,9 @@ A run directory (`WORKDIR/checkpoint/RUN_NAME/`) holds the orbax step directorie
 `hparams.json`, the vocabulary files and `run_config.json`, so it is also a model directory for
 `gpt2-jax sample`, `evaluate` and `export`. Orbax writes each step under a temporary name and
 renames it when complete, so a run killed mid-save restores from the last complete step.
+
+This module owns reading a run directory (is_run_dir, resolve_checkpoint, load_run_params);
+weights.py lists it among the model-directory layouts it reads.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from gpt2_jax.errors import UserError
-from gpt2_jax.model import GPT2Config, convert_layout
+from gpt2_jax.model import GPT2Config, convert_layout, param_shapes
 
 RUN_CONFIG = "run_config.json"
 
@@ -90,8 +93,6 @@ def saved_scan_layers(run_dir: Path) -> bool:
 
 def load_run_params(run_dir: Path, **overrides) -> tuple[GPT2Config, Any]:
     """Config and params of a run directory's latest checkpoint (the optimizer state is not read)."""
-    from gpt2_jax.weights import param_shapes
-
     hparams = json.loads((run_dir / "hparams.json").read_text())
     config = GPT2Config(**hparams, **overrides)
     run_dir, step = resolve_checkpoint(run_dir)

@@ -9,8 +9,7 @@ import sys
 from typing import Callable, Iterator, Sequence, TextIO
 
 from gpt2_jax.errors import UserError
-from gpt2_jax.sampling import SAMPLE_HEADER
-
+from gpt2_jax.sampling import SAMPLE_HEADER, check_settings
 
 
 def _cmd_download(args: argparse.Namespace) -> None:
@@ -24,14 +23,7 @@ def _check_sampling_args(args: argparse.Namespace) -> None:
     """Validate sampling flags before anything is loaded or compiled."""
     if args.nsamples < 1 or args.batch_size < 1 or args.nsamples % args.batch_size:
         raise UserError(f"--nsamples={args.nsamples} must be a positive multiple of --batch_size={args.batch_size}")
-    if args.temperature <= 0:
-        raise UserError(f"--temperature={args.temperature}: must be > 0 (use --top_k 1 for greedy decoding)")
-    if not 0.0 <= args.top_p <= 1.0:
-        raise UserError(f"--top_p={args.top_p}: must be in [0, 1] (0 turns nucleus sampling off)")
-    if args.top_k < 0:
-        raise UserError(f"--top_k={args.top_k}: must be >= 0 (0 turns it off)")
-    if args.length is not None and args.length < 1:
-        raise UserError(f"--length={args.length}: must be at least 1")
+    check_settings(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, length=args.length, prefix="--")
     if args.prompt is not None and args.interactive:
         raise UserError("give either --prompt or --interactive, not both")
 

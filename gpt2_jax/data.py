@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob as globlib
 import json
+import math
 import os
 from pathlib import Path
 
@@ -170,6 +171,25 @@ def encode_to_file(spec: str | os.PathLike, out: str | os.PathLike, encoder: Enc
     Path(str(out) + ".json").write_text(json.dumps(meta))
     os.replace(tmp, out)
     return out
+
+
+def split_tail(chunks: list[np.ndarray], fraction: float) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(head, tail): the last `fraction` of the tokens held out, cut from the end of the chunk list.
+
+    Deterministic (no randomness, no reordering) and disjoint: no token of the tail is in the head,
+    and the cut is a chunk boundary, so no window of one can reach into the other.
+    """
+    total = sum(len(c) for c in chunks)
+    remaining = math.ceil(total * fraction)
+    head, tail = list(chunks), []
+    while remaining > 0 and head:
+        last = head.pop()
+        take = min(remaining, len(last))
+        tail.insert(0, last[len(last) - take:])
+        if take < len(last):
+            head.append(last[:len(last) - take])
+        remaining -= take
+    return head, tail
 
 
 class WindowSampler:

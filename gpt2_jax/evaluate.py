@@ -13,13 +13,7 @@ from tqdm import tqdm
 
 from gpt2_jax.errors import UserError
 from gpt2_jax.model import GPT2, GPT2Config
-
-
-def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Per-position next-token cross-entropy in float32: logits [..., V], targets [...] -> [...]."""
-    logits = logits.astype(jnp.float32)
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jax.nn.logsumexp(logits, axis=-1) - target_logit
+from gpt2_jax.train import cross_entropy
 
 
 @functools.partial(jax.jit, static_argnames="config")

@@ -1,5 +1,7 @@
 """The training loop: everything with side effects (files, logs, progress, signals) lives here.
 
+It runs what resolve.py (model, params, resume decision) and steps.py (the compiled steps) set up.
+
 WORKDIR/checkpoint/RUN/  orbax steps + hparams.json, vocabulary, run_config.json (a model directory)
 WORKDIR/samples/RUN/     samples-STEP text files
 WORKDIR/logs/RUN/        metrics.jsonl and TensorBoard event files
@@ -10,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import signal
 import time
 from pathlib import Path
@@ -21,77 +22,15 @@ import numpy as np
 from tqdm import tqdm
 
 from gpt2_jax import checkpoints, parallel
-from gpt2_jax.data import WindowSampler, load_dataset
-from gpt2_jax.encoder import Encoder, byte_level_encoder, get_encoder
+from gpt2_jax.data import WindowSampler, load_dataset, split_tail
+from gpt2_jax.encoder import Encoder
 from gpt2_jax.errors import UserError
-from gpt2_jax.model import PRESETS, GPT2Config, convert_layout, init_params, preset
-from gpt2_jax.optim import learning_rate_schedule, make_optimizer
-from gpt2_jax.sampling import SAMPLE_HEADER, generate
-from gpt2_jax.train import TrainState, make_eval_step, make_train_step
-from gpt2_jax.weights import load_weights, read_config
-
-# Dense bf16 peak FLOP/s by device kind, for model FLOPs utilisation (MFU).
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "TPU v4": 275e12,
-                   "TPU v5 lite": 197e12, "TPU v5": 459e12, "TPU v6 lite": 918e12}
-
-
-def find_vocab_dir(config: Any) -> Path | None:
-    """For training from scratch: the configured vocabulary, else a GPT-2 vocabulary found locally."""
-    if config.model.vocab:
-        return None if config.model.vocab == "bytes" else Path(config.model.vocab)
-    candidates = sorted(Path(config.model.models_dir).glob("*/encoder.json"))
-    shared = os.environ.get("GPT2_JAX_SHARED")
-    candidates += [Path(shared) / "gpt2" / "encoder.json"] if shared else []
-    candidates += [Path("../shared/gpt2/encoder.json")]
-    return next((c.parent for c in candidates if c.is_file() and (c.parent / "vocab.bpe").is_file()), None)
-
-
-def model_dir_of(config: Any) -> Path:
-    """The pretrained model directory named by model.name: a path, or a size under model.models_dir."""
-    name = config.model.name
-    path = Path(name) if Path(name).is_dir() or name not in PRESETS else Path(config.model.models_dir) / name
-    if not path.is_dir():
-        hint = f"; run `gpt2-jax download {name} --models_dir {config.model.models_dir}`" if name in PRESETS else ""
-        raise UserError(f"model.name={name!r}: no model directory at {path}{hint}")
-    return path
-
-
-def _compute_settings(config: Any) -> dict[str, Any]:
-    """The GPT2Config fields that say how to compute, not what the model is."""
-    m = config.model
-    return dict(dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers, vocab_multiple=m.vocab_multiple,
-                attention=m.attention)
-
-
-def model_config_of(config: Any) -> GPT2Config:
-    """The model's config as the experiment would train it, without loading any weights."""
-    overrides = _compute_settings(config)
-    if config.model.from_scratch:
-        vocab_dir = find_vocab_dir(config)
-        n_vocab = get_encoder(vocab_dir).n_vocab if vocab_dir else byte_level_encoder().n_vocab
-        return GPT2Config(n_vocab=n_vocab, n_ctx=config.model.n_ctx, n_embd=config.model.n_embd,
-                          n_head=config.model.n_head, n_layer=config.model.n_layer, **overrides)
-    name = config.model.name
-    if name in PRESETS and not (Path(config.model.models_dir) / name).is_dir() and not Path(name).is_dir():
-        return preset(name, **overrides)  # the released shape, before it is downloaded
-    return read_config(model_dir_of(config), **overrides)
-
-
-def initial_model(config: Any, resume_dir: Path | None) -> tuple[GPT2Config, Any, Encoder]:
-    """Model config, starting params (None when resuming: the checkpoint supplies them) and tokenizer."""
-    overrides = _compute_settings(config)
-    if resume_dir is not None:
-        hparams = json.loads((resume_dir / "hparams.json").read_text())
-        return GPT2Config(**hparams, **overrides), None, get_encoder(resume_dir)
-    if config.model.from_scratch:
-        vocab_dir = find_vocab_dir(config)
-        encoder = get_encoder(vocab_dir) if vocab_dir else byte_level_encoder()
-        model_config = GPT2Config(n_vocab=encoder.n_vocab, n_ctx=config.model.n_ctx, n_embd=config.model.n_embd,
-                                  n_head=config.model.n_head, n_layer=config.model.n_layer, **overrides)
-        return model_config, init_params(model_config, jax.random.key(config.seed)), encoder
-    model_dir = model_dir_of(config)
-    model_config, params = load_weights(model_dir, **overrides)
-    return model_config, params, get_encoder(model_dir)
+from gpt2_jax.model import GPT2Config, convert_layout
+from gpt2_jax.optim import learning_rate_schedule
+from gpt2_jax.resolve import Resume, decide_resume, initial_model
+from gpt2_jax.sampling import SAMPLE_HEADER, check_settings, generate
+from gpt2_jax.steps import Steps, abstract_state, build_steps, flops_per_token, peak_bf16_flops
+from gpt2_jax.train import TrainState
 
 
 class _StopRequest:
@@ -147,15 +86,7 @@ class _Logs:
 def _peak_flops(config: Any) -> float | None:
     if config.train.peak_tflops > 0:
         return config.train.peak_tflops * 1e12
-    if config.model.dtype != "bfloat16":
-        return None
-    kind = jax.devices()[0].device_kind
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in kind), None)
-
-
-def flops_per_token(model_config: GPT2Config, seq_len: int) -> float:
-    """Training FLOPs per token: 6N for the weights plus 12·L·T·C for attention (PaLM's formula)."""
-    return 6 * model_config.num_params() + 12 * model_config.n_layer * seq_len * model_config.n_embd
+    return peak_bf16_flops(jax.devices()[0].device_kind) if config.model.dtype == "bfloat16" else None
 
 
 def _write_run_files(run_dir: Path, model_config: GPT2Config, encoder: Encoder, config: Any) -> None:
@@ -171,27 +102,16 @@ def run(config: Any, on_step: Callable[[int, dict], None] | None = None) -> dict
     is_main = jax.process_index() == 0
     workdir = Path(config.workdir)
     run_dir = (workdir / "checkpoint" / config.run_name).absolute()
-    restore_from = config.checkpoint.restore_from
-    existing = checkpoints.make_manager(run_dir, read_only=True).latest_step() if run_dir.is_dir() else None
-    if restore_from == "fresh" and existing is not None:
-        raise UserError(f"checkpoint.restore_from=fresh but {run_dir} already holds checkpoints up to step "
-                        f"{existing}; pick another run_name, or restore_from=latest to resume (nothing was deleted)")
-    resume: tuple[Path, int] | None = None
-    if restore_from == "latest" and existing is not None:
-        resume = (run_dir, existing)
-    elif restore_from not in ("latest", "fresh"):
-        resume = checkpoints.resolve_checkpoint(Path(restore_from))
-        if existing is not None and resume[0] != run_dir:
-            raise UserError(f"{run_dir} already holds checkpoints; restore {restore_from} under a new run_name")
+    resume = decide_resume(config.checkpoint.restore_from, run_dir)
 
     # A resumed run keeps the seed it started with: batches and noise continue exactly.
     seed = checkpoints.read_meta(*resume)["seed"] if resume else config.seed
-    model_config, params, encoder = initial_model(config, resume[0] if resume else None)
+    model_config, params, encoder = initial_model(config, resume.run_dir if resume else None)
     seq_len = config.data.seq_len or model_config.n_ctx
     if not 1 <= seq_len <= model_config.n_ctx:
         raise UserError(f"data.seq_len={seq_len}: must be between 1 and the model's n_ctx={model_config.n_ctx}")
     train = config.train
-    schedule = learning_rate_schedule(train)  # validates the schedule settings early
+    learning_rate_schedule(train)  # validates the schedule settings early
     if train.batch_size < 1 or train.accumulate_gradients < 1:
         raise UserError("train.batch_size and train.accumulate_gradients must be >= 1")
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
@@ -200,48 +120,29 @@ def run(config: Any, on_step: Callable[[int, dict], None] | None = None) -> dict
         parallel.check_batch(config.data.val_batch_size, mesh)
     if not 0.0 <= train.noise < 1.0:
         raise UserError(f"train.noise={train.noise}: must be in [0, 1)")
+    if config.sample.sample_every:
+        check_settings(temperature=config.sample.temperature, top_k=config.sample.top_k, top_p=config.sample.top_p,
+                       prefix="sample.")
 
     # Data first: every bad-input error comes before anything compiles.
-    if not config.data.dataset:
-        raise UserError("data.dataset is empty: set --config.data.dataset=PATH (a file, directory, glob or .npz)")
-    data_kw = dict(combine=config.data.combine, encoding=config.data.encoding,
-                   encoding_errors=config.data.encoding_errors, progress=is_main)
-    chunks = load_dataset(config.data.dataset, encoder, **data_kw)
-    sampler = WindowSampler(chunks, seq_len + 1, seed, f"dataset {config.data.dataset!r}")
-    val_batches = []
-    if config.data.val_every > 0:
-        if config.data.val_dataset:
-            val_chunks, val_name = load_dataset(config.data.val_dataset, encoder, **data_kw), config.data.val_dataset
-        else:
-            val_chunks, val_name = chunks, config.data.dataset
-            tqdm.write("validation: no data.val_dataset given, validating on batches drawn from the training data")
-        val_sampler = WindowSampler(val_chunks, seq_len + 1, seed=1, what=f"validation dataset {val_name!r}")
-        val_batches = [val_sampler.batch(i, config.data.val_batch_size) for i in range(config.data.val_batch_count)]
+    sampler, val_batches = _datasets(config, encoder, seq_len, seed, is_main)
 
-    abstract_params = jax.eval_shape(lambda: init_params(model_config, jax.random.key(0)))
-    optimizer = make_optimizer(train, abstract_params)
-    # Shardings: params and optimizer state replicated (data) or sharded (fsdp); batches split by rows.
-    abstract_state = jax.eval_shape(lambda: TrainState.create(init_params(model_config, jax.random.key(0)), optimizer))
-    step_fn = make_train_step(model_config, optimizer, schedule, accumulate=train.accumulate_gradients,
-                              noise=train.noise, loss_chunk=train.loss_chunk)
-    train_step, state_sh, batch_sh = parallel.shard_train_step(step_fn, mesh, abstract_state)
+    steps = build_steps(model_config, train, mesh)
     repl = parallel.replicated(mesh)
     if resume is None:
-        params = parallel.put_tree(params, state_sh.params)
-        state = jax.jit(lambda p: TrainState.create(p, optimizer), out_shardings=state_sh)(params)
+        state = steps.init_state(params)
         del params
     else:
-        p, o, meta = _restore(resume, model_config, train, mesh, state_sh, read_only=resume[0] != run_dir)
+        p, o, meta = _restore(resume, model_config, train, steps, read_only=resume.run_dir != run_dir)
         state = TrainState(step=parallel.put_tree(np.int32(meta["step"]), repl), params=p, opt_state=o)
-        tqdm.write(f"restored step {meta['step']} from {resume[0]}")
+        tqdm.write(f"restored step {meta['step']} from {resume.run_dir}")
     if is_main:
         _write_run_files(run_dir, model_config, encoder, config)
     manager = checkpoints.make_manager(run_dir, keep=config.checkpoint.keep,
                                        keep_every_hours=config.checkpoint.keep_every_hours,
                                        async_save=config.checkpoint.async_save)
 
-    eval_step = jax.jit(parallel.with_mesh_rules(make_eval_step(model_config), mesh),
-                        in_shardings=(state_sh.params, batch_sh), out_shardings=repl)
+    train_step, eval_step, batch_sh = steps.train_step, steps.eval_step, steps.batch_sharding
     step_key = jax.jit(lambda s: jax.random.fold_in(jax.random.key(seed), s), out_shardings=repl)
     val_batches = [parallel.global_batch(b, batch_sh) for b in val_batches]
     tokens_per_step = train.batch_size * train.accumulate_gradients * seq_len
@@ -318,24 +219,53 @@ def run(config: Any, on_step: Callable[[int, dict], None] | None = None) -> dict
     return {"step": step, "run_dir": str(run_dir), **metrics}
 
 
-def _restore(resume: tuple[Path, int], model_config: GPT2Config, train: Any, mesh: Any, state_sh: Any,
-             read_only: bool) -> tuple[Any, Any, dict]:
+def _datasets(config: Any, encoder: Encoder, seq_len: int, seed: int, is_main: bool
+              ) -> tuple[WindowSampler, list[np.ndarray]]:
+    """The training sampler and the fixed validation batches (none when data.val_every is 0).
+
+    Validation data is data.val_dataset, else the last data.val_split of the training data (held out:
+    never trained on), else, with a warning, windows of the training data itself.
+    """
+    data = config.data
+    if not data.dataset:
+        raise UserError("data.dataset is empty: set --config.data.dataset=PATH (a file, directory, glob or .npz)")
+    if not 0.0 <= data.val_split < 1.0:
+        raise UserError(f"data.val_split={data.val_split}: must be in [0, 1) (0 = no held-out split)")
+    if data.val_split and data.val_dataset:
+        raise UserError("data.val_split and data.val_dataset are both set: use one (val_dataset, or a split of the "
+                        "training data)")
+    data_kw = dict(combine=data.combine, encoding=data.encoding, encoding_errors=data.encoding_errors, progress=is_main)
+    chunks = load_dataset(data.dataset, encoder, **data_kw)
+    val_chunks, val_name = chunks, f"validation data (the training data {data.dataset!r})"
+    if data.val_split:
+        chunks, val_chunks = split_tail(chunks, data.val_split)
+        val_name = f"validation split (the last {data.val_split:g} of {data.dataset!r})"
+    elif data.val_dataset:
+        val_chunks, val_name = load_dataset(data.val_dataset, encoder, **data_kw), f"validation dataset {data.val_dataset!r}"
+    sampler = WindowSampler(chunks, seq_len + 1, seed, f"dataset {data.dataset!r}")
+    if data.val_every <= 0:
+        return sampler, []
+    if not (data.val_split or data.val_dataset):
+        tqdm.write("validation: neither data.val_dataset nor data.val_split is set, validating on batches drawn "
+                   "from the training data")
+    val_sampler = WindowSampler(val_chunks, seq_len + 1, seed=1, what=val_name)
+    return sampler, [val_sampler.batch(i, data.val_batch_size) for i in range(data.val_batch_count)]
+
+
+def _restore(resume: Resume, model_config: GPT2Config, train: Any, steps: Steps, read_only: bool
+             ) -> tuple[Any, Any, dict]:
     """Params, optimizer state and metadata of a checkpoint, in this run's layout and shardings.
 
     A checkpoint written with the other model.scan_layers setting is read as it was saved, then its
     blocks are stacked or unrolled on the devices.
     """
-    run_dir, step = resume
-    manager = checkpoints.make_manager(run_dir, read_only=read_only)
-    saved = dataclasses.replace(model_config, scan_layers=checkpoints.saved_scan_layers(run_dir))
-    params = jax.eval_shape(lambda: init_params(saved, jax.random.key(0)))
-    opt_state = jax.eval_shape(make_optimizer(train, params).init, params)
-    target = lambda tree: jax.tree.map(  # noqa: E731
-        lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), tree, parallel.state_shardings(mesh, tree))
-    p, o, meta = checkpoints.restore(manager, step, target(params), target(opt_state))
+    manager = checkpoints.make_manager(resume.run_dir, read_only=read_only)
+    saved = dataclasses.replace(model_config, scan_layers=checkpoints.saved_scan_layers(resume.run_dir))
+    target = steps.abstract_state if saved == model_config else abstract_state(saved, train, steps.mesh)[1]
+    p, o, meta = checkpoints.restore(manager, resume.step, target.params, target.opt_state)
     if saved.scan_layers != model_config.scan_layers:
         p, o = jax.jit(lambda t: convert_layout(t, model_config.scan_layers),
-                       out_shardings=(state_sh.params, state_sh.opt_state))((p, o))
+                       out_shardings=(steps.state_sharding.params, steps.state_sharding.opt_state))((p, o))
     return p, o, meta
 
 

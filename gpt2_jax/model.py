@@ -104,8 +104,8 @@ def attention_implementation(setting: str, dtype: Any, backend: str) -> str:
 
 
 def vocab_padding(setting: int, backend: str) -> int:
-    """The multiple a vocab_multiple setting means here: 0 (auto) is 128 on an accelerator (on an H200
-    the padded 124M step ran 1.2x faster) and 1, no padding, on CPU (where it cost 1%)."""
+    """The multiple a vocab_multiple setting means here: 0 (auto) is 128 on an accelerator (tensor-core
+    friendly shapes; BENCHMARKS.md has the measured gain) and 1, no padding, on CPU (where it gains nothing)."""
     return setting or (1 if backend == "cpu" else 128)
 
 
@@ -282,10 +282,10 @@ def _float32_logits_fwd(hidden: jax.Array, w: jax.Array) -> tuple[jax.Array, tup
 
 
 def _float32_logits_bwd(saved: tuple, d_logits: jax.Array) -> tuple[jax.Array, jax.Array]:
-    # Autodiff would run both backward matmuls as float32 [..., V] x bf16 -> float32 (no bf16 tensor
-    # cores: 8 ms of a 44 ms 124M step on an H200). Rounding the cotangent to the compute dtype first
-    # makes them bf16 x bf16 with float32 accumulation, as under torch autocast; in float32 this is
-    # exactly autodiff's computation.
+    # Autodiff would run both backward matmuls as float32 [..., V] x bf16 -> float32, off the bf16
+    # tensor cores (the GPU profile in BENCHMARKS.md shows their cost). Rounding the cotangent to the
+    # compute dtype first makes them bf16 x bf16 with float32 accumulation, as under torch autocast;
+    # in float32 this is exactly autodiff's computation.
     hidden, w = saved
     d_logits = d_logits.astype(hidden.dtype)
     d_hidden = jnp.einsum("...v,vc->...c", d_logits, w, preferred_element_type=jnp.float32)
@@ -334,3 +334,8 @@ def init_params(config: GPT2Config, rng: jax.Array) -> dict:
     """
     unrolled = dataclasses.replace(config, scan_layers=False)
     return convert_layout(GPT2(unrolled).init(rng, jnp.zeros((1, 1), jnp.int32)), config.scan_layers)
+
+
+def param_shapes(config: GPT2Config) -> dict:
+    """Shapes and dtypes of the parameters (ShapeDtypeStructs), computed without allocating them."""
+    return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))

@@ -2,14 +2,13 @@
 
 The mesh has two axes: `data` (parameters replicated, the batch split, gradients all-reduced by
 XLA) and `fsdp` (the batch split too, and parameters plus optimizer state sharded along their
-largest divisible axis, gathered by XLA inside the step: ZeRO-3). The train step is one `jax.jit`
-with these shardings; XLA inserts every collective.
+largest divisible axis, gathered by XLA inside the step: ZeRO-3). steps.py jits the train step
+once with these shardings; XLA inserts every collective.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 import socket
 import time
 import warnings
@@ -135,18 +134,6 @@ def with_mesh_rules(fn: Callable, mesh: Mesh) -> Callable:
     return wrapped
 
 
-def shard_train_step(step_fn: Callable, mesh: Mesh, abstract_state: Any, donate: bool = True
-                     ) -> tuple[Callable, Any, NamedSharding]:
-    """jit a (state, batch, rng) step over the mesh: (the compiled step, the state's shardings, the batch's)."""
-    step_fn = with_mesh_rules(step_fn, mesh)
-    state_sh = abstract_state.replace(step=replicated(mesh), params=state_shardings(mesh, abstract_state.params),
-                                      opt_state=state_shardings(mesh, abstract_state.opt_state))
-    batch_sh, repl = batch_sharding(mesh), replicated(mesh)
-    step = jax.jit(step_fn, in_shardings=(state_sh, batch_sh, repl), out_shardings=(state_sh, repl),
-                   donate_argnums=0 if donate else ())
-    return step, state_sh, batch_sh
-
-
 def check_batch(batch_size: int, mesh: Mesh) -> None:
     """The global batch must split evenly over the data shards."""
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -174,58 +161,3 @@ def put_tree(tree: Any, shardings: Any) -> Any:
         host = np.asarray(x)
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
     return jax.tree.map(put, tree, shardings)
-
-
-def bytes_per_device(tree: Any) -> int:
-    """Bytes of the first local device's shards of every array in the tree."""
-    device = jax.local_devices()[0]
-    total = 0
-    for x in jax.tree.leaves(tree):
-        total += sum(s.data.nbytes for s in x.addressable_shards if s.device == device)
-    return total
-
-
-# XLA's CPU backend schedules for concurrency by default, keeping activations alive that remat frees;
-# its memory-minimising scheduler gives memory figures that reflect remat, as accelerators' do.
-MEMORY_FAITHFUL_CPU_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
-
-
-def use_memory_faithful_cpu_scheduler() -> None:
-    """Compile CPU programs with the memory-minimising scheduler; call before JAX starts its backend."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    if MEMORY_FAITHFUL_CPU_FLAG not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} {MEMORY_FAITHFUL_CPU_FLAG}".strip()
-
-
-def compile_train_step(model_config: Any, train: Any, mesh: Mesh, rows: int, seq_len: int) -> tuple:
-    """Compile the sharded train step ahead of time for abstract inputs, allocating nothing.
-
-    Returns (compiled step, state shardings, batch sharding, optimizer); `rows` is the batch's
-    row count (batch_size x accumulate_gradients).
-    """
-    from gpt2_jax.model import init_params
-    from gpt2_jax.optim import learning_rate_schedule, make_optimizer
-    from gpt2_jax.train import TrainState, make_train_step
-
-    abstract_params = jax.eval_shape(lambda: init_params(model_config, jax.random.key(0)))
-    optimizer = make_optimizer(train, abstract_params)
-    fn = make_train_step(model_config, optimizer, learning_rate_schedule(train),
-                         accumulate=train.accumulate_gradients, noise=train.noise, loss_chunk=train.loss_chunk)
-    abstract = jax.eval_shape(lambda: TrainState.create(init_params(model_config, jax.random.key(0)), optimizer))
-    step, state_sh, batch_sh = shard_train_step(fn, mesh, abstract)
-    args = (jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh),
-            jax.ShapeDtypeStruct((rows, seq_len + 1), np.int32, sharding=batch_sh),
-            jax.eval_shape(lambda: jax.random.key(0)))
-    return step.lower(*args).compile(), state_sh, batch_sh, optimizer
-
-
-def compiled_stats(compiled: Any) -> dict[str, float]:
-    """XLA's FLOPs and per-device memory (bytes) of a compiled executable."""
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    mem = compiled.memory_analysis()
-    return {"flops": float(cost.get("flops", 0.0)), "argument_bytes": mem.argument_size_in_bytes,
-            "output_bytes": mem.output_size_in_bytes, "temp_bytes": mem.temp_size_in_bytes,
-            "alias_bytes": mem.alias_size_in_bytes,
-            "peak_bytes": mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-            - mem.alias_size_in_bytes}

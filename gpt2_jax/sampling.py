@@ -46,6 +46,20 @@ def next_token(logits: jax.Array, rng: jax.Array, temperature: jax.Array, top_k:
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+def check_settings(*, temperature: float, top_k: int, top_p: float, length: int | None = None,
+                   prefix: str = "") -> None:
+    """Reject bad sampling settings with one line naming the setting as the caller spells it
+    (prefix "--" on the command line, "sample." in a config, "" in the Python API)."""
+    if temperature <= 0:
+        raise UserError(f"{prefix}temperature={temperature}: must be > 0 (use {prefix}top_k=1 for greedy decoding)")
+    if not 0.0 <= top_p <= 1.0:
+        raise UserError(f"{prefix}top_p={top_p}: must be in [0, 1] (0 turns nucleus sampling off)")
+    if top_k < 0:
+        raise UserError(f"{prefix}top_k={top_k}: must be >= 0 (0 turns it off)")
+    if length is not None and length < 1:
+        raise UserError(f"{prefix}length={length}: must be at least 1")
+
+
 class Generated(NamedTuple):
     tokens: np.ndarray  # [B, length] generated ids; after a sample stops, filled with end-of-text
     lengths: np.ndarray  # [B] ids before the stop (an end-of-text id or the end of a stop sequence)
@@ -55,7 +69,7 @@ class Generated(NamedTuple):
 @functools.partial(jax.jit, static_argnames=("config", "length", "cache_size", "top_k", "top_p"))
 def _decode(params, prompt, prompt_len, rng, temperature, stop_ids, eot, *, config, length, cache_size, top_k, top_p):
     # Decoding always runs the blocks unrolled, each layer's cache updated in place: a scan over
-    # stacked blocks re-slices weights and cache every token (2.4x slower at batch 1 on CPU).
+    # stacked blocks re-slices weights and cache every token (slower: see BENCHMARKS.md).
     config = dataclasses.replace(config, scan_layers=False)
     params = convert_layout(params, False)  # once per call, before the loop
     if jnp.dtype(config.dtype).itemsize < jnp.dtype(config.param_dtype).itemsize:
@@ -105,17 +119,10 @@ def generate(config: GPT2Config, params: dict, prompt: Sequence[int], *, length:
     prompt = list(prompt)
     if not prompt:
         raise UserError("the prompt is empty; start from the end-of-text token for unconditional samples")
-    if length < 1:
-        raise UserError(f"length={length}: must be at least 1")
+    check_settings(temperature=temperature, top_k=top_k, top_p=top_p, length=length)
     if len(prompt) + length > config.n_ctx:
         raise UserError(f"prompt ({len(prompt)} tokens) + length ({length}) exceeds the context of "
                         f"{config.n_ctx} tokens; shorten the prompt or lower --length")
-    if temperature <= 0:
-        raise UserError(f"temperature={temperature}: must be > 0 (use top_k=1 for greedy decoding)")
-    if not 0.0 <= top_p <= 1.0:
-        raise UserError(f"top_p={top_p}: must be in [0, 1] (0 turns nucleus sampling off)")
-    if top_k < 0:
-        raise UserError(f"top_k={top_k}: must be >= 0 (0 turns it off)")
     eot = config.n_vocab - 1 if eot is None else eot
     padded_len = _bucket(len(prompt), config.n_ctx)
     cache_size = min(config.n_ctx, padded_len + length)

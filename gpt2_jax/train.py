@@ -1,4 +1,7 @@
-"""The training step: a pure function (state, batch, rng) -> (state, metrics), and the eval step."""
+"""The training step: a pure function (state, batch, rng) -> (state, metrics), its loss, and the eval step.
+
+steps.py compiles these over a mesh; evaluate.py reuses the loss.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gpt2_jax.evaluate import cross_entropy
 from gpt2_jax.model import GPT2, GPT2Config, tied_logits
 
 
@@ -24,6 +26,13 @@ class TrainState(flax.struct.PyTreeNode):
     def create(cls, params: Any, optimizer: optax.GradientTransformation) -> "TrainState":
         """A state at step 0 with a freshly initialised optimizer."""
         return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Per-position next-token cross-entropy in float32: logits [..., V], targets [...] -> [...]."""
+    logits = logits.astype(jnp.float32)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits, axis=-1) - target_logit
 
 
 def global_norm(tree: Any) -> jax.Array:

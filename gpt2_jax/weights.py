@@ -18,7 +18,7 @@ import numpy as np
 from gpt2_jax.checkpoints import is_run_dir, load_run_params
 from gpt2_jax.encoder import find_vocab, get_encoder
 from gpt2_jax.errors import UserError
-from gpt2_jax.model import GPT2Config, convert_layout, init_params
+from gpt2_jax.model import GPT2Config, convert_layout, param_shapes
 from gpt2_jax.tf_checkpoint import checkpoint_prefix, read_checkpoint
 
 Params = dict  # {"params": {...}} as returned by GPT2(config).init
@@ -42,11 +42,6 @@ def _tensor_names(n_layer: int) -> Iterator[TensorName]:
             yield TensorName((f"h_{i}", module, layer, "bias"), f"model/h{i}/{module}/{layer}/b", f"h.{i}.{module}.{layer}.bias")
     yield TensorName(("ln_f", "scale"), "model/ln_f/g", "ln_f.weight")
     yield TensorName(("ln_f", "bias"), "model/ln_f/b", "ln_f.bias")
-
-
-def param_shapes(config: GPT2Config) -> dict:
-    """Shapes and dtypes of the parameters, computed without allocating them."""
-    return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
 
 
 def _assemble(config: GPT2Config, fetch: Callable[[TensorName], np.ndarray | None], source: str) -> Params:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gpt2_jax.cli import main
-from gpt2_jax.data import WindowSampler, encode_to_file, load_dataset, resolve_paths
+from gpt2_jax.data import WindowSampler, encode_to_file, load_dataset, resolve_paths, split_tail
 from gpt2_jax.encoder import byte_level_encoder
 from gpt2_jax.errors import UserError
 
@@ -111,3 +111,15 @@ def test_files_are_encoded_in_parallel_with_identical_ids(texts, real_encoder, m
     parallel = load_dataset(texts, real_encoder, combine=60, progress=False)
     for a, b in zip(parallel, serial, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.5, 0.75])
+def test_split_tail_holds_out_the_end_deterministically_and_disjointly(fraction):
+    chunks = [np.arange(0, 40), np.arange(40, 50), np.arange(50, 100)]
+    head, tail = split_tail(chunks, fraction)
+    held = np.concatenate(tail)
+    assert len(held) == int(np.ceil(100 * fraction))
+    np.testing.assert_array_equal(np.concatenate(head + tail), np.arange(100))  # nothing lost, nothing shared
+    assert held[0] > np.concatenate(head).max()  # the tail is the end of the data
+    head2, tail2 = split_tail(chunks, fraction)
+    assert all(np.array_equal(a, b) for a, b in zip(head + tail, head2 + tail2))

@@ -208,8 +208,27 @@ def test_bad_settings_fail_before_any_compile(tmp_path, no_compile):
         loop.run(tiny_config(tmp_path, tmp_path / "t.txt", **{"data.seq_len": 64}))
     with pytest.raises(UserError, match="data.dataset is empty"):
         loop.run(tiny_config(tmp_path, "", **{"data.dataset": ""}))
+    with pytest.raises(UserError, match="data.val_split and data.val_dataset are both set"):
+        loop.run(tiny_config(tmp_path, tmp_path / "t.txt", **{"data.val_split": 0.1,
+                                                              "data.val_dataset": str(tmp_path / "t.txt")}))
+    with pytest.raises(UserError, match="sample.top_p=2.0: must be in"):
+        loop.run(tiny_config(tmp_path, tmp_path / "t.txt", **{"sample.sample_every": 5, "sample.top_p": 2.0}))
     with pytest.raises(UserError, match="model.name='355M': no model directory at .*gpt2-jax download 355M"):
         loop.run(tiny_config(tmp_path, tmp_path / "t.txt", **{"model.name": "355M", "model.models_dir": str(tmp_path)}))
+
+
+def test_val_split_validates_on_the_end_of_the_data_and_never_trains_on_it(tmp_path):
+    from gpt2_jax.encoder import get_encoder
+
+    (tmp_path / "t.txt").write_text("a" * 1800 + "b" * 200)  # byte-level: one token per character
+    encoder = get_encoder(TINY_MODEL)
+    config = tiny_config(tmp_path, tmp_path / "t.txt", **{"data.val_split": 0.1, "data.val_every": 1,
+                                                         "data.val_batch_count": 3})
+    sampler, val_batches = loop._datasets(config, encoder, 16, 0, is_main=False)
+    a, b = encoder.encode("a")[0], encoder.encode("b")[0]
+    trained = np.concatenate([sampler.batch(i, 64) for i in range(20)])
+    assert (trained == a).all()  # no window reaches the held-out tenth
+    assert len(val_batches) == 3 and all((v == b).all() for v in val_batches)
 
 
 def _launch(*args: str) -> subprocess.CompletedProcess:

@@ -12,9 +12,9 @@ import torch
 
 from conftest import FIXTURES, hf_logits, random_hf_model, save_hf_model, write_byte_vocab
 from gpt2_jax.errors import UserError
-from gpt2_jax.evaluate import cross_entropy
 from gpt2_jax.model import (GPT2, REMAT_POLICIES, GPT2Config, attention_implementation, convert_layout, init_cache,
                             init_params, preset, tied_logits, vocab_padding)
+from gpt2_jax.train import cross_entropy
 from gpt2_jax.weights import load_weights
 
 

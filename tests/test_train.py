@@ -9,10 +9,9 @@ import pytest
 
 from experiments import base
 from gpt2_jax.errors import UserError
-from gpt2_jax.evaluate import cross_entropy
 from gpt2_jax.model import GPT2, GPT2Config, init_params
 from gpt2_jax.optim import _decay_mask, learning_rate_schedule, make_optimizer
-from gpt2_jax.train import TrainState, add_noise, global_norm, loss_fn, make_train_step
+from gpt2_jax.train import TrainState, add_noise, cross_entropy, global_norm, loss_fn, make_train_step
 
 CONFIG = GPT2Config(n_vocab=97, n_ctx=16, n_embd=32, n_head=4, n_layer=2)
 

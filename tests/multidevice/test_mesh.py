@@ -17,8 +17,8 @@ from experiments import base
 from gpt2_jax import checkpoints, loop, parallel
 from gpt2_jax.errors import UserError
 from gpt2_jax.model import GPT2Config, init_params
-from gpt2_jax.optim import learning_rate_schedule, make_optimizer
-from gpt2_jax.train import TrainState, make_train_step
+from gpt2_jax.steps import build_steps, bytes_per_device
+from gpt2_jax.train import TrainState
 
 CONFIG = GPT2Config(n_vocab=96, n_ctx=16, n_embd=32, n_head=4, n_layer=1)
 
@@ -27,13 +27,12 @@ def test_eight_devices():
     assert len(jax.devices()) == 8
 
 
-def _step_fn(config, accumulate, optimizer="sgd"):
+def _steps(config, accumulate, mesh, optimizer="sgd", donate=True):
+    """The builder's steps on a mesh, and a step-0 state on one device."""
     train = base.get_config().train
-    train.learning_rate, train.optimizer = 1e-2, optimizer
-    params = init_params(config, jax.random.key(0))
-    optimizer = make_optimizer(train, params)
-    fn = make_train_step(config, optimizer, learning_rate_schedule(train), accumulate=accumulate, noise=0.0)
-    return fn, TrainState.create(params, optimizer)
+    train.learning_rate, train.optimizer, train.accumulate_gradients = 1e-2, optimizer, accumulate
+    steps = build_steps(config, train, mesh, donate=donate)
+    return steps, TrainState.create(init_params(config, jax.random.key(0)), steps.optimizer)
 
 
 @pytest.mark.parametrize("data, fsdp, accumulate, remat, dtype, optimizer", [
@@ -44,17 +43,16 @@ def _step_fn(config, accumulate, optimizer="sgd"):
 def test_mesh_step_equals_single_device_step(data, fsdp, accumulate, remat, dtype, optimizer):
     scan = optimizer == "adam"
     config = GPT2Config(**CONFIG.hparams(), remat=remat, dtype=dtype, scan_layers=scan)
-    fn, state = _step_fn(config, accumulate, optimizer)
+    mesh = parallel.make_mesh(data, fsdp)
+    steps, state = _steps(config, accumulate, mesh, optimizer, donate=False)
     batch = np.random.default_rng(0).integers(0, CONFIG.n_vocab, (16 * accumulate, CONFIG.n_ctx + 1)).astype(np.int32)
     key = jax.random.key(1)
     single = jax.device_put(state, jax.devices()[0])
-    ref_state, ref_metrics = jax.jit(fn)(single, jax.device_put(batch, jax.devices()[0]), key)
+    ref_state, ref_metrics = jax.jit(steps.step_fn)(single, jax.device_put(batch, jax.devices()[0]), key)
 
-    mesh = parallel.make_mesh(data, fsdp)
-    step, state_sh, batch_sh = parallel.shard_train_step(fn, mesh, jax.eval_shape(lambda: state), donate=False)
-    sharded = parallel.put_tree(state, state_sh)
-    new_state, metrics = step(sharded, parallel.global_batch(batch, batch_sh),
-                              jax.device_put(key, parallel.replicated(mesh)))
+    sharded = parallel.put_tree(state, steps.state_sharding)
+    new_state, metrics = steps.train_step(sharded, parallel.global_batch(batch, steps.batch_sharding),
+                                          jax.device_put(key, parallel.replicated(mesh)))
     tol = 1e-5 if dtype == "float32" else 2e-2
     np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=tol)
     # Adam's first step is lr * g / |g|: float noise in a ~0 gradient moves it, so allow 1% of a step
@@ -68,21 +66,18 @@ def test_mesh_step_equals_single_device_step(data, fsdp, accumulate, remat, dtyp
 
 
 def test_fsdp_really_shards_params_and_optimizer_state():
-    fn, state = _step_fn(CONFIG, 1, "adam")
-    mesh = parallel.make_mesh(1, 8)
-    _, state_sh, _ = parallel.shard_train_step(fn, mesh, jax.eval_shape(lambda: state))
-    sharded = parallel.put_tree(state, state_sh)
+    steps, state = _steps(CONFIG, 1, parallel.make_mesh(1, 8), "adam")
+    sharded = parallel.put_tree(state, steps.state_sharding)
     total = sum(x.nbytes for x in jax.tree.leaves(state.params))
-    per_device = parallel.bytes_per_device(sharded.params)
+    per_device = bytes_per_device(sharded.params)
     assert per_device <= total / 8 * 1.1  # every leaf here has an axis 8 divides
-    assert parallel.bytes_per_device(sharded.opt_state) <= sum(
+    assert bytes_per_device(sharded.opt_state) <= sum(
         x.nbytes for x in jax.tree.leaves(state.opt_state)) / 8 * 1.1
     wte = sharded.params["params"]["wte"]
     assert wte.sharding.spec == jax.sharding.PartitionSpec("fsdp", None)  # 96 x 32: the larger axis
     assert {s.data.shape for s in wte.addressable_shards} == {(12, 32)}
-    replicated = parallel.put_tree(state, parallel.shard_train_step(fn, parallel.make_mesh(8, 1),
-                                                                     jax.eval_shape(lambda: state))[1])
-    assert parallel.bytes_per_device(replicated.params) == total
+    replicated = parallel.put_tree(state, _steps(CONFIG, 1, parallel.make_mesh(8, 1), "adam")[0].state_sharding)
+    assert bytes_per_device(replicated.params) == total
 
 
 def test_bad_mesh_and_batch_are_clear_errors():

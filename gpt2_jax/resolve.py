@@ -1,0 +1,110 @@
+"""From an experiment config to what a run starts from: the model config, its params and tokenizer,
+and whether (and from where) to resume. Used by the loop, `launch.py --dry_run` and the ablation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+
+from gpt2_jax import checkpoints
+from gpt2_jax.encoder import Encoder, byte_level_encoder, get_encoder
+from gpt2_jax.errors import UserError
+from gpt2_jax.model import PRESETS, GPT2Config, init_params, preset
+from gpt2_jax.weights import load_weights, read_config
+
+
+def find_vocab_dir(config: Any) -> Path | None:
+    """For training from scratch: the configured vocabulary, else a GPT-2 vocabulary found locally."""
+    if config.model.vocab:
+        return None if config.model.vocab == "bytes" else Path(config.model.vocab)
+    candidates = sorted(Path(config.model.models_dir).glob("*/encoder.json"))
+    shared = os.environ.get("GPT2_JAX_SHARED")
+    candidates += [Path(shared) / "gpt2" / "encoder.json"] if shared else []
+    candidates += [Path("../shared/gpt2/encoder.json")]
+    return next((c.parent for c in candidates if c.is_file() and (c.parent / "vocab.bpe").is_file()), None)
+
+
+def model_dir_of(config: Any) -> Path:
+    """The pretrained model directory named by model.name: a path, or a size under model.models_dir."""
+    name = config.model.name
+    path = Path(name) if Path(name).is_dir() or name not in PRESETS else Path(config.model.models_dir) / name
+    if not path.is_dir():
+        hint = f"; run `gpt2-jax download {name} --models_dir {config.model.models_dir}`" if name in PRESETS else ""
+        raise UserError(f"model.name={name!r}: no model directory at {path}{hint}")
+    return path
+
+
+def _compute_settings(config: Any) -> dict[str, Any]:
+    """The GPT2Config fields that say how to compute, not what the model is."""
+    m = config.model
+    return dict(dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers, vocab_multiple=m.vocab_multiple,
+                attention=m.attention)
+
+
+def _scratch_encoder(config: Any) -> Encoder:
+    vocab_dir = find_vocab_dir(config)
+    return get_encoder(vocab_dir) if vocab_dir else byte_level_encoder()
+
+
+def _scratch_config(config: Any, n_vocab: int) -> GPT2Config:
+    m = config.model
+    return GPT2Config(n_vocab=n_vocab, n_ctx=m.n_ctx, n_embd=m.n_embd, n_head=m.n_head, n_layer=m.n_layer,
+                      **_compute_settings(config))
+
+
+def model_config_of(config: Any) -> GPT2Config:
+    """The model's config as the experiment would train it, without loading any weights."""
+    if config.model.from_scratch:
+        return _scratch_config(config, _scratch_encoder(config).n_vocab)
+    name = config.model.name
+    if name in PRESETS and not (Path(config.model.models_dir) / name).is_dir() and not Path(name).is_dir():
+        return preset(name, **_compute_settings(config))  # the released shape, before it is downloaded
+    return read_config(model_dir_of(config), **_compute_settings(config))
+
+
+def initial_model(config: Any, resume_dir: Path | None) -> tuple[GPT2Config, Any, Encoder]:
+    """Model config, starting params (None when resuming: the checkpoint supplies them) and tokenizer."""
+    if resume_dir is not None:
+        hparams = json.loads((resume_dir / "hparams.json").read_text())
+        return GPT2Config(**hparams, **_compute_settings(config)), None, get_encoder(resume_dir)
+    if config.model.from_scratch:
+        encoder = _scratch_encoder(config)
+        model_config = _scratch_config(config, encoder.n_vocab)
+        return model_config, init_params(model_config, jax.random.key(config.seed)), encoder
+    model_dir = model_dir_of(config)
+    model_config, params = load_weights(model_dir, **_compute_settings(config))
+    return model_config, params, get_encoder(model_dir)
+
+
+class Resume(NamedTuple):
+    """Where a run resumes from: a run directory and one of its steps."""
+
+    run_dir: Path
+    step: int
+
+
+def decide_resume(restore_from: str, run_dir: Path) -> Resume | None:
+    """checkpoint.restore_from for a run writing to run_dir: what to restore, or None to start anew.
+
+    "latest": the run's newest checkpoint, if it has one; "fresh": start anew, refusing a run
+    directory that already holds checkpoints; a path: that run directory (its newest step) or step
+    directory, refusing to write its continuation into another run's directory.
+    """
+    run_dir = Path(run_dir).absolute()
+    existing = checkpoints.make_manager(run_dir, read_only=True).latest_step() if run_dir.is_dir() else None
+    if restore_from == "latest":
+        return Resume(run_dir, existing) if existing is not None else None
+    if restore_from == "fresh":
+        if existing is not None:
+            raise UserError(f"checkpoint.restore_from=fresh but {run_dir} already holds checkpoints up to step "
+                            f"{existing}; pick another run_name, or restore_from=latest to resume (nothing was deleted)")
+        return None
+    resume = Resume(*checkpoints.resolve_checkpoint(Path(restore_from)))
+    if existing is not None and resume.run_dir != run_dir:
+        raise UserError(f"{run_dir} already holds checkpoints; restore {restore_from} under a new run_name")
+    return resume

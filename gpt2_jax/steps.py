@@ -1,0 +1,124 @@
+"""The one place the training step is assembled, and what XLA says a compiled step costs.
+
+`build_steps(model config, train config, mesh)` makes the optimizer, the abstract sharded state,
+the jitted train and eval steps and their shardings; the loop, resume, `launch.py --dry_run`, the
+remat ablation and the benchmarks all call it, so a change to the step's signature is made here and
+in train.py only. Below it: XLA's FLOPs and memory of a compiled step, device peaks for MFU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from gpt2_jax import parallel
+from gpt2_jax.model import GPT2Config, param_shapes
+from gpt2_jax.optim import learning_rate_schedule, make_optimizer
+from gpt2_jax.train import TrainState, make_eval_step, make_train_step
+
+
+def abstract_state(model_config: GPT2Config, train: Any, mesh: Mesh) -> tuple[optax.GradientTransformation, TrainState]:
+    """The optimizer and the train state as ShapeDtypeStructs carrying their shardings on the mesh
+    (params and optimizer state replicated, or FSDP-sharded; the step counter replicated)."""
+    params = param_shapes(model_config)
+    optimizer = make_optimizer(train, params)
+    state = jax.eval_shape(lambda: TrainState.create(params, optimizer))  # nothing allocated
+    shardings = state.replace(step=parallel.replicated(mesh), params=parallel.state_shardings(mesh, state.params),
+                              opt_state=parallel.state_shardings(mesh, state.opt_state))
+    return optimizer, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+    """The compiled-on-first-call train and eval steps of one (model config, train config, mesh)."""
+
+    mesh: Mesh
+    optimizer: optax.GradientTransformation
+    abstract_state: TrainState  # ShapeDtypeStructs with shardings
+    state_sharding: TrainState  # NamedShardings, one per leaf
+    batch_sharding: NamedSharding  # windows [rows, T+1] split by rows over every device
+    step_fn: Callable  # the pure step (state, batch, rng) -> (state, metrics), before jit
+    train_step: Callable  # jitted over the mesh; donates the state it is given
+    eval_step: Callable  # jitted (params, batch) -> mean loss (replicated)
+
+    def init_state(self, params: Any) -> TrainState:
+        """A step-0 state on the mesh from params (host or device arrays), the optimizer freshly initialised."""
+        params = parallel.put_tree(params, self.state_sharding.params)
+        return jax.jit(lambda p: TrainState.create(p, self.optimizer), out_shardings=self.state_sharding)(params)
+
+    def abstract_inputs(self, rows: int, seq_len: int) -> tuple:
+        """The train step's arguments as ShapeDtypeStructs: state, a batch of `rows` windows, an rng key."""
+        batch = jax.ShapeDtypeStruct((rows, seq_len + 1), np.int32, sharding=self.batch_sharding)
+        return self.abstract_state, batch, jax.eval_shape(lambda: jax.random.key(0))
+
+    def compile(self, rows: int, seq_len: int) -> Any:
+        """The train step compiled ahead of time for `rows` windows of `seq_len` tokens, allocating nothing."""
+        return self.train_step.lower(*self.abstract_inputs(rows, seq_len)).compile()
+
+
+def build_steps(model_config: GPT2Config, train: Any, mesh: Mesh, *, donate: bool = True) -> Steps:
+    """The sharded train and eval steps for a model, the `train` config section and a device mesh."""
+    optimizer, state = abstract_state(model_config, train, mesh)
+    step_fn = make_train_step(model_config, optimizer, learning_rate_schedule(train),
+                              accumulate=train.accumulate_gradients, noise=train.noise, loss_chunk=train.loss_chunk)
+    state_sh = jax.tree.map(lambda a: a.sharding, state)
+    batch_sh, repl = parallel.batch_sharding(mesh), parallel.replicated(mesh)
+    train_step = jax.jit(parallel.with_mesh_rules(step_fn, mesh), in_shardings=(state_sh, batch_sh, repl),
+                         out_shardings=(state_sh, repl), donate_argnums=0 if donate else ())
+    eval_step = jax.jit(parallel.with_mesh_rules(make_eval_step(model_config), mesh),
+                        in_shardings=(state_sh.params, batch_sh), out_shardings=repl)
+    return Steps(mesh, optimizer, state, state_sh, batch_sh, step_fn, train_step, eval_step)
+
+
+# --- What a compiled step costs -------------------------------------------------------------------
+
+def compiled_stats(compiled: Any) -> dict[str, float]:
+    """XLA's FLOPs and per-device memory (bytes) of a compiled executable."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    mem = compiled.memory_analysis()
+    return {"flops": float(cost.get("flops", 0.0)), "argument_bytes": mem.argument_size_in_bytes,
+            "output_bytes": mem.output_size_in_bytes, "temp_bytes": mem.temp_size_in_bytes,
+            "alias_bytes": mem.alias_size_in_bytes,
+            "peak_bytes": mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+            - mem.alias_size_in_bytes}
+
+
+def bytes_per_device(tree: Any) -> int:
+    """Bytes of the first local device's shards of every array in the tree."""
+    device = jax.local_devices()[0]
+    return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards if s.device == device)
+
+
+# XLA's CPU backend schedules for concurrency by default, keeping activations alive that remat frees;
+# its memory-minimising scheduler gives memory figures that reflect remat, as accelerators' do.
+MEMORY_FAITHFUL_CPU_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
+def use_memory_faithful_cpu_scheduler() -> None:
+    """Compile CPU programs with the memory-minimising scheduler; call before JAX starts its backend."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if MEMORY_FAITHFUL_CPU_FLAG not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {MEMORY_FAITHFUL_CPU_FLAG}".strip()
+
+
+# Dense bf16 peak FLOP/s by device kind (a substring of jax's device_kind, matched case-insensitively).
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "TPU v4": 275e12,
+                   "TPU v5 lite": 197e12, "TPU v5": 459e12, "TPU v6 lite": 918e12}
+
+
+def peak_bf16_flops(device_kind: str) -> float | None:
+    """The dense bf16 peak of a device kind ('NVIDIA H100 80GB HBM3', 'h200', ...), None when unknown."""
+    kind = device_kind.lower()
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k.lower() in kind), None)
+
+
+def flops_per_token(model_config: GPT2Config, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the weights plus 12·L·T·C for attention (PaLM's formula)."""
+    return 6 * model_config.num_params() + 12 * model_config.n_layer * seq_len * model_config.n_embd
