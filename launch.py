@@ -150,7 +150,7 @@ def main(argv: list[str]) -> None:
         result = run(config)
     except UserError as e:
         print(f"launch.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(e.exit_code)
     print(f"done: step {result['step']}, checkpoints in {result['run_dir']}")
 
 

@@ -1,13 +1,18 @@
 """Tokenizer throughput: gpt2_jax's encode vs tiktoken's "gpt2" encoding, ids checked identical.
 
     python bench/tokenizer.py [--corpus FILE] [--repeat N] [--smoke]
+    python bench/tokenizer.py --file_mb 300     # `gpt2-jax encode` of a 300 MB file: MB/s and peak memory
 
-Prints a markdown table (MB/s, ratio) and appends it to BENCHMARKS.md unless --no_record.
+Prints a markdown table (MB/s, ratio) and appends it to BENCHMARKS.md unless --no_record. --file_mb
+writes the corpus repeated to that size, runs `gpt2-jax encode FILE OUT.bin` (streamed, every core)
+while sampling the resident memory of its whole process tree, and times tiktoken's batch API with
+all cores on the same text; the ids must be identical.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 from pathlib import Path
@@ -36,10 +41,88 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--corpus", type=Path, default=None, help="text file (default: shared tinyshakespeare)")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per row (median reported)")
     parser.add_argument("--large_factor", type=int, default=16, help="the large corpus is the corpus repeated N times")
+    parser.add_argument("--file_mb", type=float, default=0, help="instead: encode a file of this many MB to .bin")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script runs")
     parser.add_argument("--no_record", action="store_true", help="do not append to BENCHMARKS.md")
     parser.add_argument("--out", type=Path, default=None, help="also append the table to this file")
     return parser
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Resident memory of a process and all its descendants (Linux /proc)."""
+    total, stack = 0, [pid]
+    while stack:
+        p = stack.pop()
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+            total += int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("VmRSS:"))) * 1024
+            for task in Path(f"/proc/{p}/task").iterdir():
+                stack += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, StopIteration):
+            continue
+    return total
+
+
+def encode_file(args, corpus: Path, shared: Path, theirs) -> None:
+    """`gpt2-jax encode` of a large file: MB/s and the process tree's peak memory, against tiktoken's batch API."""
+    import subprocess
+    import tempfile
+    import threading
+    import time
+
+    import numpy as np
+
+    text = corpus.read_text(encoding="utf-8")
+    with tempfile.TemporaryDirectory(dir=args.out.parent if args.out else None) as tmp:
+        big = Path(tmp) / "corpus.txt"
+        target = int(args.file_mb * 1e6)
+        with open(big, "w", encoding="utf-8") as f:
+            written = 0
+            while written < target:
+                f.write(text)
+                written += len(text.encode("utf-8"))
+        mb = big.stat().st_size / 1e6
+        proc = subprocess.Popen([sys.executable, "-m", "gpt2_jax", "encode", str(big), str(Path(tmp) / "out.bin"),
+                                 "--model_dir", str(shared / "gpt2")], cwd=common.REPO, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        peak = [0]
+
+        def sample() -> None:
+            while proc.poll() is None:
+                peak[0] = max(peak[0], tree_rss_bytes(proc.pid))
+                time.sleep(0.05)
+
+        sampler = threading.Thread(target=sample)
+        t0 = time.perf_counter()
+        sampler.start()
+        assert proc.wait() == 0, "gpt2-jax encode failed"
+        ours_s = time.perf_counter() - t0
+        sampler.join()
+        # tiktoken on the same text, a batch of blocks at a time (cut where no pre-token crosses, so the
+        # ids concatenate to the whole file's), compared with ours as it goes: memory stays bounded
+        from gpt2_jax.data import read_blocks
+
+        ours = np.memmap(Path(tmp) / "out.bin", np.uint16, mode="r")
+        tik_s, at, batch = 0.0, 0, []
+        blocks = read_blocks(big, block_chars=1 << 20)
+        for block in itertools.chain(blocks, [None]):
+            if block is not None:
+                batch.append(block[0])
+            if len(batch) == 64 or (block is None and batch):
+                t0 = time.perf_counter()
+                ids = theirs.encode_ordinary_batch(batch, num_threads=os.cpu_count() or 1)
+                tik_s += time.perf_counter() - t0
+                for x in ids:
+                    assert np.array_equal(ours[at:at + len(x)], x), "ids differ from tiktoken"
+                    at += len(x)
+                batch = []
+        assert at == len(ours), "ids differ from tiktoken"
+    rows = [(f"{corpus.name} repeated to {mb:,.0f} MB", f"{mb / ours_s:.2f}", f"{peak[0] / 2**20:,.0f}",
+             f"{mb / tik_s:.2f}", f"{tik_s / ours_s:.2f}", "yes")]
+    table = common.table(f"Streaming encode to .bin, all {os.cpu_count()} cores (gpt2-jax encode FILE OUT.bin)",
+                         ["input", "gpt2_jax MB/s", "peak RSS of its processes MiB",
+                          "tiktoken MB/s (batch, all cores)", "ratio", "ids identical"], rows)
+    common.report(table, record=not args.no_record and not args.smoke, out=args.out)
 
 
 def main() -> None:
@@ -47,6 +130,8 @@ def main() -> None:
     args = arguments().parse_args()
     shared = shared_path()
     corpus = args.corpus or shared / "data" / "tinyshakespeare.txt"
+    if args.file_mb:
+        return encode_file(args, corpus, shared, tiktoken_gpt2(shared / "gpt2"))
     text = corpus.read_text(encoding="utf-8")
     if args.smoke:
         text, args.repeat, args.large_factor = text[:20000], 1, 2

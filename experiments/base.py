@@ -49,6 +49,7 @@ def get_config() -> ConfigDict:
     c.data.val_batch_size = 2  # --val_batch_size
     c.data.val_batch_count = 40  # --val_batch_count: a fixed set of batches, drawn once with a fixed seed
     c.data.val_every = 0  # --val_every: validate every N steps (0 = never)
+    c.data.allow_changed = False  # resume although the data differ from what the run started on (not exact then)
 
     c.train = ConfigDict()
     c.train.batch_size = 1  # --batch_size: windows per micro-batch (the global batch across devices)
@@ -69,6 +70,7 @@ def get_config() -> ConfigDict:
     c.train.noise = 0.0  # --noise: replace each input token by a random one with this probability
     c.train.loss_chunk = 0  # > 0: cross-entropy over this many positions at a time, never all [B, T, V] logits
     c.train.total_steps = 0  # stop after this many steps (0 = run until Ctrl-C, as the original)
+    c.train.dispatch_ahead = False  # queue step N+1 before reading step N's metrics (checks, logs, stops one step late)
     c.train.peak_tflops = 0.0  # device peak for MFU; 0 = known accelerators in bfloat16, otherwise not shown
 
     c.sample = ConfigDict()

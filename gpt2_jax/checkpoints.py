@@ -5,24 +5,39 @@ A run directory (`WORKDIR/checkpoint/RUN_NAME/`) holds the orbax step directorie
 `gpt2-jax sample`, `evaluate` and `export`. Orbax writes each step under a temporary name and
 renames it when complete, so a run killed mid-save restores from the last complete step.
 
+Every saved array's checksum (two 32-bit sums of its words, computed on the devices) is stored in
+the step's metadata and verified on every restore; a step that cannot be read or does not verify is
+skipped for the newest one that does, and a resumed run sets it aside under `damaged/` (never
+deleted, never counted towards `keep`). A save checks the free space first, and any write failure
+becomes one StorageError line with the partial step removed.
+
 This module owns reading a run directory (is_run_dir, resolve_checkpoint, load_run_params);
 weights.py lists it among the model-directory layouts it reads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import gc
 import json
+import logging
+import shutil
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
-from gpt2_jax.errors import UserError
+from gpt2_jax.errors import StorageError, UserError, reason
 from gpt2_jax.model import GPT2Config, convert_layout, param_shapes
 
 RUN_CONFIG = "run_config.json"
+DAMAGED = "damaged"  # where a resumed run sets aside the steps that failed to verify
 
 
 def is_run_dir(path: Path) -> bool:
@@ -30,11 +45,37 @@ def is_run_dir(path: Path) -> bool:
     return (path / RUN_CONFIG).is_file() and (path / "hparams.json").is_file()
 
 
+class _QuietReadOnly(logging.Filter):
+    """Drops orbax's notice that a read-only manager is read-only (logged for every restore)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "read only" not in record.getMessage() and "read_only=True" not in record.getMessage()
+
+
+class _AbandonedSaveFutures(logging.Filter):
+    """Drops asyncio's "exception was never retrieved" for futures an aborted orbax save left behind:
+    CheckpointWriter has already reported that failure, in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "exception was never retrieved" not in record.getMessage():
+            return True
+        error = (record.exc_info or (None, None, None))[1] or getattr(record, "exception", None)
+        context = getattr(record, "context", None) or {}
+        error = error or context.get("exception")
+        text = f"{record.getMessage()} {error!r}"
+        return "orbax" not in text and "ocdbt" not in text.lower() and "RESOURCE_EXHAUSTED" not in text
+
+
+logging.getLogger("absl").addFilter(_QuietReadOnly())
+logging.getLogger("asyncio").addFilter(_AbandonedSaveFutures())
+
+
 def make_manager(run_dir: Path, *, keep: int = 5, keep_every_hours: float = 0.0, async_save: bool = True,
                  read_only: bool = False) -> ocp.CheckpointManager:
     """An orbax CheckpointManager keeping the last `keep` steps plus one every `keep_every_hours`."""
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep or None,
+        max_to_keep=None if read_only else keep or None,
+        save_interval_steps=0 if read_only else 1,
         keep_time_interval=datetime.timedelta(hours=keep_every_hours) if keep_every_hours > 0 else None,
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=not read_only,  # remove what a killed save left behind
@@ -45,29 +86,263 @@ def make_manager(run_dir: Path, *, keep: int = 5, keep_every_hours: float = 0.0,
                                  item_names=("params", "opt_state", "meta"))
 
 
-def save(manager: ocp.CheckpointManager, step: int, params: Any, opt_state: Any, meta: dict) -> None:
-    """Start saving one step (asynchronously when the manager is async)."""
-    manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                               opt_state=ocp.args.StandardSave(opt_state),
-                                               meta=ocp.args.JsonSave(meta)), force=True)
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
+
+# --- Checksums -------------------------------------------------------------------------------------
+
+def _checksum(x: jax.Array) -> jax.Array:
+    """[2] uint32: the sum of an array's words and their sum weighted by (2 x position + 1), both mod 2^32.
+
+    Any change to one word changes both (odd weights are invertible mod 2^32); the sums are exact in
+    any order, so the result does not depend on how the array is sharded.
+    """
+    size = jnp.dtype(x.dtype).itemsize
+    word = {1: jnp.uint8, 2: jnp.uint16}.get(size, jnp.uint32)
+    w = jax.lax.bitcast_convert_type(x, word).astype(jnp.uint32)  # 8-byte types gain a trailing [2]
+    position = jnp.zeros(w.shape, jnp.uint32)
+    for axis in range(w.ndim):  # row-major index, without a reshape that would move shards around
+        position = position * jnp.uint32(w.shape[axis]) + jax.lax.broadcasted_iota(jnp.uint32, w.shape, axis)
+    return jnp.stack([jnp.sum(w, dtype=jnp.uint32), jnp.sum(w * (2 * position + 1), dtype=jnp.uint32)])
+
+
+_checksum_tree = jax.jit(lambda tree: jax.tree.map(_checksum, tree))
+
+
+def checksums(tree: Any) -> dict[str, str]:
+    """Path -> 16 hex digits for every array of a tree, computed where the arrays live."""
+    sums = jax.device_get(_checksum_tree(tree))
+    return {jax.tree_util.keystr(path): f"{int(s[0]):08x}{int(s[1]):08x}"
+            for path, s in jax.tree_util.tree_leaves_with_path(sums)}
+
+
+class Damaged(Exception):
+    """A checkpoint step that cannot be read or does not match its recorded checksums."""
+
+
+def _verify(tree: Any, recorded: dict[str, str], item: str) -> None:
+    actual = checksums(tree)
+    bad = [k for k in actual if recorded.get(k) != actual[k]]
+    if bad:
+        raise Damaged(f"{len(bad)} of {len(actual)} arrays do not match their checksums, first {item}{bad[0]}")
+
+
+# --- Saving ----------------------------------------------------------------------------------------
+
+def _directory_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+class CheckpointWriter:
+    """Saves steps through an orbax manager with checksums, a free-space check before each save, and
+    every write failure (synchronous or asynchronous) turned into one StorageError line."""
+
+    def __init__(self, run_dir: Path, *, keep: int = 5, keep_every_hours: float = 0.0, async_save: bool = True):
+        self.run_dir = Path(run_dir).absolute()
+        self.manager = make_manager(self.run_dir, keep=keep, keep_every_hours=keep_every_hours,
+                                    async_save=async_save)
+        self._saving: tuple[int, int] | None = None  # (step, bytes it needs) of the save in flight
+        self._failed = False
+
+    def latest_step(self) -> int | None:
+        """The newest complete step."""
+        return self.manager.latest_step()
+
+    def _needed_bytes(self, params: Any, opt_state: Any) -> int:
+        """The newest checkpoint's size on disk, else (first save) the bytes of its arrays."""
+        latest = self.manager.latest_step()
+        if latest is not None and (self.run_dir / str(latest)).is_dir():
+            return _directory_bytes(self.run_dir / str(latest))
+        return sum(x.nbytes for x in jax.tree.leaves((params, opt_state)))
+
+    def save(self, step: int, params: Any, opt_state: Any, meta: dict) -> None:
+        """Start saving one step (in the background when async), after checking it fits on the disk."""
+        self.wait()  # a failure of the previous (background) save is reported as that step's
+        needed = self._needed_bytes(params, opt_state)
+        free = shutil.disk_usage(self.run_dir).free
+        if not _all_agree(needed <= free):  # every process stops, or none (the save is collective)
+            raise StorageError(f"not saving step {step} to {self.run_dir}: a checkpoint needs about "
+                               f"{_size(needed)} but only {_size(free)} is free on that disk; nothing was written and "
+                               f"{self.intact()}")
+        meta = {**meta, "checksums": {"params": checksums(params), "opt_state": checksums(opt_state)}}
+        self._saving = (step, needed)
+        try:
+            self.manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                                            opt_state=ocp.args.StandardSave(opt_state),
+                                                            meta=ocp.args.JsonSave(meta)), force=True)
+        except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many types for an I/O failure
+            self._fail(e)
+
+    def check(self) -> None:
+        """Raise the StorageError of a background save that failed (cheap; call it every step)."""
+        try:
+            self.manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001
+            self._fail(e)
+
+    def wait(self) -> None:
+        """Wait for the save in flight; a failure raises its StorageError."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            self._fail(e)
+
+    def close(self) -> None:
+        """Finish the save in flight and release orbax's threads (quietly after a reported failure)."""
+        try:
+            if not self._failed:
+                self.wait()
+        finally:
+            try:
+                self.manager.close()
+            except Exception:  # noqa: BLE001 - after a failure that was already reported
+                if not self._failed:
+                    raise
+
+    def intact(self) -> str:
+        """What a failed write left intact, as the end of a sentence."""
+        latest = self.manager.latest_step()
+        if latest is None:
+            return "no earlier checkpoint exists"
+        return f"earlier checkpoints are intact (restore_from=latest resumes from step {latest})"
+
+    def _fail(self, error: Exception) -> None:
+        """One line for a failed write: the path, what failed, the space needed and free; partial step removed."""
+        if self._failed:
+            raise StorageError("checkpoint writing failed earlier (see above)") from None
+        self._failed = True
+        step, needed = self._saving or (None, 0)
+        try:
+            self.manager.wait_until_finished()  # let orbax's threads end before the files go
+        except Exception:  # noqa: BLE001 - the same failure, already in hand
+            pass
+        if jax.process_index() == 0 and step is not None:
+            for partial in self.run_dir.glob(f"{step}.orbax-checkpoint-tmp*"):
+                shutil.rmtree(partial, ignore_errors=True)
+        cause = reason(error)
+        free = shutil.disk_usage(self.run_dir).free
+        raise StorageError(f"could not write checkpoint step {step} to {self.run_dir}: {cause}; a checkpoint needs "
+                           f"about {_size(needed)} and {_size(free)} is free; the partial step was removed, "
+                           f"{self.intact()}") from None
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+# --- Restoring -------------------------------------------------------------------------------------
 
 def _abstract(tree: Any) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
 
 
-def restore(manager: ocp.CheckpointManager, step: int, params: Any, opt_state: Any) -> tuple[Any, Any, dict]:
-    """Params, optimizer state and metadata of `step`, laid out like the given (abstract or real) trees."""
-    restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(params)),
-                                                             opt_state=ocp.args.StandardRestore(_abstract(opt_state)),
-                                                             meta=ocp.args.JsonRestore()))
-    return restored.params, restored.opt_state, dict(restored.meta)
+def _all_agree(ok: bool) -> bool:
+    """Whether every process's `ok` is true (each process reads its own shards, so a read can fail on one)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
+@contextlib.contextmanager
+def _unraisable_ignored():
+    """After a failed read, orbax leaves read coroutines that raised un-awaited, and Python would print
+    each one's traceback ("Exception ignored in ...") when collected; the failure is reported once, by us."""
+    previous = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: None
+    try:
+        yield
+        gc.collect()
+    finally:
+        sys.unraisablehook = previous
+
+
+def restore_verified(run_dir: Path, step: int, params: Any, opt_state: Any | None = None) -> tuple[Any, Any, dict]:
+    """Params, optimizer state (when a target is given) and metadata of one step, laid out like the given
+    (abstract or real) trees, every array checked against its recorded checksum; raises Damaged."""
+    items = {"params": ocp.args.StandardRestore(_abstract(params)), "meta": ocp.args.JsonRestore()}
+    if opt_state is not None:
+        items["opt_state"] = ocp.args.StandardRestore(_abstract(opt_state))
+    failure = None  # kept as text: the exception's traceback would keep orbax's abandoned coroutines alive
+    with _unraisable_ignored():
+        try:
+            restored = make_manager(run_dir, read_only=True).restore(step, args=ocp.args.Composite(**items))
+            meta = dict(restored.meta)
+        except Exception as e:  # noqa: BLE001 - a damaged step fails inside orbax/tensorstore in many ways
+            failure = reason(e)
+    if not _all_agree(failure is None):
+        raise Damaged(f"cannot be read ({failure})" if failure else "cannot be read on another process")
+    p, o = restored.params, (restored.opt_state if opt_state is not None else None)
+    recorded = meta.get("checksums")
+    if recorded is None:
+        _warn(f"step {step} of {run_dir} has no checksums (saved before gpt2-jax recorded them): not verified")
+        return p, o, meta
+    _verify(p, recorded.get("params", {}), "params")
+    if o is not None:
+        _verify(o, recorded.get("opt_state", {}), "opt_state")
+    return p, o, meta
+
+
+def restore_newest(run_dir: Path, steps: list[int], params: Any, opt_state: Any | None = None, *,
+                   set_aside: bool = False) -> tuple[int, Any, Any, dict]:
+    """(step, params, optimizer state, metadata) of the newest of `steps` that reads and verifies.
+
+    Each one that fails is named in a warning; with set_aside (a run resuming itself) those newer than
+    the one restored are moved to RUN/damaged/STEP.TIME, never deleted and out of orbax's sight (so
+    they never count towards `keep`). When none verifies: a UserError, and nothing is moved.
+    """
+    run_dir = Path(run_dir).absolute()
+    failed = []
+    for step in sorted(steps, reverse=True):
+        try:
+            p, o, meta = restore_verified(run_dir, step, params, opt_state)
+        except Damaged as e:
+            failed.append((step, str(e)))
+            more = "; trying an older one" if step != min(steps) else ""
+            _warn(f"checkpoint step {step} in {run_dir} {e}{more}")
+            continue
+        if set_aside and failed and jax.process_index() == 0:
+            stamp = time.strftime("%Y%m%dT%H%M%S")
+            for bad, _ in failed:
+                (run_dir / DAMAGED).mkdir(exist_ok=True)
+                (run_dir / str(bad)).rename(run_dir / DAMAGED / f"{bad}.{stamp}")
+                _warn(f"moved the damaged step {bad} to {run_dir / DAMAGED / f'{bad}.{stamp}'}")
+        if set_aside and failed and jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("damaged checkpoints set aside")
+        return step, p, o, meta
+    tried = "; ".join(f"step {s}: {why}" for s, why in failed)
+    raise UserError(f"no checkpoint in {run_dir} can be used ({tried}); nothing was deleted or moved. "
+                    "Restore another run or step with checkpoint.restore_from=PATH, or start anew under another "
+                    "run_name")
 
 
 def read_meta(run_dir: Path, step: int) -> dict:
     """The metadata (step, seed, ...) saved with one step, without reading any array."""
     manager = make_manager(run_dir, read_only=True)
     return dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+
+
+def read_seed(run_dir: Path, steps: list[int]) -> int | None:
+    """The run's seed from the newest of `steps` whose metadata reads (every step of a run records the same)."""
+    for step in sorted(steps, reverse=True):
+        try:
+            return int(read_meta(run_dir, step)["seed"])
+        except Exception:  # noqa: BLE001 - a damaged step; restore_newest reports it
+            continue
+    return None
+
+
+def steps_of(run_dir: Path) -> list[int]:
+    """The complete steps of a run directory, oldest first."""
+    return sorted(make_manager(run_dir, read_only=True).all_steps())
 
 
 def resolve_checkpoint(path: Path) -> tuple[Path, int]:
@@ -92,13 +367,15 @@ def saved_scan_layers(run_dir: Path) -> bool:
 
 
 def load_run_params(run_dir: Path, **overrides) -> tuple[GPT2Config, Any]:
-    """Config and params of a run directory's latest checkpoint (the optimizer state is not read)."""
+    """Config and params of a run directory's newest checkpoint that verifies, or of one step directory
+    (the optimizer state is not read)."""
+    path = Path(run_dir).absolute()
+    run_dir, step = resolve_checkpoint(path)
     hparams = json.loads((run_dir / "hparams.json").read_text())
     config = GPT2Config(**hparams, **overrides)
-    run_dir, step = resolve_checkpoint(run_dir)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # whatever mesh wrote it
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                           param_shapes(GPT2Config(**hparams, scan_layers=saved_scan_layers(run_dir))))
-    manager = make_manager(run_dir, read_only=True)
-    restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(shapes)))
-    return config, convert_layout(restored.params, config.scan_layers)
+    candidates = [step] if path != run_dir else [s for s in steps_of(run_dir) if s <= step]
+    _, params, _, _ = restore_newest(run_dir, candidates, shapes)
+    return config, convert_layout(params, config.scan_layers)

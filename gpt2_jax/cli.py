@@ -194,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         run(args)
     except UserError as e:
         print(f"gpt2-jax {args.command}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
 

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import codecs
+import collections
 import glob as globlib
+import hashlib
+import itertools
 import json
 import math
 import os
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from tqdm import tqdm
 
-from gpt2_jax.encoder import Encoder
+from gpt2_jax import encoder as encoder_module
+from gpt2_jax.encoder import Encoder, last_safe_cut
 from gpt2_jax.errors import UserError
 
 
@@ -28,18 +34,6 @@ def resolve_paths(spec: str | os.PathLike) -> list[Path]:
     if not files:
         raise UserError(f"dataset {spec!r}: no file matches (give a file, a directory or a glob such as 'texts/*.txt')")
     return files
-
-
-def read_text(path: Path, encoding: str = "utf-8", errors: str = "strict") -> str:
-    """A text file's contents; undecodable bytes raise an error naming the file and byte offset."""
-    data = path.read_bytes()
-    try:
-        return data.decode(encoding, errors=errors)
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not valid {encoding} text at byte offset {e.start}; set the right encoding, "
-                        f"or encoding_errors=replace to substitute bad bytes") from None
-    except LookupError:
-        raise UserError(f"encoding={encoding!r} is not a known text encoding") from None
 
 
 def token_dtype(n_vocab: int) -> np.dtype:
@@ -71,34 +65,72 @@ def load_flat(path: Path, n_vocab: int) -> list[np.ndarray]:
     if meta.get("n_vocab", n_vocab) > n_vocab:
         raise UserError(f"{path}: encoded with a vocabulary of {meta['n_vocab']} ids but the model has {n_vocab}; "
                         "encode it again with this model's vocabulary")
+    if meta.get("tokens", len(tokens)) != len(tokens):
+        raise UserError(f"{path}: holds {len(tokens)} tokens but its sidecar {meta_path.name} says {meta['tokens']}; "
+                        "the two are from different encodes: encode the dataset again")
     bounds = meta.get("chunk_starts", [0]) + [len(tokens)]
     return [tokens[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
-def _encoded_files(files: list[Path], encoder: Encoder, encoding: str, encoding_errors: str, progress: bool):
-    """(path, ids, characters) per text file; every file after the first starts with the end-of-text id.
+# Text is read, encoded and written in blocks of about this many characters (cut where no pre-token
+# crosses), so encoding holds a bounded amount of text and ids in memory whatever the input's size.
+BLOCK_CHARS = 1 << 20
 
-    Files are read in groups of up to 16M characters, and a group is encoded across cores.
-    """
-    first = True
-    bar = tqdm(total=len(files), desc="encoding", unit="file", disable=not progress or len(files) < 2)
-    group: list[tuple[Path, str]] = []
 
-    def flush():
-        nonlocal first
-        for (path, text), ids in zip(group, encoder.encode_batch([t for _, t in group])):
-            if not first:
-                ids.insert(0, encoder.eot_token)
-            first = False
-            bar.update(1)
-            yield path, ids, len(text)
-        group.clear()
+def read_blocks(path: Path, encoding: str = "utf-8", errors: str = "strict", block_chars: int = BLOCK_CHARS
+                ) -> Iterator[tuple[str, int]]:
+    """(text, bytes read for it) blocks of a text file, each cut where no pre-token crosses
+    (encoder.last_safe_cut), so that their ids concatenate to the whole file's; at least one block."""
+    try:
+        decoder = codecs.getincrementaldecoder(encoding)(errors=errors)
+    except LookupError:
+        raise UserError(f"encoding={encoding!r} is not a known text encoding") from None
+    carry, carry_bytes, offset = "", 0, 0
+    with open(path, "rb") as f:
+        while True:
+            raw = f.read(block_chars)
+            buffered = len(decoder.getstate()[0])
+            try:
+                carry += decoder.decode(raw, final=not raw)
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}: not valid {encoding} text at byte offset {offset - buffered + e.start}; set "
+                                "the right encoding, or encoding_errors=replace to substitute bad bytes") from None
+            offset += len(raw)
+            carry_bytes += len(raw)
+            if not raw:
+                break
+            if len(carry) >= block_chars and (cut := last_safe_cut(carry)):
+                yield carry[:cut], carry_bytes
+                carry, carry_bytes = carry[cut:], 0
+    yield carry, carry_bytes
 
-    for path in files:
-        group.append((path, read_text(path, encoding, encoding_errors)))
-        if sum(len(t) for _, t in group) >= 16_000_000:
-            yield from flush()
-    yield from flush()
+
+def _encoded_files(files: list[Path], encoder: Encoder, encoding: str, encoding_errors: str, progress: bool
+                   ) -> Iterator[tuple[np.ndarray, int, bool]]:
+    """(ids, characters, whether its file ends here) per block of each text file, in order; every file
+    after the first starts with the end-of-text id. Blocks are encoded across cores when the files
+    hold at least encoder.PARALLEL_MIN_CHARS bytes, a bounded number at a time."""
+    dtype = token_dtype(encoder.n_vocab)
+    total = sum(p.stat().st_size for p in files)
+    workers = (os.cpu_count() or 1) if total >= encoder_module.PARALLEL_MIN_CHARS else 1
+    bar = tqdm(total=total, desc="encoding", unit="B", unit_scale=True, disable=not progress or total < 1 << 24)
+    blocks: collections.deque = collections.deque()  # (starts a file after the first, chars, ends its file)
+
+    def texts() -> Iterator[str]:
+        for i, path in enumerate(files):
+            parts = read_blocks(path, encoding, encoding_errors, BLOCK_CHARS)
+            (text, nbytes), first = next(parts), True
+            for following in itertools.chain(parts, [None]):  # one block of lookahead marks a file's last
+                blocks.append((i > 0 and first, len(text), following is None))
+                bar.update(nbytes)
+                yield text
+                if following is not None:
+                    (text, nbytes), first = following, False
+
+    eot = np.asarray([encoder.eot_token], dtype)
+    for ids in encoder.encode_stream(texts(), dtype, workers):
+        file_start, chars, file_end = blocks.popleft()
+        yield (np.concatenate([eot, ids]) if file_start else ids), chars, file_end
     bar.close()
 
 
@@ -119,16 +151,16 @@ def load_dataset(spec: str | os.PathLike, encoder: Encoder, combine: int = 50000
         elif path.suffix == ".bin":
             chunks.extend(load_flat(path, encoder.n_vocab))
     texts = [p for p in files if p.suffix not in (".npz", ".bin") and not p.name.endswith(".bin.json")]
-    pending: list[list[int]] = []
+    pending: list[np.ndarray] = []
     pending_chars = 0
-    for _, ids, chars in _encoded_files(texts, encoder, encoding, encoding_errors, progress):
+    for ids, chars, file_end in _encoded_files(texts, encoder, encoding, encoding_errors, progress):
         pending.append(ids)
         pending_chars += chars
-        if pending_chars >= combine:
-            chunks.append(np.fromiter((t for part in pending for t in part), dtype=dtype))
+        if file_end and pending_chars >= combine:  # a chunk closes after the file that fills it
+            chunks.append(np.concatenate(pending).astype(dtype))
             pending, pending_chars = [], 0
     if pending:
-        chunks.append(np.fromiter((t for part in pending for t in part), dtype=dtype))
+        chunks.append(np.concatenate(pending).astype(dtype))
     chunks = [c for c in chunks if c.size]
     if not chunks:
         raise UserError(f"dataset {str(spec)!r} is empty: its files hold no tokens")
@@ -139,9 +171,11 @@ def encode_to_file(spec: str | os.PathLike, out: str | os.PathLike, encoder: Enc
                    encoding: str = "utf-8", encoding_errors: str = "strict", progress: bool = True) -> Path:
     """Encode a dataset to `out`: .npz (the original's format, one array per chunk) or .bin (flat, streamed).
 
-    A .bin file holds the ids back to back (uint16 for GPT-2) and is written file by file, so corpora
-    larger than memory work; its .bin.json sidecar records the dtype, vocabulary size and chunk starts.
-    The output is written under a temporary name and renamed, so an existing file is never half-replaced.
+    A .bin file holds the ids back to back (uint16 for GPT-2) and is written block by block as the
+    blocks are encoded (across cores), so memory stays bounded whatever the corpus size; its .bin.json
+    sidecar records the dtype, vocabulary size, token count and chunk starts. A .npz holds every
+    chunk in memory before writing it. Either is written under a temporary name and renamed when
+    complete: an interrupted encode leaves no file under the final name.
     """
     out = Path(out)
     if out.suffix not in (".npz", ".bin"):
@@ -150,27 +184,65 @@ def encode_to_file(spec: str | os.PathLike, out: str | os.PathLike, encoder: Enc
     tmp = out.with_name(out.name + ".tmp")
     if out.suffix == ".npz":
         chunks = load_dataset(spec, encoder, combine, encoding, encoding_errors, progress)
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, *chunks)
+        try:
+            with open(tmp, "wb") as f:
+                np.savez_compressed(f, *chunks)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         os.replace(tmp, out)
         return out
     dtype = token_dtype(encoder.n_vocab)
-    files = [p for p in resolve_paths(spec) if p.resolve() != out.resolve()]
+    sidecar = Path(str(out) + ".json")
+    ours = {p.resolve() for p in (out, tmp, sidecar)}
+    files = [p for p in resolve_paths(spec) if p.resolve() not in ours]
     chunk_starts, written, chars = [0], 0, 0
-    with open(tmp, "wb") as f:
-        for _, ids, n_chars in _encoded_files(files, encoder, encoding, encoding_errors, progress):
-            f.write(np.asarray(ids, dtype=dtype).tobytes())
-            written, chars = written + len(ids), chars + n_chars
-            if chars >= combine:
-                chunk_starts.append(written)
-                chars = 0
-    if written == 0:
-        tmp.unlink()
-        raise UserError(f"dataset {str(spec)!r} is empty: its files hold no text")
-    meta = {"dtype": dtype.name, "n_vocab": encoder.n_vocab, "chunk_starts": [s for s in chunk_starts if s < written]}
-    Path(str(out) + ".json").write_text(json.dumps(meta))
+    try:
+        with open(tmp, "wb") as f:
+            for ids, n_chars, file_end in _encoded_files(files, encoder, encoding, encoding_errors, progress):
+                f.write(ids.astype(dtype, copy=False).tobytes())
+                written, chars = written + len(ids), chars + n_chars
+                if file_end and chars >= combine:
+                    chunk_starts.append(written)
+                    chars = 0
+        if written == 0:
+            raise UserError(f"dataset {str(spec)!r} is empty: its files hold no text")
+    except BaseException:  # an error or Ctrl-C: no partial output is left behind
+        tmp.unlink(missing_ok=True)
+        raise
+    meta = {"dtype": dtype.name, "n_vocab": encoder.n_vocab, "tokens": written,
+            "chunk_starts": [s for s in chunk_starts if s < written]}
+    sidecar.write_text(json.dumps(meta))
     os.replace(tmp, out)
     return out
+
+
+def fingerprint(spec: str | os.PathLike, chunks: list[np.ndarray]) -> dict:
+    """What a dataset was: its files with their sizes, its chunk and token counts, and a BLAKE2 hash of
+    the token stream (so a change of text, files or vocabulary shows), for a run to compare on resume."""
+    digest = hashlib.blake2b(digest_size=16)
+    for chunk in chunks:
+        digest.update(np.int64(len(chunk)).tobytes())
+        for start in range(0, len(chunk), 1 << 24):  # memory-mapped chunks are hashed a slice at a time
+            digest.update(np.ascontiguousarray(chunk[start:start + (1 << 24)], dtype="<u4").tobytes())
+    files = [{"path": str(p.absolute()), "bytes": p.stat().st_size} for p in resolve_paths(spec)]
+    return {"files": files, "chunks": len(chunks), "tokens": int(sum(len(c) for c in chunks)),
+            "blake2b": digest.hexdigest()}
+
+
+def describe_change(before: dict, after: dict) -> str | None:
+    """How a dataset changed between two fingerprints, in a few words; None when its tokens are the same."""
+    if before.get("blake2b") == after.get("blake2b") and before.get("tokens") == after.get("tokens"):
+        return None
+    old = {f["path"]: f["bytes"] for f in before.get("files", [])}
+    new = {f["path"]: f["bytes"] for f in after.get("files", [])}
+    changes = [f"{p} added" for p in new if p not in old] + [f"{p} removed" for p in old if p not in new]
+    changes += [f"{p} {old[p]} -> {new[p]} bytes" for p in new if p in old and old[p] != new[p]]
+    if not changes:
+        changes = [f"{before.get('tokens')} -> {after.get('tokens')} tokens" if before.get("tokens") != after.get("tokens")
+                   else "same files and sizes, other tokens (the text or the vocabulary changed)"]
+    more = f" and {len(changes) - 3} more" if len(changes) > 3 else ""
+    return ", ".join(changes[:3]) + more
 
 
 def split_tail(chunks: list[np.ndarray], fraction: float) -> tuple[list[np.ndarray], list[np.ndarray]]:

@@ -6,14 +6,16 @@ printable unicode symbols (bytes_to_unicode), and merges are applied lowest rank
 
 from __future__ import annotations
 
+import collections
 import functools
 import heapq
 import json
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Collection, Iterable, Literal
+from typing import Collection, Iterable, Iterator, Literal
 
+import numpy as np
 import regex
 
 from gpt2_jax.errors import UserError
@@ -23,6 +25,13 @@ EOT = "<|endoftext|>"
 PRETOKENIZE = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
 # Texts (or batches of texts) this long are encoded in parallel when more than one core is free.
 PARALLEL_MIN_CHARS = 4_000_000
+# Where text may be cut so that each side pre-tokenises exactly as within the whole text: after a
+# lone newline between two non-spaces, or before a lone space between two non-spaces. (After a longer
+# whitespace run it may not: "\n\n" alone is one pre-token, but before a non-space it is two.)
+SAFE_CUT = regex.compile(r"(?<=\S\n)(?=\S)|(?<=\S)(?= \S)")
+# For text without such points (megabytes with no space or newline): after a letter or digit where
+# another class begins; no pre-token spans that change. Not before an apostrophe: it starts "'s".
+FALLBACK_CUT = regex.compile(r"(?<=\p{L})(?=[^\s\p{L}'])|(?<=\p{N})(?=[^\s\p{N}'])")
 
 
 @functools.lru_cache()
@@ -141,19 +150,50 @@ class Encoder:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Ordinary ids of each text, spread over worker processes when there is enough text to pay off."""
         if sum(map(len, texts)) >= PARALLEL_MIN_CHARS and (os.cpu_count() or 1) > 1:
-            return self._pool_map(texts)
+            return [ids.tolist() for ids in self.encode_stream(texts, np.int64, workers=os.cpu_count() or 1)]
         return [self.encode_ordinary(t) for t in texts]
 
     def _encode_parallel(self, text: str) -> list[int]:
-        # Cut only after a newline that is followed by a non-space character: no pre-token can
-        # cross such a point, so the concatenated ids equal a serial encode.
+        # Cut only where no pre-token crosses (SAFE_CUT), so the concatenated ids equal a serial encode.
         parts = split_for_parallel(text, min(os.cpu_count() or 1, 16) * 4)
-        return [t for ids in self._pool_map(parts) for t in ids]
+        return [t for ids in self.encode_stream(parts, np.int64, workers=os.cpu_count() or 1) for t in ids.tolist()]
 
-    def _pool_map(self, texts: list[str]) -> list[list[int]]:
-        workers = min(os.cpu_count() or 1, 16, len(texts))
+    def encode_stream(self, texts: Iterable[str], dtype: np.dtype, workers: int) -> Iterator[np.ndarray]:
+        """Ordinary ids of each text as arrays, in order; with workers > 1 in that many processes, at most
+        2 x workers texts in flight, so memory stays bounded however long the iterator is."""
+        if workers <= 1:
+            yield from (np.asarray(self.encode_ordinary(t), dtype) for t in texts)
+            return
         with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(self.encoder, self._merges)) as pool:
-            return list(pool.map(_worker_encode, texts, chunksize=max(1, len(texts) // (4 * workers))))
+            pending: collections.deque = collections.deque()
+            for text in texts:
+                pending.append(pool.submit(_worker_encode, text, dtype))
+                if len(pending) >= 2 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+
+
+def next_safe_cut(text: str, pos: int) -> int:
+    """The first point at or after pos where text can be cut without changing its pre-tokens, or len(text)."""
+    found = SAFE_CUT.search(text, pos) or FALLBACK_CUT.search(text, pos)
+    return found.start() if found else len(text)
+
+
+def last_safe_cut(text: str) -> int:
+    """The last point where text can be cut without changing its pre-tokens (0 if none): the end of a
+    streamed block, whose rest is carried into the next one."""
+    for pattern in (SAFE_CUT, FALLBACK_CUT):
+        window = 1 << 16
+        while True:  # look back from the end, widening the window until a cut or the start is reached
+            start = max(0, len(text) - window)
+            cuts = [m.start() for m in pattern.finditer(text, start) if m.start() > start or start == 0]
+            if cuts:
+                return cuts[-1]
+            if start == 0:
+                break
+            window *= 4
+    return 0
 
 
 def split_for_parallel(text: str, n_parts: int) -> list[str]:
@@ -161,13 +201,7 @@ def split_for_parallel(text: str, n_parts: int) -> list[str]:
     step = max(1, len(text) // n_parts)
     parts, start = [], 0
     while start < len(text):
-        cut = start + step
-        while cut < len(text) and not (text[cut - 1] == "\n" and not text[cut].isspace()):
-            cut = text.find("\n", cut)
-            if cut == -1:
-                cut = len(text)
-                break
-            cut += 1
+        cut = next_safe_cut(text, min(start + step, len(text)))
         parts.append(text[start:cut])
         start = cut
     return parts
@@ -181,12 +215,13 @@ def _init_worker(encoder: dict[str, int], merges: list[tuple[str, str]]) -> None
     _worker_encoder = Encoder(encoder, merges)
 
 
-def _worker_encode(text: str) -> list[int]:
-    # Called in a worker process: always a serial encode, whatever the text's length.
+def _worker_encode(text: str, dtype: np.dtype) -> np.ndarray:
+    # Called in a worker process: always a serial encode, whatever the text's length; an array
+    # travels back to the parent far more compactly than a list of ints.
     ids: list[int] = []
     for piece in PRETOKENIZE.findall(text):
         ids.extend(_worker_encoder._encode_piece(piece))
-    return ids
+    return np.asarray(ids, dtype)
 
 
 def read_merges(path: Path) -> list[tuple[str, str]]:

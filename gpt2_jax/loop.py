@@ -9,11 +9,17 @@ WORKDIR/logs/RUN/        metrics.jsonl and TensorBoard event files
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import json
+import logging
 import math
 import signal
+import sys
+import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,15 +28,18 @@ import numpy as np
 from tqdm import tqdm
 
 from gpt2_jax import checkpoints, parallel
-from gpt2_jax.data import WindowSampler, load_dataset, split_tail
+from gpt2_jax.data import WindowSampler, describe_change, fingerprint, load_dataset, split_tail
 from gpt2_jax.encoder import Encoder
-from gpt2_jax.errors import UserError
+from gpt2_jax.errors import StorageError, UserError, reason
 from gpt2_jax.model import GPT2Config, convert_layout
 from gpt2_jax.optim import learning_rate_schedule
 from gpt2_jax.resolve import Resume, decide_resume, initial_model
 from gpt2_jax.sampling import SAMPLE_HEADER, check_settings, generate
 from gpt2_jax.steps import Steps, abstract_state, build_steps, flops_per_token, peak_bf16_flops
 from gpt2_jax.train import TrainState
+
+
+DATA_RECORD = "dataset.json"  # in the run directory: what the run's data was (data.fingerprint)
 
 
 class _StopRequest:
@@ -55,6 +64,61 @@ class _StopRequest:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+class _BackgroundFailures:
+    """While training, background writers' failures become the loop's one line instead of tracebacks.
+
+    An exception in a background thread (TensorBoard's event writer) is kept for `check()` to raise;
+    orbax's logged copies of the save errors that CheckpointWriter raises, and the unraisable
+    leftovers of the coroutines an aborted save abandons ("Event loop is closed"), are dropped.
+    """
+
+    def __init__(self):
+        self.errors: list[BaseException] = []
+
+    def __enter__(self):
+        self._hooks = threading.excepthook, sys.unraisablehook
+        threading.excepthook = lambda args: self.errors.append(args.exc_value)
+        sys.unraisablehook = self._unraisable
+        for name in ("absl", "asyncio"):
+            logging.getLogger(name).addFilter(self._filter)
+        return self
+
+    def __exit__(self, *exc):
+        gc.collect()  # abandoned coroutines are collected (and dropped) while the hooks are ours
+        threading.excepthook, sys.unraisablehook = self._hooks
+        for name in ("absl", "asyncio"):
+            logging.getLogger(name).removeFilter(self._filter)
+
+    @staticmethod
+    def _from_checkpointing(error: BaseException | None) -> bool:
+        frames = traceback.extract_tb(error.__traceback__) if error is not None else []
+        return "Event loop is closed" in str(error) or any("orbax" in f.filename for f in frames)
+
+    def _unraisable(self, unraisable) -> None:
+        if not self._from_checkpointing(unraisable.exc_value):
+            self._hooks[1](unraisable)
+
+    @staticmethod
+    def _filter(record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        return "orbax" not in record.pathname and "exception was never retrieved" not in record.getMessage()
+
+    def check(self, intact: str) -> None:
+        """Raise the first background failure as one line."""
+        if self.errors:
+            raise StorageError(f"a background writer failed: {reason(self.errors[0])}; {intact}")
+
+
+@contextlib.contextmanager
+def _write_errors_as_one_line(workdir: Path, intact: Callable[[], str]):
+    """An OSError (disk full, permissions) from writing logs, samples or run files as a StorageError."""
+    try:
+        yield
+    except OSError as e:
+        raise StorageError(f"a write under {workdir} failed: {reason(e)}; {intact()}") from None
 
 
 class _Logs:
@@ -89,8 +153,10 @@ def _peak_flops(config: Any) -> float | None:
     return peak_bf16_flops(jax.devices()[0].device_kind) if config.model.dtype == "bfloat16" else None
 
 
-def _write_run_files(run_dir: Path, model_config: GPT2Config, encoder: Encoder, config: Any) -> None:
+def _write_run_files(run_dir: Path, model_config: GPT2Config, encoder: Encoder, config: Any, data_record: dict
+                     ) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / DATA_RECORD).write_text(json.dumps(data_record, indent=2))
     (run_dir / "hparams.json").write_text(json.dumps(model_config.hparams(), indent=2))
     encoder.save(run_dir)
     (run_dir / checkpoints.RUN_CONFIG).write_text(config.to_json_best_effort(indent=2))
@@ -105,7 +171,12 @@ def run(config: Any, on_step: Callable[[int, dict], None] | None = None) -> dict
     resume = decide_resume(config.checkpoint.restore_from, run_dir)
 
     # A resumed run keeps the seed it started with: batches and noise continue exactly.
-    seed = checkpoints.read_meta(*resume)["seed"] if resume else config.seed
+    seed = config.seed
+    if resume:
+        seed = checkpoints.read_seed(resume.run_dir, resume.candidates())
+        if seed is None:
+            raise UserError(f"no checkpoint of {resume.run_dir} (steps {resume.candidates()}) has readable metadata; "
+                            "nothing was deleted. Restore another run with checkpoint.restore_from=PATH")
     model_config, params, encoder = initial_model(config, resume.run_dir if resume else None)
     seq_len = config.data.seq_len or model_config.n_ctx
     if not 1 <= seq_len <= model_config.n_ctx:
@@ -125,7 +196,9 @@ def run(config: Any, on_step: Callable[[int, dict], None] | None = None) -> dict
                        prefix="sample.")
 
     # Data first: every bad-input error comes before anything compiles.
-    sampler, val_batches = _datasets(config, encoder, seq_len, seed, is_main)
+    sampler, val_batches, data_record = _datasets(config, encoder, seq_len, seed, is_main)
+    if resume and resume.run_dir == run_dir:
+        _check_same_data(run_dir, data_record, config.data.allow_changed)
 
     steps = build_steps(model_config, train, mesh)
     repl = parallel.replicated(mesh)
@@ -133,95 +206,125 @@ def run(config: Any, on_step: Callable[[int, dict], None] | None = None) -> dict
         state = steps.init_state(params)
         del params
     else:
-        p, o, meta = _restore(resume, model_config, train, steps, read_only=resume.run_dir != run_dir)
+        p, o, meta = _restore(resume, model_config, train, steps)
         state = TrainState(step=parallel.put_tree(np.int32(meta["step"]), repl), params=p, opt_state=o)
         tqdm.write(f"restored step {meta['step']} from {resume.run_dir}")
-    if is_main:
-        _write_run_files(run_dir, model_config, encoder, config)
-    manager = checkpoints.make_manager(run_dir, keep=config.checkpoint.keep,
-                                       keep_every_hours=config.checkpoint.keep_every_hours,
-                                       async_save=config.checkpoint.async_save)
+    # From here on, a failed write (checkpoints, logs, samples; in the background or not) ends the run
+    # with one line saying what failed and what is intact.
+    writer: checkpoints.CheckpointWriter | None = None
+    intact = lambda: writer.intact() if writer else "no checkpoint was written by this run"  # noqa: E731
+    with _BackgroundFailures() as background, _write_errors_as_one_line(workdir, intact):
+        if is_main:
+            _write_run_files(run_dir, model_config, encoder, config, data_record)
+        writer = checkpoints.CheckpointWriter(run_dir, keep=config.checkpoint.keep,
+                                              keep_every_hours=config.checkpoint.keep_every_hours,
+                                              async_save=config.checkpoint.async_save)
 
-    train_step, eval_step, batch_sh = steps.train_step, steps.eval_step, steps.batch_sharding
-    step_key = jax.jit(lambda s: jax.random.fold_in(jax.random.key(seed), s), out_shardings=repl)
-    val_batches = [parallel.global_batch(b, batch_sh) for b in val_batches]
-    tokens_per_step = train.batch_size * train.accumulate_gradients * seq_len
-    peak = _peak_flops(config)
-    logs = _Logs(workdir / "logs" / config.run_name, is_main)
+        train_step, eval_step, batch_sh = steps.train_step, steps.eval_step, steps.batch_sharding
+        step_key = jax.jit(lambda s: jax.random.fold_in(jax.random.key(seed), s), out_shardings=repl)
+        val_batches = [parallel.global_batch(b, batch_sh) for b in val_batches]
+        tokens_per_step = train.batch_size * train.accumulate_gradients * seq_len
+        peak = _peak_flops(config)
+        logs = _Logs(workdir / "logs" / config.run_name, is_main)
 
-    step = int(state.step)
-    last_saved = step if resume else None
+        step = int(state.step)
+        last_saved = step if resume else None
 
-    def save_now():
-        nonlocal last_saved
-        if last_saved != step:
-            checkpoints.save(manager, step, state.params, state.opt_state,
-                             {"step": step, "seed": seed, "batches_drawn": step})
-            last_saved = step
+        def save_now():
+            nonlocal last_saved
+            if last_saved != step:
+                writer.save(step, state.params, state.opt_state, {"step": step, "seed": seed, "batches_drawn": step})
+                last_saved = step
 
-    def validate() -> float:
-        loss = float(np.mean([float(eval_step(state.params, b)) for b in val_batches]))
-        tqdm.write(f"[{step} | validation] val_loss={loss:.4f}")
-        return loss
+        def validate() -> float:
+            loss = float(np.mean([float(eval_step(state.params, b)) for b in val_batches]))
+            tqdm.write(f"[{step} | validation] val_loss={loss:.4f}")
+            return loss
 
-    if val_batches:  # the starting point, so the log shows how far validation loss falls
-        logs.write(step, {"val_loss": validate()})
-    total = train.total_steps
-    bar = tqdm(total=total or None, initial=step, desc=config.run_name, unit="step", disable=not is_main,
-               dynamic_ncols=True)
-    avg_loss = (0.0, 0.0)  # the original's running average: decayed sum and weight
-    metrics: dict[str, float] = {}
-    last_time = None
-    rows = train.batch_size * train.accumulate_gradients
-    next_batch = parallel.global_batch(sampler.batch(step, rows), batch_sh)
-    try:
-        with _StopRequest() as stop:
-            while not (total and step >= total) and not stop.requested:
-                state, out = train_step(state, next_batch, step_key(step))  # dispatched, runs asynchronously
-                next_batch = parallel.global_batch(sampler.batch(step + 1, rows), batch_sh)  # meanwhile, on the host
-                loss = float(out["loss"])  # waits for the step
-                step += 1
-                now = time.perf_counter()
-                if not math.isfinite(loss):
-                    raise UserError(f"the loss became {loss} at step {step}; stopped without saving it. The last good "
-                                    f"checkpoint (step {manager.latest_step()}) is kept in {run_dir}; lower "
-                                    "train.learning_rate or set train.grad_clip")
-                avg_loss = (avg_loss[0] * 0.99 + loss, avg_loss[1] * 0.99 + 1)
-                metrics = {"loss": loss, "avg_loss": avg_loss[0] / avg_loss[1],
-                           "learning_rate": float(out["learning_rate"]), "grad_norm": float(out["grad_norm"])}
-                if last_time is not None:  # the first step's time is mostly compilation
-                    metrics["tokens_per_sec"] = tokens_per_step / (now - last_time)
-                    if peak:
-                        metrics["mfu"] = metrics["tokens_per_sec"] * flops_per_token(model_config, seq_len) / peak
-                last_time = now
-                if val_batches and step % config.data.val_every == 0:
-                    metrics["val_loss"] = validate()
-                    last_time = time.perf_counter()
-                logs.write(step, metrics)
-                bar.update(1)
-                bar.set_postfix_str(_postfix(metrics))
-                if config.sample.sample_every and step % config.sample.sample_every == 0:
-                    _sample(config, model_config, state.params, encoder, workdir, step, is_main)
-                    last_time = time.perf_counter()
-                if config.checkpoint.save_every and step % config.checkpoint.save_every == 0:
-                    save_now()
-                if on_step is not None:
-                    on_step(step, metrics)
-            if stop.requested:
-                tqdm.write(f"stopped at step {step}: saving a checkpoint to {run_dir}")
-            save_now()
-            manager.wait_until_finished()
-    finally:
-        bar.close()
-        logs.close()
-        manager.wait_until_finished()
-        manager.close()
-    return {"step": step, "run_dir": str(run_dir), **metrics}
+        if val_batches:  # the starting point, so the log shows how far validation loss falls
+            logs.write(step, {"val_loss": validate()})
+        total = train.total_steps
+        bar = tqdm(total=total or None, initial=step, desc=config.run_name, unit="step", disable=not is_main,
+                   dynamic_ncols=True)
+        avg_loss = (0.0, 0.0)  # the original's running average: decayed sum and weight
+        metrics: dict[str, float] = {}
+        last_time = None
+        rows = train.batch_size * train.accumulate_gradients
+
+        def due(n: int, every: int) -> bool:
+            return every > 0 and n % every == 0
+
+        def actions_due(n: int) -> bool:
+            return ((bool(val_batches) and due(n, config.data.val_every)) or due(n, config.sample.sample_every)
+                    or due(n, config.checkpoint.save_every))
+
+        def record(n: int, out: dict, actions: bool) -> None:
+            """Step n's metrics (waiting for it), logged; with `actions` (state is step n's): validation,
+            samples and the checkpoint due at n."""
+            nonlocal avg_loss, metrics, last_time
+            loss, grad_norm = float(out["loss"]), float(out["grad_norm"])
+            now = time.perf_counter()
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", grad_norm)
+                raise UserError(f"the {what} became {value} at step {n}; stopped without saving it. The last good "
+                                f"checkpoint (step {writer.latest_step()}) is kept in {run_dir}; lower "
+                                "train.learning_rate or set train.grad_clip")
+            avg_loss = (avg_loss[0] * 0.99 + loss, avg_loss[1] * 0.99 + 1)
+            metrics = {"loss": loss, "avg_loss": avg_loss[0] / avg_loss[1],
+                       "learning_rate": float(out["learning_rate"]), "grad_norm": grad_norm}
+            if last_time is not None:  # the first step's time is mostly compilation
+                metrics["tokens_per_sec"] = tokens_per_step / (now - last_time)
+                if peak:
+                    metrics["mfu"] = metrics["tokens_per_sec"] * flops_per_token(model_config, seq_len) / peak
+            last_time = now
+            if actions and val_batches and due(n, config.data.val_every):
+                metrics["val_loss"] = validate()
+                last_time = time.perf_counter()
+            logs.write(n, metrics)
+            bar.update(1)
+            bar.set_postfix_str(_postfix(metrics))
+            if actions and due(n, config.sample.sample_every):
+                _sample(config, model_config, state.params, encoder, workdir, n, is_main)
+                last_time = time.perf_counter()
+            if actions and due(n, config.checkpoint.save_every):
+                save_now()
+            writer.check()  # a background save that failed stops the run now, not at the end
+            background.check(intact())
+            if on_step is not None:
+                on_step(n, metrics)
+
+        next_batch = parallel.global_batch(sampler.batch(step, rows), batch_sh)
+        pending: tuple[int, dict] | None = None  # (step, metrics on the device) not yet read: dispatch_ahead
+        try:
+            with _StopRequest() as stop:
+                while not (total and step >= total) and not stop.requested:
+                    state, out = train_step(state, next_batch, step_key(step))  # dispatched, runs asynchronously
+                    step += 1
+                    next_batch = parallel.global_batch(sampler.batch(step, rows), batch_sh)  # meanwhile, on the host
+                    if pending is not None:  # the previous step's metrics, read while this one runs
+                        record(*pending, actions=False)
+                        pending = None
+                    if train.dispatch_ahead and not actions_due(step):
+                        pending = (step, out)
+                    else:
+                        record(step, out, actions=True)
+                if pending is not None:
+                    record(*pending, actions=False)
+                if stop.requested:
+                    tqdm.write(f"stopped at step {step}: saving a checkpoint to {run_dir}")
+                save_now()
+                writer.wait()
+        finally:
+            bar.close()
+            writer.close()
+            logs.close()
+        return {"step": step, "run_dir": str(run_dir), **metrics}
 
 
 def _datasets(config: Any, encoder: Encoder, seq_len: int, seed: int, is_main: bool
-              ) -> tuple[WindowSampler, list[np.ndarray]]:
-    """The training sampler and the fixed validation batches (none when data.val_every is 0).
+              ) -> tuple[WindowSampler, list[np.ndarray], dict]:
+    """The training sampler, the fixed validation batches (none when data.val_every is 0) and the
+    fingerprints of both datasets (for DATA_RECORD).
 
     Validation data is data.val_dataset, else the last data.val_split of the training data (held out:
     never trained on), else, with a warning, windows of the training data itself.
@@ -243,26 +346,47 @@ def _datasets(config: Any, encoder: Encoder, seq_len: int, seed: int, is_main: b
     elif data.val_dataset:
         val_chunks, val_name = load_dataset(data.val_dataset, encoder, **data_kw), f"validation dataset {data.val_dataset!r}"
     sampler = WindowSampler(chunks, seq_len + 1, seed, f"dataset {data.dataset!r}")
+    record = {"train": fingerprint(data.dataset, chunks), "validation": None}
     if data.val_every <= 0:
-        return sampler, []
+        return sampler, [], record
     if not (data.val_split or data.val_dataset):
         tqdm.write("validation: neither data.val_dataset nor data.val_split is set, validating on batches drawn "
                    "from the training data")
+    record["validation"] = fingerprint(data.val_dataset or data.dataset, val_chunks)
     val_sampler = WindowSampler(val_chunks, seq_len + 1, seed=1, what=val_name)
-    return sampler, [val_sampler.batch(i, data.val_batch_size) for i in range(data.val_batch_count)]
+    return sampler, [val_sampler.batch(i, data.val_batch_size) for i in range(data.val_batch_count)], record
 
 
-def _restore(resume: Resume, model_config: GPT2Config, train: Any, steps: Steps, read_only: bool
-             ) -> tuple[Any, Any, dict]:
-    """Params, optimizer state and metadata of a checkpoint, in this run's layout and shardings.
+def _check_same_data(run_dir: Path, record: dict, allow_changed: bool) -> None:
+    """A run resumes on the data it started on (DATA_RECORD), unless data.allow_changed says otherwise."""
+    path = run_dir / DATA_RECORD
+    if not path.is_file():  # a run from before the record existed: nothing to compare
+        return
+    recorded = json.loads(path.read_text())
+    for part, setting in (("train", "data.dataset"), ("validation", "the validation data")):
+        before, after = recorded.get(part), record.get(part)
+        change = describe_change(before, after) if before and after else None
+        if change is None:
+            continue
+        if not allow_changed:
+            raise UserError(f"{setting} changed since this run started (recorded in {path}): {change}; the resumed "
+                            "run would not continue exactly. Set data.allow_changed=True to resume on the new data, "
+                            "or start anew under another run_name")
+        tqdm.write(f"warning: {setting} changed since this run started ({change}); resuming on it "
+                   "(data.allow_changed=True), so batches differ from an uninterrupted run")
+
+
+def _restore(resume: Resume, model_config: GPT2Config, train: Any, steps: Steps) -> tuple[Any, Any, dict]:
+    """Params, optimizer state and metadata of the newest candidate checkpoint that verifies, in this
+    run's layout and shardings (restore_from=latest sets damaged newer steps aside).
 
     A checkpoint written with the other model.scan_layers setting is read as it was saved, then its
     blocks are stacked or unrolled on the devices.
     """
-    manager = checkpoints.make_manager(resume.run_dir, read_only=read_only)
     saved = dataclasses.replace(model_config, scan_layers=checkpoints.saved_scan_layers(resume.run_dir))
     target = steps.abstract_state if saved == model_config else abstract_state(saved, train, steps.mesh)[1]
-    p, o, meta = checkpoints.restore(manager, resume.step, target.params, target.opt_state)
+    _, p, o, meta = checkpoints.restore_newest(resume.run_dir, resume.candidates(), target.params, target.opt_state,
+                                               set_aside=resume.latest)
     if saved.scan_layers != model_config.scan_layers:
         p, o = jax.jit(lambda t: convert_layout(t, model_config.scan_layers),
                        out_shardings=(steps.state_sharding.params, steps.state_sharding.opt_state))((p, o))

@@ -86,6 +86,12 @@ class Resume(NamedTuple):
 
     run_dir: Path
     step: int
+    latest: bool = False  # restore_from=latest: a step that fails to verify gives way to an older one
+
+    def candidates(self) -> list[int]:
+        """The steps to try, newest first: this one, then (latest) every older complete one."""
+        older = [s for s in checkpoints.steps_of(self.run_dir) if s < self.step] if self.latest else []
+        return [self.step, *sorted(older, reverse=True)]
 
 
 def decide_resume(restore_from: str, run_dir: Path) -> Resume | None:
@@ -98,7 +104,7 @@ def decide_resume(restore_from: str, run_dir: Path) -> Resume | None:
     run_dir = Path(run_dir).absolute()
     existing = checkpoints.make_manager(run_dir, read_only=True).latest_step() if run_dir.is_dir() else None
     if restore_from == "latest":
-        return Resume(run_dir, existing) if existing is not None else None
+        return Resume(run_dir, existing, latest=True) if existing is not None else None
     if restore_from == "fresh":
         if existing is not None:
             raise UserError(f"checkpoint.restore_from=fresh but {run_dir} already holds checkpoints up to step "

@@ -17,6 +17,8 @@ from conftest import REPO
     ("train.py", ["--profile", "1"]),
     ("sample.py", []),
     ("tokenizer.py", []),
+    ("tokenizer.py", ["--file_mb", "2"]),
+    ("checkpoint.py", []),
     ("parallel.py", ["--devices", "2"]),
     ("scaling.py", ["--png", "{tmp}/scaling.png"]),
 ])

@@ -102,6 +102,29 @@ def test_bad_datasets_are_clear_errors(tmp_path):
         WindowSampler([np.arange(3)], 11, 0, "dataset 'x'")
 
 
+def test_streamed_blocks_encode_to_the_whole_files_ids(shared_dir, tmp_path, real_encoder, tiktoken_gpt2, monkeypatch):
+    from gpt2_jax import data as data_module, encoder as encoder_module
+
+    text = (shared_dir / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")[:200_000]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text(text, encoding="utf-8")
+    (tmp_path / "in" / "b.txt").write_text("no_spaces_or_newlines" * 400 + "42", encoding="utf-8")  # fallback cuts
+    monkeypatch.setattr(data_module, "BLOCK_CHARS", 3000)  # ~70 blocks, encoded in 2 worker processes
+    monkeypatch.setattr(encoder_module, "PARALLEL_MIN_CHARS", 10)
+    monkeypatch.setattr(encoder_module.os, "cpu_count", lambda: 2)
+    blocks = [t for t, _ in data_module.read_blocks(tmp_path / "in" / "a.txt", block_chars=3000)]
+    assert len(blocks) > 50 and "".join(blocks) == text
+    encode_to_file(tmp_path / "in", tmp_path / "out.bin", real_encoder, combine=10**9, progress=False)
+    expected = (tiktoken_gpt2.encode_ordinary(text) + [50256]
+                + tiktoken_gpt2.encode_ordinary((tmp_path / "in" / "b.txt").read_text()))
+    assert np.fromfile(tmp_path / "out.bin", np.uint16).tolist() == expected
+    # an undecodable byte far into the file is reported at its offset in the whole file
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"ok " * 5000 + b"\xff")
+    with pytest.raises(UserError, match="bad.txt: not valid utf-8 text at byte offset 15000"):
+        load_dataset(bad, real_encoder, progress=False)
+
+
 def test_files_are_encoded_in_parallel_with_identical_ids(texts, real_encoder, monkeypatch):
     from gpt2_jax import encoder as encoder_module
 

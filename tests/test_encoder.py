@@ -5,10 +5,12 @@ from __future__ import annotations
 import sysconfig
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from gpt2_jax import encoder as encoder_module
-from gpt2_jax.encoder import EOT, byte_level_encoder, get_encoder, split_for_parallel
+from gpt2_jax.encoder import (EOT, FALLBACK_CUT, PRETOKENIZE, SAFE_CUT, byte_level_encoder, get_encoder,
+                              last_safe_cut, split_for_parallel)
 from gpt2_jax.errors import UserError
 
 EDGE_CASES = [
@@ -109,6 +111,34 @@ def test_parallel_encoding_equals_serial(shared_dir, real_encoder, monkeypatch):
     monkeypatch.setattr(encoder_module, "PARALLEL_MIN_CHARS", 1000)
     monkeypatch.setattr(encoder_module.os, "cpu_count", lambda: 2)
     assert real_encoder.encode(text) == serial
+
+
+def test_safe_cuts_never_change_the_pre_tokens():
+    # Every point either cut pattern finds, in random text over the characters that matter (runs of
+    # spaces and newlines, apostrophes, letters, digits, punctuation, a combining mark): the two sides
+    # pre-tokenise, alone, exactly as the whole does. The rule the encoder had before cut after
+    # "\n\n" and fails here ("x\n\ny": "\n\n" alone is one pre-token, inside the text two).
+    rng = np.random.default_rng(0)
+    alphabet = list("ab1 \n\t'.s") + ["\u0301", "é", "  ", "\n\n"]
+    checked = 0
+    for _ in range(400):
+        text = "".join(rng.choice(alphabet, size=24))
+        whole = PRETOKENIZE.findall(text)
+        for pattern in (SAFE_CUT, FALLBACK_CUT):
+            for m in pattern.finditer(text):
+                cut = m.start()
+                assert PRETOKENIZE.findall(text[:cut]) + PRETOKENIZE.findall(text[cut:]) == whole, (text, cut)
+                checked += 1
+    assert checked > 1000
+    assert last_safe_cut("x\n\ny") == 0 and last_safe_cut("ab cd\nef") == 6 and last_safe_cut("abc123") == 3
+
+
+def test_parallel_encoding_cuts_only_where_the_ids_stay_the_same(real_encoder, tiktoken_gpt2, monkeypatch):
+    text = "Speech one.\n\nSpeech two, longer.\n  Indented line\n\n\nThird: x's 1.5e3\n" * 400
+    monkeypatch.setattr(encoder_module, "PARALLEL_MIN_CHARS", 1000)
+    monkeypatch.setattr(encoder_module.os, "cpu_count", lambda: 2)
+    assert len(split_for_parallel(text, 64)) > 32
+    assert real_encoder.encode(text) == tiktoken_gpt2.encode_ordinary(text)
 
 
 def test_byte_level_vocabulary():

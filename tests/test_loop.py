@@ -100,6 +100,22 @@ def test_stop_and_resume_is_exact(tmp_path, straight_run, shakespeare):
     assert (tmp_path / "samples" / "run1" / "samples-4").is_file() and (tmp_path / "samples" / "run1" / "samples-8").is_file()
 
 
+def test_dispatch_ahead_trains_bitwise_alike_and_stops_after_the_step_in_flight(tmp_path, straight_run, shakespeare):
+    ahead = {**RESUME_FIELDS, "train.dispatch_ahead": True}
+
+    def ctrl_c_at_5(step, metrics):
+        if step == 5:  # step 5's metrics are read while step 6 runs (4 and 8, sampling steps, are in step)
+            signal.raise_signal(signal.SIGINT)
+
+    assert loop.run(tiny_config(tmp_path, shakespeare[0], **ahead), on_step=ctrl_c_at_5)["step"] == 6
+    assert loop.run(tiny_config(tmp_path, shakespeare[0], **ahead))["step"] == 8
+    assert [m["loss"] for m in read_metrics(tmp_path)] == [m["loss"] for m in read_metrics(straight_run)]
+    _, params = checkpoints.load_run_params(tmp_path / "checkpoint" / "run1")
+    _, reference = checkpoints.load_run_params(straight_run / "checkpoint" / "run1")
+    jax.tree.map(np.testing.assert_array_equal, params, reference)
+    assert sorted(p.name for p in (tmp_path / "samples" / "run1").iterdir()) == ["samples-4", "samples-8"]
+
+
 def test_sigterm_saves_and_stops_cleanly(tmp_path, shakespeare):
     def terminate_at_2(step, metrics):
         if step == 2:
@@ -142,11 +158,13 @@ def test_restore_from_fresh_never_overwrites_and_a_path_restores(straight_run, t
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), params, reference)
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, shakespeare):
+@pytest.mark.parametrize("dispatch_ahead", [False, True])
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, shakespeare, dispatch_ahead):
     loop.run(tiny_config(tmp_path, shakespeare[0], **{"train.total_steps": 2}))
     with pytest.raises(UserError, match=r"the loss became (nan|inf) at step \d+; stopped without saving it.*step 2"):
         loop.run(tiny_config(tmp_path, shakespeare[0], **{"train.total_steps": 20, "train.learning_rate": 1e30,
-                                                         "checkpoint.save_every": 2}))
+                                                         "checkpoint.save_every": 2,
+                                                         "train.dispatch_ahead": dispatch_ahead}))
     assert checkpoints.make_manager(tmp_path / "checkpoint" / "run1", read_only=True).all_steps() == [2]
 
 
@@ -224,7 +242,7 @@ def test_val_split_validates_on_the_end_of_the_data_and_never_trains_on_it(tmp_p
     encoder = get_encoder(TINY_MODEL)
     config = tiny_config(tmp_path, tmp_path / "t.txt", **{"data.val_split": 0.1, "data.val_every": 1,
                                                          "data.val_batch_count": 3})
-    sampler, val_batches = loop._datasets(config, encoder, 16, 0, is_main=False)
+    sampler, val_batches, _ = loop._datasets(config, encoder, 16, 0, is_main=False)
     a, b = encoder.encode("a")[0], encoder.encode("b")[0]
     trained = np.concatenate([sampler.batch(i, 64) for i in range(20)])
     assert (trained == a).all()  # no window reaches the held-out tenth

@@ -16,11 +16,10 @@ from gpt2_jax.resolve import Resume, decide_resume, initial_model, model_config_
 
 def _run_with_steps(run_dir: Path, *steps: int) -> Path:
     """A run directory holding complete (tiny) checkpoints at the given steps."""
-    manager = checkpoints.make_manager(run_dir, async_save=False)
+    writer = checkpoints.CheckpointWriter(run_dir, async_save=False)
     for step in steps:
-        checkpoints.save(manager, step, {"w": np.full(3, step, np.float32)}, {"m": np.zeros(3, np.float32)},
-                         {"step": step, "seed": 0})
-    manager.close()
+        writer.save(step, {"w": np.full(3, step, np.float32)}, {"m": np.zeros(3, np.float32)}, {"step": step, "seed": 0})
+    writer.close()
     return run_dir.absolute()
 
 
@@ -32,7 +31,8 @@ def test_latest_without_checkpoints_starts_anew(tmp_path):
 
 def test_latest_resumes_the_newest_step(tmp_path):
     run = _run_with_steps(tmp_path / "run", 2, 5)
-    assert decide_resume("latest", run) == Resume(run, 5)
+    assert decide_resume("latest", run) == Resume(run, 5, latest=True)
+    assert decide_resume("latest", run).candidates() == [5, 2]
 
 
 def test_fresh_refuses_a_run_with_checkpoints_and_deletes_nothing(tmp_path):
@@ -46,6 +46,7 @@ def test_fresh_refuses_a_run_with_checkpoints_and_deletes_nothing(tmp_path):
 def test_a_path_restores_a_run_or_one_step(tmp_path):
     other = _run_with_steps(tmp_path / "other", 1, 4)
     assert decide_resume(str(other), tmp_path / "new") == Resume(other, 4)
+    assert decide_resume(str(other), tmp_path / "new").candidates() == [4]  # an explicit path: no fallback
     assert decide_resume(str(other / "1"), tmp_path / "new") == Resume(other, 1)
     with pytest.raises(UserError, match="does not exist"):
         decide_resume(str(tmp_path / "nowhere"), tmp_path / "new")
