@@ -106,7 +106,12 @@ def dry_run(config) -> None:
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
     parallel.check_batch(config.train.batch_size, mesh)
     rows = config.train.batch_size * config.train.accumulate_gradients
-    stats = compiled_stats(build_steps(model_config, config.train, mesh).compile(rows, seq_len))
+    train = config.train
+    if config.model.remat == "auto":  # prints the candidates and the one line scripts read
+        from gpt2_jax import autoremat
+
+        model_config, train, _ = autoremat.resolve(config, model_config, mesh, seq_len)
+    stats = compiled_stats(build_steps(model_config, train, mesh).compile(rows, seq_len))
     print(config)
     backend = jax.default_backend()
     print(f"model: {model_config.hparams()} dtype={model_config.dtype} remat={model_config.remat} "
@@ -128,7 +133,7 @@ def main(argv: list[str]) -> None:
             print(list_experiments())
             return
         config = parse(argv)
-        if _DRY_RUN.value or config.mode == "remat_ablation":
+        if _DRY_RUN.value or config.mode == "remat_ablation" or config.model.remat == "auto":
             from gpt2_jax.steps import use_memory_faithful_cpu_scheduler
 
             use_memory_faithful_cpu_scheduler()  # before the backend starts: memory figures that show remat

@@ -121,7 +121,8 @@ def main() -> None:
     queued = tps["bare step, queued (the device alone)"]
     for name, value in tps.items():
         rows.append((name, f"{value:,.0f}", f"{value / reference:.3f}", f"{value / queued:.3f}"))
-    title = (f"Training loop vs bare step, {args.size if not args.smoke else 'smoke'} shape, batch {batch} x {seq_len}, "
+    title = (f"Training loop vs bare step, {args.size if not args.smoke else 'smoke'} shape, "
+             f"batch {batch} x {seq_len}, "
              f"{dtype}, Adam, median over {args.steps} steps after {args.warmup}")
     header = ["what", "tokens/s", "vs bare step (blocking)", "vs bare step (queued)"]
     common.report(common.table(title, header, rows), record=not args.no_record, out=args.out)

@@ -54,6 +54,9 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--layouts", type=_layouts, default="unrolled,scan", help="our block layouts: unrolled, scan")
     parser.add_argument("--device", default="", help="h100, h200 or a100, for MFU")
     parser.add_argument("--peak_tflops", type=float, default=0.0, help="device peak for MFU (overrides --device)")
+    parser.add_argument("--logits_backward", choices=("custom", "autodiff"), default="custom",
+                        help="the tied logits' backward: the model's custom VJP (compute dtype) or plain autodiff")
+    parser.add_argument("--no_torch", action="store_true", help="skip the transformers peer (ratios vs our first row)")
     parser.add_argument("--profile", type=int, default=0,
                         help="then trace this many of our steps (first layout) and tabulate where the time goes")
     parser.add_argument("--smoke", action="store_true", help="a tiny model, to check the script runs")
@@ -77,6 +80,13 @@ def main() -> None:
     from gpt2_jax.model import GPT2Config, attention_implementation, init_params, preset, vocab_padding
     from gpt2_jax.steps import build_steps, flops_per_token, peak_bf16_flops
 
+    if args.logits_backward == "autodiff":  # measure what the custom VJP saves: the einsum differentiated by JAX
+        import jax.numpy as jnp
+
+        from gpt2_jax import model as model_module
+
+        model_module._float32_logits = lambda h, w: jnp.einsum("...c,vc->...v", h, w,
+                                                               preferred_element_type=jnp.float32)
     on_gpu = jax.default_backend() == "gpu"
     batch = args.batch or (16 if on_gpu else 4)
     seq_len = args.seq_len or (1024 if on_gpu else 256)
@@ -119,36 +129,37 @@ def main() -> None:
         first_step_s[layout] = time.perf_counter() - t0
         return step
 
-    # B: transformers + torch Adam on the same shapes.
-    from transformers import GPT2Config as HFConfig, GPT2LMHeadModel
+    if not args.no_torch:  # B: transformers + torch Adam on the same shapes
+        from transformers import GPT2Config as HFConfig, GPT2LMHeadModel
 
-    device = "cuda" if on_gpu and torch.cuda.is_available() else "cpu"
-    hf_config = HFConfig(vocab_size=config.n_vocab, n_positions=config.n_ctx, n_embd=config.n_embd,
-                         n_head=config.n_head, n_layer=config.n_layer, attn_implementation="sdpa")
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(hf_config).to(device).train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    inputs = torch.tensor(tokens[:, :-1].astype(np.int64), device=device)
-    labels = torch.tensor(tokens[:, 1:].astype(np.int64), device=device)
-    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+        device = "cuda" if on_gpu and torch.cuda.is_available() else "cpu"
+        hf_config = HFConfig(vocab_size=config.n_vocab, n_positions=config.n_ctx, n_embd=config.n_embd,
+                             n_head=config.n_head, n_layer=config.n_layer, attn_implementation="sdpa")
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(hf_config).to(device).train()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        inputs = torch.tensor(tokens[:, :-1].astype(np.int64), device=device)
+        labels = torch.tensor(tokens[:, 1:].astype(np.int64), device=device)
+        autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
-    def torch_step_of(m):
-        def step():
-            with autocast:
-                logits = m(inputs).logits
-            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if device == "cuda":
-                torch.cuda.synchronize()
-        return step
+        def torch_step_of(m):
+            def step():
+                with autocast:
+                    logits = m(inputs).logits
+                loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+            return step
 
     peers = {f"gpt2_jax ({layout})": jax_peer(layout) for layout in args.layouts}
-    peers["transformers + torch"] = torch_step_of(model)
+    if not args.no_torch:
+        peers["transformers + torch"] = torch_step_of(model)
     for fn in peers.values():
         fn()  # warm-up
-    if args.compile:  # optional peer: a machine without a working torch.compile still gets the other rows
+    if args.compile and not args.no_torch:  # optional: a machine where torch.compile fails still gets the rest
         try:
             compiled_torch = torch_step_of(torch.compile(model))
             compiled_torch()  # warm-up, and compilation
@@ -165,7 +176,7 @@ def main() -> None:
     peak = args.peak_tflops * 1e12 or peak_bf16_flops(args.device or (jax.devices()[0].device_kind
                                                                        if dtype == "bfloat16" else ""))
     flops = flops_per_token(config, seq_len)
-    ref = statistics.median(times["transformers + torch"])
+    ref = statistics.median(times["transformers + torch" if not args.no_torch else next(iter(times))])
     rows = []
     for name, ts in times.items():
         med = statistics.median(ts)
@@ -178,11 +189,13 @@ def main() -> None:
     chunked += f", {attention_implementation(config.attention, dtype, jax.default_backend())} attention"
     multiple = vocab_padding(args.vocab_multiple, jax.default_backend())
     chunked += f", vocabulary padded to a multiple of {multiple}" if multiple > 1 else ", vocabulary not padded"
+    chunked += ", logits backward by autodiff (no custom VJP)" if args.logits_backward == "autodiff" else ""
     chunked += ", JAX compilation cache on (compile s may be a load)" if jax.config.jax_compilation_cache_dir else ""
     chunked += f", XLA_FLAGS={os.environ['XLA_FLAGS']}" if os.environ.get("XLA_FLAGS") else ""
     title = (f"Training step, {args.size if not args.smoke else 'smoke'} shape, batch {batch} x {seq_len}, {dtype}, "
              f"Adam{chunked} (torch threads {torch.get_num_threads()})")
-    header = ["peer", "compile s + first call s", "median step ms", "tokens/s", "speed vs transformers", "MFU"]
+    header = ["peer", "compile s + first call s", "median step ms", "tokens/s",
+              "speed vs transformers" if not args.no_torch else "speed vs first row", "MFU"]
     common.report(common.table(title, header, rows), record=not args.no_record, out=args.out)
     if args.profile:
         name = next(iter(peers))

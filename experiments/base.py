@@ -33,7 +33,9 @@ def get_config() -> ConfigDict:
     c.model.n_layer = 12  # from scratch only: blocks
     c.model.vocab = ""  # from scratch only: a dir with encoder.json + vocab.bpe, "bytes", or "" = find GPT-2's locally
     c.model.dtype = "float32"  # compute dtype; "bfloat16" = mixed precision (float32 weights and optimizer state)
-    c.model.remat = "none"  # --memory_saving_gradients: a remat policy (none, full, dots, dots_no_batch, save_*)
+    c.model.remat = "none"  # --memory_saving_gradients: a remat policy (none, full, dots, dots_no_batch, save_*) or auto
+    c.model.memory_budget_gb = 0.0  # remat=auto: the compiled peak must fit this; 0 = the device's memory less 10%
+    c.model.remat_auto_steps = 3  # remat=auto: steps timed per surviving candidate (0: take the largest micro-batch)
     c.model.scan_layers = False  # nn.scan over the blocks: one block compiled (faster compiles), params [n_layer, ...]
     c.model.attention = "auto"  # auto (cuDNN's fused kernel on GPU in bfloat16, else XLA), xla or cudnn
     c.model.vocab_multiple = 0  # logits matmul over the vocabulary padded to a multiple of this; 0: 128 on GPU/TPU, 1 on CPU

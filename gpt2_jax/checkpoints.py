@@ -276,6 +276,9 @@ def restore_verified(run_dir: Path, step: int, params: Any, opt_state: Any | Non
             meta = dict(restored.meta)
         except Exception as e:  # noqa: BLE001 - a damaged step fails inside orbax/tensorstore in many ways
             failure = reason(e)
+    if failure and "do not match" in failure and "tree structure" in failure:  # a layout, not damage
+        raise UserError(f"step {step} of {run_dir} holds state laid out for other settings ({failure}); resume with "
+                        f"the settings it was trained with ({RUN_CONFIG} there)")
     if not _all_agree(failure is None):
         raise Damaged(f"cannot be read ({failure})" if failure else "cannot be read on another process")
     p, o = restored.params, (restored.opt_state if opt_state is not None else None)

@@ -239,7 +239,8 @@ def describe_change(before: dict, after: dict) -> str | None:
     changes = [f"{p} added" for p in new if p not in old] + [f"{p} removed" for p in old if p not in new]
     changes += [f"{p} {old[p]} -> {new[p]} bytes" for p in new if p in old and old[p] != new[p]]
     if not changes:
-        changes = [f"{before.get('tokens')} -> {after.get('tokens')} tokens" if before.get("tokens") != after.get("tokens")
+        same_count = before.get("tokens") == after.get("tokens")
+        changes = [f"{before.get('tokens')} -> {after.get('tokens')} tokens" if not same_count
                    else "same files and sizes, other tokens (the text or the vocabulary changed)"]
     more = f" and {len(changes) - 3} more" if len(changes) > 3 else ""
     return ", ".join(changes[:3]) + more

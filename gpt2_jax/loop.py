@@ -27,13 +27,13 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from gpt2_jax import checkpoints, parallel
+from gpt2_jax import autoremat, checkpoints, parallel
 from gpt2_jax.data import WindowSampler, describe_change, fingerprint, load_dataset, split_tail
 from gpt2_jax.encoder import Encoder
 from gpt2_jax.errors import StorageError, UserError, reason
 from gpt2_jax.model import GPT2Config, convert_layout
 from gpt2_jax.optim import learning_rate_schedule
-from gpt2_jax.resolve import Resume, decide_resume, initial_model
+from gpt2_jax.resolve import Resume, check_resumable, decide_resume, initial_model
 from gpt2_jax.sampling import SAMPLE_HEADER, check_settings, generate
 from gpt2_jax.steps import Steps, abstract_state, build_steps, flops_per_token, peak_bf16_flops
 from gpt2_jax.train import TrainState
@@ -173,6 +173,7 @@ def run(config: Any, on_step: Callable[[int, dict], None] | None = None) -> dict
     # A resumed run keeps the seed it started with: batches and noise continue exactly.
     seed = config.seed
     if resume:
+        check_resumable(config, resume)
         seed = checkpoints.read_seed(resume.run_dir, resume.candidates())
         if seed is None:
             raise UserError(f"no checkpoint of {resume.run_dir} (steps {resume.candidates()}) has readable metadata; "
@@ -200,6 +201,10 @@ def run(config: Any, on_step: Callable[[int, dict], None] | None = None) -> dict
     if resume and resume.run_dir == run_dir:
         _check_same_data(run_dir, data_record, config.data.allow_changed)
 
+    if config.model.remat == "auto":  # the fastest policy and micro-batch split that fit the memory budget
+        model_config, train, line = autoremat.resolve(config, model_config, mesh, seq_len, run_dir,
+                                                      workdir / "logs" / config.run_name)
+        tqdm.write(line)
     steps = build_steps(model_config, train, mesh)
     repl = parallel.replicated(mesh)
     if resume is None:
@@ -344,7 +349,8 @@ def _datasets(config: Any, encoder: Encoder, seq_len: int, seed: int, is_main: b
         chunks, val_chunks = split_tail(chunks, data.val_split)
         val_name = f"validation split (the last {data.val_split:g} of {data.dataset!r})"
     elif data.val_dataset:
-        val_chunks, val_name = load_dataset(data.val_dataset, encoder, **data_kw), f"validation dataset {data.val_dataset!r}"
+        val_chunks = load_dataset(data.val_dataset, encoder, **data_kw)
+        val_name = f"validation dataset {data.val_dataset!r}"
     sampler = WindowSampler(chunks, seq_len + 1, seed, f"dataset {data.dataset!r}")
     record = {"train": fingerprint(data.dataset, chunks), "validation": None}
     if data.val_every <= 0:

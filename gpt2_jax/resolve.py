@@ -42,7 +42,8 @@ def model_dir_of(config: Any) -> Path:
 def _compute_settings(config: Any) -> dict[str, Any]:
     """The GPT2Config fields that say how to compute, not what the model is."""
     m = config.model
-    return dict(dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers, vocab_multiple=m.vocab_multiple,
+    remat = "none" if m.remat == "auto" else m.remat  # auto is resolved later, by autoremat, per device
+    return dict(dtype=m.dtype, remat=remat, scan_layers=m.scan_layers, vocab_multiple=m.vocab_multiple,
                 attention=m.attention)
 
 
@@ -108,9 +109,32 @@ def decide_resume(restore_from: str, run_dir: Path) -> Resume | None:
     if restore_from == "fresh":
         if existing is not None:
             raise UserError(f"checkpoint.restore_from=fresh but {run_dir} already holds checkpoints up to step "
-                            f"{existing}; pick another run_name, or restore_from=latest to resume (nothing was deleted)")
+                            f"{existing}; pick another run_name, or restore_from=latest to resume "
+                            "(nothing was deleted)")
         return None
     resume = Resume(*checkpoints.resolve_checkpoint(Path(restore_from)))
     if existing is not None and resume.run_dir != run_dir:
         raise UserError(f"{run_dir} already holds checkpoints; restore {restore_from} under a new run_name")
     return resume
+
+
+def _state_layout(train: Any) -> dict[str, Any]:
+    """The train settings that decide the optimizer state's layout (not its values)."""
+    return {"train.optimizer": train.get("optimizer"), "train.grad_clip > 0": bool(train.get("grad_clip")),
+            "train.momentum > 0": bool(train.get("momentum")) if train.get("optimizer") == "sgd" else None,
+            "train.only_train_transformer_layers": bool(train.get("only_train_transformer_layers"))}
+
+
+def check_resumable(config: Any, resume: Resume) -> None:
+    """One line when the checkpoint's run was trained with settings that lay its optimizer state out differently
+    (the model's shape comes from the run directory itself)."""
+    try:
+        saved = json.loads((resume.run_dir / checkpoints.RUN_CONFIG).read_text()).get("train", {})
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return  # no record: the restore itself says what does not fit
+    before, now = _state_layout(saved), _state_layout(config.train)
+    changed = [f"{k}: {before[k]} (now {now[k]})" for k in now
+               if before[k] != now[k] and None not in (before[k], now[k])]
+    if changed:
+        raise UserError(f"{resume.run_dir} was trained with {'; '.join(changed)}, so its optimizer state has another "
+                        "layout; resume with the settings it was trained with, or start anew under another run_name")

@@ -19,6 +19,8 @@ from conftest import REPO
     ("tokenizer.py", []),
     ("tokenizer.py", ["--file_mb", "2"]),
     ("checkpoint.py", []),
+    ("loop.py", []),
+    ("xla_flags.py", []),
     ("parallel.py", ["--devices", "2"]),
     ("scaling.py", ["--png", "{tmp}/scaling.png"]),
 ])

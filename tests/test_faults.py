@@ -29,7 +29,8 @@ SAVE_EVERY_2 = {"checkpoint.save_every": 2, "train.noise": 0.1}  # noise: the rn
 
 
 def _largest_array_file(step_dir: Path) -> Path:
-    files = [p for p in (step_dir / "params").rglob("*") if p.is_file() and "ocdbt.process" in str(p) and "/d/" in str(p)]
+    files = [p for p in (step_dir / "params").rglob("*")
+             if p.is_file() and "ocdbt.process" in str(p) and "/d/" in str(p)]
     return max(files, key=lambda p: p.stat().st_size)
 
 
@@ -161,7 +162,8 @@ def test_a_disk_filling_during_an_async_save_is_one_line_exit_3_and_the_partial_
     lines = [ln for ln in done.stderr.splitlines() if ln.strip() and not ln.startswith(("run1:", "W"))]  # bar, JAX
     assert lines == [lines[-1]] and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert lines[-1].startswith("launch.py: error: could not write checkpoint step 1 to ")
-    assert "No space left on device; a checkpoint needs about " in lines[-1] and " is free; the partial step was removed" in lines[-1]
+    assert "No space left on device; a checkpoint needs about " in lines[-1]
+    assert " is free; the partial step was removed" in lines[-1]
     run_dir = small_disk / "w" / "checkpoint" / "run1"
     assert not list(run_dir.glob("*tmp*")) and checkpoints.steps_of(run_dir) == []
 

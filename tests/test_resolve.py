@@ -18,7 +18,8 @@ def _run_with_steps(run_dir: Path, *steps: int) -> Path:
     """A run directory holding complete (tiny) checkpoints at the given steps."""
     writer = checkpoints.CheckpointWriter(run_dir, async_save=False)
     for step in steps:
-        writer.save(step, {"w": np.full(3, step, np.float32)}, {"m": np.zeros(3, np.float32)}, {"step": step, "seed": 0})
+        writer.save(step, {"w": np.full(3, step, np.float32)}, {"m": np.zeros(3, np.float32)},
+                    {"step": step, "seed": 0})
     writer.close()
     return run_dir.absolute()
 
@@ -72,3 +73,23 @@ def test_configs_resolve_without_weights(tmp_path):
     scratch, params, encoder = initial_model(c, None)
     assert scratch == model_config_of(c) and encoder.n_vocab == scratch.n_vocab
     assert params["params"]["wpe"].shape == (8, scratch.n_embd)
+
+
+def test_resuming_with_settings_that_change_the_optimizer_state_is_one_line(tmp_path):
+    import json as json_module
+
+    from gpt2_jax.resolve import check_resumable
+
+    run = _run_with_steps(tmp_path / "run", 2)
+    saved = base.get_config()
+    saved.train.optimizer = "sgd"
+    (run / "run_config.json").write_text(saved.to_json())
+    now = base.get_config()
+    now.train.learning_rate, now.train.weight_decay = 1.0, 0.5  # values only: fine
+    now.train.optimizer = "sgd"
+    check_resumable(now, Resume(run, 2))
+    now.train.optimizer, now.train.grad_clip = "adam", 1.0
+    with pytest.raises(UserError, match=r"trained with train.optimizer: sgd \(now adam\); train.grad_clip > 0: False "
+                                        r"\(now True\), so its optimizer state has another layout"):
+        check_resumable(now, Resume(run, 2))
+    assert json_module.loads((run / "run_config.json").read_text())["train"]["optimizer"] == "sgd"
