@@ -31,6 +31,7 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--dtype", default="float32", help="float32 or bfloat16 (both peers)")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--unroll", type=int, default=1, help="tokens per iteration of our decode loop")
     parser.add_argument("--smoke", action="store_true", help="a tiny model, to check the script runs")
     parser.add_argument("--no_record", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
@@ -67,7 +68,8 @@ def main() -> None:
     prompt = np.random.default_rng(0).integers(0, shape["n_vocab"], args.prompt_len).tolist()
 
     def ours(b):
-        out = generate(config, params, prompt, length=args.new_tokens, batch_size=b, top_k=1, eot=-1)
+        out = generate(config, params, prompt, length=args.new_tokens, batch_size=b, top_k=1, eot=-1,
+                       unroll=args.unroll)
         return out.tokens
 
     def theirs(b):
@@ -100,7 +102,8 @@ def main() -> None:
                      f"{t['transformers'] / t['gpt2_jax']:.2f}", f"{weight_gbs:,.1f}", "yes" if same else "no (bf16)"))
         print(" | ".join(str(x) for x in rows[-1]), flush=True)  # kept in the log if the run is cut
     title = (f"Greedy decoding, {args.size if not args.smoke else 'smoke'} shape, prompt {args.prompt_len}, "
-             f"{args.new_tokens} new tokens, {args.dtype}")
+             f"{args.new_tokens} new tokens, {args.dtype}" + (f", {args.unroll} tokens per loop iteration"
+                                                             if args.unroll > 1 else ""))
     common.report(common.table(title, ["batch", "gpt2_jax tokens/s", "transformers tokens/s", "ratio",
                                        "gpt2_jax weight reads GB/s", "same tokens (row 0)"], rows),
                   record=not args.no_record, out=args.out)

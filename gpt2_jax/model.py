@@ -139,6 +139,29 @@ def _dense_kwargs(cfg: GPT2Config) -> dict:
                 kernel_init=nn.initializers.normal(0.02))
 
 
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array | int) -> jax.Array:
+    """Decoding attention: q [B, T, N, H] at positions start.. over a cache of keys k and values v, both
+    [B, N, S, H] -> [B, T, N, H]; positions after each query's own are masked.
+
+    The cache is heads-major, the layout both matmuls read as it is (laid out [B, S, N, H], XLA copied
+    the whole cache into a transposed layout every step); the arithmetic is
+    jax.nn.dot_product_attention's (float32 logits and softmax, the same scale and mask value), so the
+    results match the training path's attention.
+    """
+    T, S, H = q.shape[1], k.shape[2], q.shape[-1]
+    logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
+    precision = {jnp.dtype(jnp.bfloat16): jax.lax.DotAlgorithmPreset.BF16_BF16_F32,
+                 jnp.dtype(jnp.float16): jax.lax.DotAlgorithmPreset.F16_F16_F32}.get(jnp.dtype(q.dtype))
+    logits = jnp.einsum("btnh,bnsh->bnts", q, k.astype(q.dtype), precision=precision,
+                        preferred_element_type=logits_dtype)  # [B, N, T, S]
+    logits *= jnp.array(1.0 / H**0.5, dtype=logits_dtype)
+    mask = jnp.arange(S)[None, :] <= (start + jnp.arange(T))[:, None]  # [T, S]
+    large_negative = -0.7 * min(jnp.finfo(logits_dtype).max, jnp.finfo(jnp.float32).max)
+    logits = jnp.where(mask, logits, jnp.asarray(large_negative, logits_dtype))
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype)
+    return jnp.einsum("bnts,bnsh->btnh", probs, v.astype(q.dtype))
+
+
 class Attention(nn.Module):
     """Causal multi-head self-attention; with `cache`, writes this step's keys/values into it."""
 
@@ -159,17 +182,13 @@ class Attention(nn.Module):
         if cache is None:
             y = causal_attention(q, k, v, cfg.attention)  # scale 1/sqrt(H)
         else:
-            # Decoding: the cache holds S >= start + T positions; write ours at [start, start + T),
-            # then attend to every cached position up to our own. Positions past ours are masked,
-            # so stale or padded entries there never matter.
-            k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), start, axis=1)
-            v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), start, axis=1)
-            cache = {"k": k_all, "v": v_all}  # [B, S, N, H]
-            S = k_all.shape[1]
-            q_pos = start + jnp.arange(T)
-            mask = jnp.arange(S)[None, :] <= q_pos[:, None]  # [T, S]
-            y = jax.nn.dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask=mask[None, None],
-                                             implementation="xla")
+            # Decoding: the cache holds S >= start + T positions ([B, N, S, H]); write ours at
+            # [start, start + T), then attend to every cached position up to our own. Positions past a
+            # query's own are masked, so stale or padded entries there never matter.
+            write = lambda c, x: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
+                c, x.transpose(0, 2, 1, 3).astype(c.dtype), start, axis=2)
+            cache = {"k": write(cache["k"], k), "v": write(cache["v"], v)}
+            y = cached_attention(q, cache["k"], cache["v"], start)
         y = checkpoint_name(y.reshape(B, T, C), "attn_out")
         return dense(C, "c_proj")(y), cache
 
@@ -297,9 +316,9 @@ _float32_logits.defvjp(_float32_logits_fwd, _float32_logits_bwd)
 
 
 def init_cache(config: GPT2Config, batch_size: int, length: int) -> Any:
-    """Zeroed key/value buffers of a fixed length: one {k, v} of [B, S, N, H] per layer, or with
-    scan_layers a single {k, v} of [n_layer, B, S, N, H]."""
-    shape = (batch_size, length, config.n_head, config.n_embd // config.n_head)
+    """Zeroed key/value buffers of a fixed length S: one {k, v} of [B, N, S, H] per layer, or with
+    scan_layers a single {k, v} of [n_layer, B, N, S, H]."""
+    shape = (batch_size, config.n_head, length, config.n_embd // config.n_head)
     if config.scan_layers:
         zeros = jnp.zeros((config.n_layer, *shape), _dtype(config.dtype))
         return {"k": zeros, "v": zeros}

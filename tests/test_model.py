@@ -142,7 +142,7 @@ def test_scan_layers_matches_unrolled_blocks():
     np.testing.assert_allclose(jax.jit(GPT2(scanned).apply)(stacked, tokens), full, atol=1e-5, rtol=0)
     # the stacked cache: prefill 9 positions, then one at a time
     cache = init_cache(scanned, 2, 32)
-    assert cache["k"].shape == (3, 2, 32, 4, 8)
+    assert cache["k"].shape == (3, 2, 4, 32, 8)  # [n_layer, B, N, S, H]
     step = jax.jit(GPT2(scanned).apply)
     logits, cache = step(stacked, tokens[:, :9], cache, jnp.int32(0))
     rows = [logits]

@@ -47,6 +47,14 @@ def test_batched_greedy_rows_equal_single(hf_and_ours):
     many = generate(config, params, [1, 2, 3], length=20, top_k=1, batch_size=4)
     for row in many.tokens:
         np.testing.assert_array_equal(row, one.tokens[0])
+    # three tokens per loop iteration: the same tokens, and an early stop still ends where it did
+    unrolled = generate(config, params, [1, 2, 3], length=20, top_k=1, unroll=3)
+    np.testing.assert_array_equal(unrolled.tokens, one.tokens)
+    stop = [int(one.tokens[0, 6])]
+    a = generate(config, params, [1, 2, 3], length=20, top_k=1, stop_sequences=[stop])
+    b = generate(config, params, [1, 2, 3], length=20, top_k=1, stop_sequences=[stop], unroll=4)
+    assert a.lengths[0] == b.lengths[0] and a.steps == b.steps
+    np.testing.assert_array_equal(a.tokens, b.tokens)
 
 
 def test_sampling_is_reproducible_with_a_seed(hf_and_ours):
