@@ -32,6 +32,11 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="float32", help="float32 or bfloat16 (both peers)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--unroll", type=int, default=1, help="tokens per iteration of our decode loop")
+    parser.add_argument("--sampling", action="store_true",
+                        help="also time our loop with top-k 40 and top-p 0.9 sampling, as a ratio to our greedy")
+    parser.add_argument("--bandwidth", action="store_true",
+                        help="measure the device's copy bandwidth (bytes read + written) and report the batch-1 "
+                             "floor: weight bytes / bandwidth per token")
     parser.add_argument("--smoke", action="store_true", help="a tiny model, to check the script runs")
     parser.add_argument("--no_record", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
@@ -81,6 +86,23 @@ def main() -> None:
             torch.cuda.synchronize()
         return out[:, len(prompt):].cpu().numpy()
 
+    bandwidth = None
+    if args.bandwidth:  # a large device-to-device copy, counting bytes read plus bytes written
+        x = jax.device_put(np.random.default_rng(0).random((1 << 28) if not args.smoke else (1 << 20),
+                                                            dtype=np.float32))
+        copy = jax.jit(lambda a: a * 1.0001)
+        copy(x).block_until_ready()
+        t0 = time.perf_counter()
+        for _ in range(10):
+            y = copy(x)
+        y.block_until_ready()
+        bandwidth = 2 * x.nbytes * 10 / (time.perf_counter() - t0)
+        print(f"copy bandwidth {bandwidth / 1e9:,.0f} GB/s (read + write)", flush=True)
+
+    def sampled(b, **kw):
+        return generate(config, params, prompt, length=args.new_tokens, batch_size=b, eot=-1, unroll=args.unroll,
+                        rng=jax.random.key(0), **kw).tokens
+
     rows = []
     for b in [int(x) for x in args.batches.split(",")]:
         t0 = time.perf_counter()
@@ -98,15 +120,28 @@ def main() -> None:
             t[name] = statistics.median(times)
         rate = lambda s: b * args.new_tokens / s  # noqa: E731
         weight_gbs = args.new_tokens / t["gpt2_jax"] * weight_bytes / 1e9
+        extra = []
+        if bandwidth:
+            extra.append(f"{weight_gbs * 1e9 / bandwidth:.0%}")
+        if args.sampling:
+            for kw in ({"top_k": 40}, {"top_p": 0.9}):
+                sampled(b, **kw)  # compile
+                extra.append(f"{t['gpt2_jax'] / common.median_seconds(lambda: sampled(b, **kw), args.repeat, 0):.2f}")
         rows.append((b, f"{rate(t['gpt2_jax']):,.0f}", f"{rate(t['transformers']):,.0f}",
-                     f"{t['transformers'] / t['gpt2_jax']:.2f}", f"{weight_gbs:,.1f}", "yes" if same else "no (bf16)"))
+                     f"{t['transformers'] / t['gpt2_jax']:.2f}", f"{weight_gbs:,.1f}", "yes" if same else "no (bf16)",
+                     *extra))
         print(" | ".join(str(x) for x in rows[-1]), flush=True)  # kept in the log if the run is cut
     title = (f"Greedy decoding, {args.size if not args.smoke else 'smoke'} shape, prompt {args.prompt_len}, "
              f"{args.new_tokens} new tokens, {args.dtype}" + (f", {args.unroll} tokens per loop iteration"
                                                              if args.unroll > 1 else ""))
-    common.report(common.table(title, ["batch", "gpt2_jax tokens/s", "transformers tokens/s", "ratio",
-                                       "gpt2_jax weight reads GB/s", "same tokens (row 0)"], rows),
-                  record=not args.no_record, out=args.out)
+    header = ["batch", "gpt2_jax tokens/s", "transformers tokens/s", "ratio", "gpt2_jax weight reads GB/s",
+              "same tokens (row 0)"]
+    if bandwidth:
+        title += f", copy bandwidth {bandwidth / 1e9:,.0f} GB/s"
+        header.append("share of the weight-read floor")
+    if args.sampling:
+        header += ["top-k 40 speed vs greedy", "top-p 0.9 speed vs greedy"]
+    common.report(common.table(title, header, rows), record=not args.no_record, out=args.out)
 
 
 if __name__ == "__main__":

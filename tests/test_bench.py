@@ -57,9 +57,9 @@ def test_profile_categories_tell_backward_fusions_from_copies():
     assert common.category("loop_transpose_fusion.2") == "copy" and common.category("nvjet_tst_gemm") == "matmul"
 
 
-def _gpu_suite_steps() -> list[tuple[int, list[str]]]:
-    """bench/gpu.sh's `step SECONDS COMMAND...` lines, continuations joined, $OUT and $DEVICE filled in."""
-    text = (REPO / "bench" / "gpu.sh").read_text().replace("\\\n", " ")
+def _gpu_suite_steps(script: str) -> list[tuple[int, list[str]]]:
+    """A GPU script's `step SECONDS COMMAND...` lines, continuations joined, $OUT and $DEVICE filled in."""
+    text = (REPO / "bench" / script).read_text().replace("\\\n", " ")
     text = text.replace("$OUT", "/tmp/out").replace("$DEVICE", "h100")
     steps = []
     for line in text.splitlines():
@@ -69,24 +69,25 @@ def _gpu_suite_steps() -> list[tuple[int, list[str]]]:
     return steps
 
 
-def test_gpu_suite_commands_parse_and_fit_the_device_limit():
-    """The GPU suite runs only on a lent GPU: check here that its every command line is still valid."""
-    assert subprocess.run(["bash", "-n", str(REPO / "bench" / "gpu.sh")]).returncode == 0
-    steps = _gpu_suite_steps()
-    assert len(steps) >= 5 and sum(seconds + 1 for seconds, _ in steps) <= 580  # the device limit is 600 s
+@pytest.mark.parametrize("script", ["gpu.sh", "gpu_decode.sh"])
+def test_gpu_suite_commands_parse_and_fit_the_device_limit(script):
+    """The GPU scripts run only on a lent GPU: check here that their every command line is still valid."""
+    assert subprocess.run(["bash", "-n", str(REPO / "bench" / script)]).returncode == 0
+    steps = _gpu_suite_steps(script)
+    assert len(steps) >= 4 and sum(seconds + 1 for seconds, _ in steps) <= 580  # the device limit is 600 s
     for _, command in steps:
         assert command[0] == "python3", command
-        script, args = command[1], command[2:]
-        if script.startswith("bench/"):
-            spec = importlib.util.spec_from_file_location(f"bench_{Path(script).stem}", REPO / script)
+        target, args = command[1], command[2:]
+        if target.startswith("bench/"):
+            spec = importlib.util.spec_from_file_location(f"bench_{Path(target).stem}", REPO / target)
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
             try:
                 module.arguments().parse_args(args)
             except SystemExit:
-                pytest.fail(f"bench/gpu.sh: {script} rejects {' '.join(args)}")
+                pytest.fail(f"bench/{script}: {target} rejects {' '.join(args)}")
         else:
-            assert script == "launch.py", command
+            assert target == "launch.py", command
             done = subprocess.run([sys.executable, "-c", "import sys, launch; c = launch.parse(sys.argv); "
                                    "print(c.model.scan_layers, c.model.dtype)", *args],
                                   cwd=REPO, capture_output=True, text=True, timeout=120)
