@@ -17,16 +17,15 @@ weights.py lists it among the model-directory layouts it reads.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
-import gc
 import json
 import logging
 import shutil
 import sys
 import time
+import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -250,17 +249,27 @@ def _all_agree(ok: bool) -> bool:
     return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
-@contextlib.contextmanager
-def _unraisable_ignored():
-    """After a failed read, orbax leaves read coroutines that raised un-awaited, and Python would print
-    each one's traceback ("Exception ignored in ...") when collected; the failure is reported once, by us."""
-    previous = sys.unraisablehook
-    sys.unraisablehook = lambda unraisable: None
-    try:
-        yield
-        gc.collect()
-    finally:
-        sys.unraisablehook = previous
+def _drop_abandoned_reads(previous: Callable[[Any], None]) -> Callable[[Any], None]:
+    """An unraisable-exception hook that drops what a failed orbax restore leaves behind: its read
+    coroutines, never awaited (Python prints each one's traceback, "Exception ignored in ...", when it is
+    collected, as late as exit), and tensorstore's callbacks into that restore's event loop, already
+    closed. The failure itself is reported once, by restore_verified; everything else goes to `previous`."""
+
+    def abandoned(unraisable: Any) -> bool:
+        code = getattr(unraisable.object, "cr_code", None)
+        if code is not None:
+            return "orbax" in code.co_filename and "read" in code.co_name
+        frames = [f.f_code.co_name for f, _ in traceback.walk_tb(unraisable.exc_traceback)]
+        return str(unraisable.exc_value) == "Event loop is closed" and "call_soon_threadsafe" in frames
+
+    def hook(unraisable: Any) -> None:
+        if not abandoned(unraisable):
+            previous(unraisable)
+
+    return hook
+
+
+sys.unraisablehook = _drop_abandoned_reads(sys.unraisablehook)
 
 
 def restore_verified(run_dir: Path, step: int, params: Any, opt_state: Any | None = None) -> tuple[Any, Any, dict]:
@@ -270,12 +279,11 @@ def restore_verified(run_dir: Path, step: int, params: Any, opt_state: Any | Non
     if opt_state is not None:
         items["opt_state"] = ocp.args.StandardRestore(_abstract(opt_state))
     failure = None  # kept as text: the exception's traceback would keep orbax's abandoned coroutines alive
-    with _unraisable_ignored():
-        try:
-            restored = make_manager(run_dir, read_only=True).restore(step, args=ocp.args.Composite(**items))
-            meta = dict(restored.meta)
-        except Exception as e:  # noqa: BLE001 - a damaged step fails inside orbax/tensorstore in many ways
-            failure = reason(e)
+    try:
+        restored = make_manager(run_dir, read_only=True).restore(step, args=ocp.args.Composite(**items))
+        meta = dict(restored.meta)
+    except Exception as e:  # noqa: BLE001 - a damaged step fails inside orbax/tensorstore in many ways
+        failure = reason(e)
     if failure and "do not match" in failure and "tree structure" in failure:  # a layout, not damage
         raise UserError(f"step {step} of {run_dir} holds state laid out for other settings ({failure}); resume with "
                         f"the settings it was trained with ({RUN_CONFIG} there)")

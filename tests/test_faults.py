@@ -98,7 +98,7 @@ def test_an_explicit_damaged_checkpoint_or_none_that_verifies_is_one_line_and_no
     assert _tree(source) == before  # nothing deleted or moved
     done = subprocess.run([sys.executable, "-m", "gpt2_jax", "sample", "--model_dir", str(source), "--length", "4"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.returncode == 2 and "Traceback" not in done.stderr and "ignored" not in done.stderr, done.stderr[-3000:]
     assert done.stderr.strip().splitlines()[-1].startswith("gpt2-jax sample: error: no checkpoint in ")
 
 
