@@ -3,6 +3,7 @@
     python launch.py --config=experiments/NAME.py[:VARIANT] [--config.section.field=value ...] [--workdir DIR]
     python launch.py --list
     python launch.py --config=experiments/NAME.py[:VARIANT] --dry_run
+    python launch.py --config=experiments/NAME.py[:VARIANT] --sweep=section.field=V1,V2 [--sweep=...] [--sweep_name N]
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoint/, samples/ and
 _LIST = flags.DEFINE_bool("list", False, "list the experiments and their variants, then exit")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "print the resolved config, parameter count and the compiled "
                              "step's FLOPs and memory, then exit without training")
+_SWEEP = flags.DEFINE_multi_string("sweep", [], "SECTION.FIELD=V1,V2,...: one run per value; several --sweep "
+                                   "flags run every combination, then write WORKDIR/sweeps/NAME/sweep.{md,png,json}")
+_SWEEP_NAME = flags.DEFINE_string("sweep_name", None, "the sweep's name (default: the experiment and variant)")
 EXPERIMENTS = Path(__file__).resolve().parent / "experiments"
 
 
@@ -126,6 +130,28 @@ def dry_run(config) -> None:
           f"(arguments {stats['argument_bytes'] / 2**30:.3f}, temporaries {stats['temp_bytes'] / 2**30:.3f})")
 
 
+def run_sweep(config, spec: str) -> None:
+    """--sweep: list the points (with --dry_run) or run them all and write the sweep's report."""
+    from gpt2_jax import sweep
+
+    axes = sweep.parse(_SWEEP.value, config)
+    path, _, variant = spec.partition(":")
+    name = _SWEEP_NAME.value or Path(path).stem + (f"-{variant}" if variant else "")
+    if _DRY_RUN.value:
+        print(sweep.describe(config, name, axes))
+        return
+    if config.mode != "train":
+        raise UserError(f"mode={config.mode!r}: only training runs can be swept")
+    if config.model.remat == "auto":
+        from gpt2_jax.steps import use_memory_faithful_cpu_scheduler
+
+        use_memory_faithful_cpu_scheduler()
+    from gpt2_jax.loop import run
+
+    out = sweep.run(config, name, axes, run, lambda: jax.process_index() == 0)
+    print(f"wrote {out}/sweep.md, sweep.png and sweep.json")
+
+
 def main(argv: list[str]) -> None:
     """Parse, then list, dry-run, ablate or train."""
     try:
@@ -133,6 +159,11 @@ def main(argv: list[str]) -> None:
             print(list_experiments())
             return
         config = parse(argv)
+        from gpt2_jax.steps import enable_compilation_cache
+
+        enable_compilation_cache()  # a second launch loads what the first compiled
+        if _SWEEP.value:
+            return run_sweep(config, next(a.split("=", 1)[1] for a in argv if a.startswith("--config=")))
         if _DRY_RUN.value or config.mode == "remat_ablation" or config.model.remat == "auto":
             from gpt2_jax.steps import use_memory_faithful_cpu_scheduler
 

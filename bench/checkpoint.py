@@ -28,9 +28,7 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--size", default="124M", help="model shape: 124M, 355M, 774M, 1558M")
     parser.add_argument("--repeat", type=int, default=3, help="rounds (median reported)")
     parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temporary directory)")
-    parser.add_argument("--smoke", action="store_true", help="a tiny model, to check the script runs")
-    parser.add_argument("--no_record", action="store_true", help="do not append to BENCHMARKS.md")
-    parser.add_argument("--out", type=Path, default=None, help="also append the table to this file")
+    common.add_record_flags(parser)
     return parser
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import re
@@ -52,6 +53,13 @@ def table(title: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def add_record_flags(parser: argparse.ArgumentParser, smoke: str = "a tiny model, to check the script runs") -> None:
+    """--smoke, --no_record and --out, which every benchmark script takes."""
+    parser.add_argument("--smoke", action="store_true", help=smoke)
+    parser.add_argument("--no_record", action="store_true", help="do not append to BENCHMARKS.md")
+    parser.add_argument("--out", type=Path, default=None, help="also append the table(s) to this file")
 
 
 def report(text: str, record: bool, out: Path | None = None) -> None:

@@ -33,9 +33,7 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: float32 on CPU, bfloat16 on GPU)")
     parser.add_argument("--steps", type=int, default=50, help="timed steps (after warm-up)")
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of the median (compilation, caches)")
-    parser.add_argument("--smoke", action="store_true", help="a tiny model, to check the script runs")
-    parser.add_argument("--no_record", action="store_true", help="do not append to BENCHMARKS.md")
-    parser.add_argument("--out", type=Path, default=None, help="also append the table to this file")
+    common.add_record_flags(parser)
     return parser
 
 

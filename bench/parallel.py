@@ -27,9 +27,7 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--seq_len", type=int, default=128)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--memory_sizes", default="124M,1558M", help="sizes for the compile-only memory table")
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script runs")
-    parser.add_argument("--no_record", action="store_true", help="do not append to BENCHMARKS.md")
-    parser.add_argument("--out", type=Path, default=None, help="also append the tables to this file")
+    common.add_record_flags(parser, "tiny shapes, to check the script runs")
     return parser
 
 

@@ -37,9 +37,7 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--bandwidth", action="store_true",
                         help="measure the device's copy bandwidth (bytes read + written) and report the batch-1 "
                              "floor: weight bytes / bandwidth per token")
-    parser.add_argument("--smoke", action="store_true", help="a tiny model, to check the script runs")
-    parser.add_argument("--no_record", action="store_true")
-    parser.add_argument("--out", type=Path, default=None)
+    common.add_record_flags(parser)
     return parser
 
 

@@ -29,10 +29,8 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--remat", default="none")
     parser.add_argument("--scan_layers", action="store_true", help="scan the blocks (compiles in about a block's time)")
     parser.add_argument("--repeat", type=int, default=2)
-    parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--png", type=Path, default=None)
-    parser.add_argument("--no_record", action="store_true")
-    parser.add_argument("--out", type=Path, default=None)
+    common.add_record_flags(parser, "tiny shapes, to check the script runs")
     return parser
 
 

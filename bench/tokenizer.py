@@ -42,9 +42,7 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per row (median reported)")
     parser.add_argument("--large_factor", type=int, default=16, help="the large corpus is the corpus repeated N times")
     parser.add_argument("--file_mb", type=float, default=0, help="instead: encode a file of this many MB to .bin")
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script runs")
-    parser.add_argument("--no_record", action="store_true", help="do not append to BENCHMARKS.md")
-    parser.add_argument("--out", type=Path, default=None, help="also append the table to this file")
+    common.add_record_flags(parser, "tiny sizes, to check the script runs")
     return parser
 
 

@@ -59,9 +59,7 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--no_torch", action="store_true", help="skip the transformers peer (ratios vs our first row)")
     parser.add_argument("--profile", type=int, default=0,
                         help="then trace this many of our steps (first layout) and tabulate where the time goes")
-    parser.add_argument("--smoke", action="store_true", help="a tiny model, to check the script runs")
-    parser.add_argument("--no_record", action="store_true", help="do not append to BENCHMARKS.md")
-    parser.add_argument("--out", type=Path, default=None, help="also append the table to this file")
+    common.add_record_flags(parser)
     return parser
 
 

@@ -32,9 +32,7 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--flags", default="", help="comma-separated XLA flags (default: the GPU or CPU list)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round (train.py --steps)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds (train.py --rounds)")
-    parser.add_argument("--smoke", action="store_true", help="tiny model and one flag, to check the script runs")
-    parser.add_argument("--no_record", action="store_true", help="do not append to BENCHMARKS.md")
-    parser.add_argument("--out", type=Path, default=None, help="also append the table to this file")
+    common.add_record_flags(parser, "tiny model and one flag, to check the script runs")
     parser.add_argument("train_args", nargs="*", help="passed to bench/train.py (after --)")
     return parser
 

@@ -77,7 +77,8 @@ def get_config() -> ConfigDict:
 
     c.sample = ConfigDict()
     c.sample.sample_every = 100  # --sample_every: unconditional samples every N steps (0 = never)
-    c.sample.sample_length = 1023  # --sample_length: tokens per sample (capped at n_ctx - 1)
+    c.sample.prompt = ""  # text the samples continue; "" = unconditional, from <|endoftext|> (as the original)
+    c.sample.sample_length = 1023  # --sample_length: tokens per sample (capped at what the context leaves)
     c.sample.sample_num = 1  # --sample_num: samples each time
     c.sample.top_k = 40  # --top_k
     c.sample.top_p = 0.0  # --top_p: > 0 overrides top_k

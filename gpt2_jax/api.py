@@ -15,7 +15,7 @@ from gpt2_jax.encoder import Encoder, get_encoder
 from gpt2_jax.errors import UserError
 from gpt2_jax.model import GPT2, GPT2Config
 from gpt2_jax.sampling import Generated, generate
-from gpt2_jax.weights import load_weights
+from gpt2_jax.weights import find_model_dir, load_weights
 
 
 @functools.partial(jax.jit, static_argnames="config")
@@ -53,7 +53,8 @@ class Model:
 
 
 def load(model_dir: str | os.PathLike, **config_overrides) -> Model:
-    """Load any supported model directory; overrides such as dtype='bfloat16' go to the config."""
+    """Load any supported model directory or cached hub id; overrides such as dtype='bfloat16' go to the config."""
+    model_dir = find_model_dir(model_dir)
     config, params = load_weights(model_dir, **config_overrides)
     encoder = get_encoder(model_dir)
     if encoder.n_vocab > config.n_vocab:

@@ -1,4 +1,4 @@
-"""The `gpt2-jax` command line: download, sample, evaluate, encode, export. Bad input exits 2 with one line."""
+"""The `gpt2-jax` command line: download, sample, evaluate, encode, export, compare. Bad input exits 2 with one line."""
 
 from __future__ import annotations
 
@@ -112,19 +112,34 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 def _cmd_encode(args: argparse.Namespace) -> None:
     from gpt2_jax.data import encode_to_file
     from gpt2_jax.encoder import get_encoder
+    from gpt2_jax.weights import find_model_dir
 
-    encoder = get_encoder(args.model_dir)
+    encoder = get_encoder(find_model_dir(args.model_dir))
     out = encode_to_file(args.input, args.output, encoder, combine=args.combine, encoding=args.encoding,
                          encoding_errors=args.encoding_errors)
     print(f"wrote {out}")
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from gpt2_jax.weights import export_transformers, load_weights
+    from gpt2_jax.weights import export_transformers, find_model_dir, load_weights
 
-    config, params = load_weights(args.model_dir)
-    out = export_transformers(config, params, args.model_dir, args.out)
+    model_dir = find_model_dir(args.model_dir)
+    config, params = load_weights(model_dir)
+    out = export_transformers(config, params, model_dir, args.out)
     print(f"exported to {out} (transformers: GPT2LMHeadModel.from_pretrained({str(out)!r}))")
+
+
+def _cmd_compare(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from gpt2_jax.report import compare
+
+    if len(args.runs) < 2:
+        raise UserError("compare needs at least two runs (WORKDIR/logs/RUN directories or run names)")
+    dirs = [Path(r) if (Path(r) / "metrics.jsonl").is_file() else Path(args.workdir) / "logs" / r for r in args.runs]
+    out = compare(dirs, Path(args.out or Path(args.workdir) / "compare"))
+    print((out / "compare.md").read_text(), end="")
+    print(f"wrote {out}/compare.md, compare.png and compare.json")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_download)
 
     p = sub.add_parser("sample", help="generate text (conditional, interactive or unconditional)")
-    p.add_argument("--model_dir", default="models/124M", help="any supported model or run directory")
+    p.add_argument("--model_dir", default="models/124M", help="a model or run directory, or a cached hub id (gpt2, ...)")
     p.add_argument("--prompt", help="text to continue (default: unconditional, from <|endoftext|>)")
     p.add_argument("--interactive", action="store_true", help="read prompts from stdin, one per line")
     p.add_argument("--nsamples", type=int, default=1, help="samples per prompt")
@@ -160,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser("evaluate", help="mean next-token loss and perplexity on a dataset")
-    p.add_argument("--model_dir", default="models/124M", help="any supported model or run directory")
+    p.add_argument("--model_dir", default="models/124M", help="a model or run directory, or a cached hub id (gpt2, ...)")
     p.add_argument("--dataset", required=True, help="text file, directory, glob or .npz")
     p.add_argument("--window", type=int, default=None, help="tokens per window (default n_ctx)")
     p.add_argument("--batch_size", type=int, default=8, help="windows per batch")
@@ -179,8 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoding_errors", default="strict", help="strict, or replace to substitute bad bytes")
     p.set_defaults(func=_cmd_encode)
 
+    p = sub.add_parser("compare", help="one table and plot of several training runs, by the settings that differ")
+    p.add_argument("runs", nargs="+", help="WORKDIR/logs/RUN directories, or run names under --workdir")
+    p.add_argument("--workdir", default=".", help="where run names are looked up (WORKDIR/logs/RUN)")
+    p.add_argument("--out", default=None, help="output directory (default WORKDIR/compare)")
+    p.set_defaults(func=_cmd_compare)
+
     p = sub.add_parser("export", help="write a model in transformers' layout (config.json + model.safetensors)")
-    p.add_argument("--model_dir", required=True, help="any supported model or run directory")
+    p.add_argument("--model_dir", required=True, help="a model or run directory, or a cached hub id (gpt2, ...)")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=_cmd_export)
     return parser
@@ -190,6 +211,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of `gpt2-jax` and `python -m gpt2_jax`."""
     args = build_parser().parse_args(argv)
     run: Callable[[argparse.Namespace], None] = args.func
+    if args.command in ("sample", "evaluate"):  # the commands that compile: a second launch loads the first's
+        from gpt2_jax.steps import enable_compilation_cache
+
+        enable_compilation_cache()
     try:
         run(args)
     except UserError as e:

@@ -4,7 +4,7 @@ It runs what resolve.py (model, params, resume decision) and steps.py (the compi
 
 WORKDIR/checkpoint/RUN/  orbax steps + hparams.json, vocabulary, run_config.json (a model directory)
 WORKDIR/samples/RUN/     samples-STEP text files
-WORKDIR/logs/RUN/        metrics.jsonl and TensorBoard event files
+WORKDIR/logs/RUN/        metrics.jsonl, TensorBoard event files, run_config.json, curves.png
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from gpt2_jax import autoremat, checkpoints, parallel
+from gpt2_jax import autoremat, checkpoints, parallel, report
 from gpt2_jax.data import WindowSampler, describe_change, fingerprint, load_dataset, split_tail
 from gpt2_jax.encoder import Encoder
 from gpt2_jax.errors import StorageError, UserError, reason
@@ -122,29 +122,37 @@ def _write_errors_as_one_line(workdir: Path, intact: Callable[[], str]):
 
 
 class _Logs:
-    """metrics.jsonl and TensorBoard, written by process 0 only."""
+    """metrics.jsonl (each record with its wall-clock time), TensorBoard, the run's config and, at the end,
+    curves.png; written by process 0 only."""
 
-    def __init__(self, log_dir: Path, enabled: bool):
-        self.enabled = enabled
+    def __init__(self, log_dir: Path, enabled: bool, config: Any):
+        self.log_dir, self.enabled = log_dir, enabled
         if enabled:
             from tensorboardX import SummaryWriter
 
             log_dir.mkdir(parents=True, exist_ok=True)
+            (log_dir / checkpoints.RUN_CONFIG).write_text(config.to_json_best_effort(indent=2))
             self.jsonl = open(log_dir / "metrics.jsonl", "a", encoding="utf-8")
             self.tb = SummaryWriter(str(log_dir))
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.write(json.dumps({"step": step, **metrics, "time": round(time.time(), 3)}) + "\n")
         self.jsonl.flush()
         for key, value in metrics.items():
             self.tb.add_scalar(key, value, step)
 
-    def close(self) -> None:
-        if self.enabled:
-            self.jsonl.close()
-            self.tb.close()
+    def close(self, title: str) -> None:
+        """Close the files and draw curves.png (loss, validation loss, learning rate) from metrics.jsonl."""
+        if not self.enabled:
+            return
+        self.jsonl.close()
+        self.tb.close()
+        try:
+            report.plot_run(report.read_metrics(self.log_dir), self.log_dir / "curves.png", title)
+        except Exception as e:  # noqa: BLE001 - a picture is not worth failing (or masking) the run's end for
+            tqdm.write(f"warning: could not draw {self.log_dir / 'curves.png'}: {reason(e)}")
 
 
 def _peak_flops(config: Any) -> float | None:
@@ -230,7 +238,7 @@ def run(config: Any, on_step: Callable[[int, dict], None] | None = None) -> dict
         val_batches = [parallel.global_batch(b, batch_sh) for b in val_batches]
         tokens_per_step = train.batch_size * train.accumulate_gradients * seq_len
         peak = _peak_flops(config)
-        logs = _Logs(workdir / "logs" / config.run_name, is_main)
+        logs = _Logs(workdir / "logs" / config.run_name, is_main, config)
 
         step = int(state.step)
         last_saved = step if resume else None
@@ -322,7 +330,7 @@ def run(config: Any, on_step: Callable[[int, dict], None] | None = None) -> dict
         finally:
             bar.close()
             writer.close()
-            logs.close()
+            logs.close(config.run_name)
         return {"step": step, "run_dir": str(run_dir), **metrics}
 
 
@@ -409,15 +417,17 @@ def _postfix(metrics: dict[str, float]) -> str:
 
 def _sample(config: Any, model_config: GPT2Config, params: Any, encoder: Encoder, workdir: Path, step: int,
             is_main: bool) -> None:
-    """Unconditional samples from <|endoftext|>, printed and written to samples/RUN/samples-STEP."""
+    """Samples continuing sample.prompt (unconditional, from <|endoftext|>, when empty), printed and written
+    to samples/RUN/samples-STEP."""
     s = config.sample
-    length = min(s.sample_length, model_config.n_ctx - 1)
-    out = generate(model_config, params, [encoder.eot_token], length=length, batch_size=s.sample_num,
+    prompt = encoder.encode(s.prompt)[-(model_config.n_ctx - 1):] or [encoder.eot_token]
+    length = min(s.sample_length, model_config.n_ctx - len(prompt))
+    out = generate(model_config, params, prompt, length=length, batch_size=s.sample_num,
                    rng=jax.random.fold_in(jax.random.key(config.seed + 1), step), temperature=s.temperature,
                    top_k=s.top_k, top_p=s.top_p, eot=encoder.eot_token)
     if not is_main:
         return
-    texts = [SAMPLE_HEADER.format(i + 1) + "\n" + encoder.decode(row[:n]) for i, (row, n) in
+    texts = [SAMPLE_HEADER.format(i + 1) + "\n" + s.prompt + encoder.decode(row[:n]) for i, (row, n) in
              enumerate(zip(out.tokens, out.lengths))]
     tqdm.write("\n".join(texts))
     directory = workdir / "samples" / config.run_name

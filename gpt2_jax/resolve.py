@@ -15,7 +15,7 @@ from gpt2_jax import checkpoints
 from gpt2_jax.encoder import Encoder, byte_level_encoder, get_encoder
 from gpt2_jax.errors import UserError
 from gpt2_jax.model import PRESETS, GPT2Config, init_params, preset
-from gpt2_jax.weights import load_weights, read_config
+from gpt2_jax.weights import find_model_dir, load_weights, read_config
 
 
 def find_vocab_dir(config: Any) -> Path | None:
@@ -30,13 +30,19 @@ def find_vocab_dir(config: Any) -> Path | None:
 
 
 def model_dir_of(config: Any) -> Path:
-    """The pretrained model directory named by model.name: a path, or a size under model.models_dir."""
+    """The pretrained model directory named by model.name: a size under model.models_dir, a path, or a
+    Hugging Face hub id in the local hub cache."""
     name = config.model.name
-    path = Path(name) if Path(name).is_dir() or name not in PRESETS else Path(config.model.models_dir) / name
-    if not path.is_dir():
-        hint = f"; run `gpt2-jax download {name} --models_dir {config.model.models_dir}`" if name in PRESETS else ""
-        raise UserError(f"model.name={name!r}: no model directory at {path}{hint}")
-    return path
+    if name in PRESETS and not Path(name).is_dir():
+        path = Path(config.model.models_dir) / name
+        if not path.is_dir():
+            raise UserError(f"model.name={name!r}: no model directory at {path}; run "
+                            f"`gpt2-jax download {name} --models_dir {config.model.models_dir}`")
+        return path
+    try:
+        return find_model_dir(name)
+    except UserError as e:
+        raise UserError(f"model.name={name!r}: {e}") from None
 
 
 def _compute_settings(config: Any) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -106,6 +107,24 @@ def use_memory_faithful_cpu_scheduler() -> None:
     flags = os.environ.get("XLA_FLAGS", "")
     if MEMORY_FAITHFUL_CPU_FLAG not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} {MEMORY_FAITHFUL_CPU_FLAG}".strip()
+
+
+def enable_compilation_cache() -> str | None:
+    """JAX's persistent compilation cache for the CLIs and launch.py, so a second launch loads what the
+    first compiled: $GPT2_JAX_COMPILATION_CACHE (a directory; "off" disables it), else
+    $XDG_CACHE_HOME/gpt2_jax/xla (~/.cache/...). A cache already configured (JAX_COMPILATION_CACHE_DIR)
+    is left as it is. Entries are written atomically, so several processes can share it."""
+    setting = os.environ.get("GPT2_JAX_COMPILATION_CACHE", "")
+    if setting.lower() in ("off", "0", "none", "false") or jax.config.jax_compilation_cache_dir:
+        return jax.config.jax_compilation_cache_dir or None
+    home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    path = Path(setting) if setting else home / "gpt2_jax" / "xla"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None  # an unwritable home: run without a cache rather than fail
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    return str(path)
 
 
 # Dense bf16 peak FLOP/s by device kind (a substring of jax's device_kind, matched case-insensitively).

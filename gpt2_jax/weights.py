@@ -1,4 +1,5 @@
-"""Model directories in and out: OpenAI's release layout, transformers' layout, export to transformers.
+"""Model directories in and out: OpenAI's release layout, transformers' layout, export to transformers;
+a Hugging Face hub id (`gpt2`, `openai-community/gpt2-medium`, ...) names its snapshot in the local hub cache.
 
 Every layout is mapped through one table (`_tensor_names`) from this project's parameter paths to
 OpenAI's TensorFlow variable names and transformers' state-dict keys.
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
@@ -154,11 +157,58 @@ def read_config(model_dir: str | Path, **overrides) -> GPT2Config:
     return load_weights(d, **overrides)[0]  # raises the unknown-layout error
 
 
+# The hub's names of OpenAI's GPT-2 sizes (also under openai-community/), and the release each one is.
+HUB_SIZES = {"gpt2": "124M", "gpt2-medium": "355M", "gpt2-large": "774M", "gpt2-xl": "1558M"}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "huggingface"
+    return Path(home) / "hub"
+
+
+def from_hub_cache(name: str) -> Path | None:
+    """The snapshot directory of a hub model id in the local cache (read offline; `gpt2` and
+    `openai-community/gpt2` are the same model, cached under either name), or None."""
+    if not _HUB_ID.match(name):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    short = name.removeprefix("openai-community/")
+    names = [name] + ([f"openai-community/{short}"] if "/" not in name else [short] if short != name else [])
+    for repo in names:
+        try:
+            found = try_to_load_from_cache(repo, "config.json", cache_dir=str(hub_cache_dir()))
+        except Exception:  # noqa: BLE001 - an id the hub library rejects is simply not in the cache
+            continue
+        if isinstance(found, str):
+            return Path(found).parent
+    return None
+
+
+def find_model_dir(name: str | os.PathLike) -> Path:
+    """A model directory given as a path, or as a hub id found in the local hub cache (never the network)."""
+    path = Path(name)
+    if path.is_dir():
+        return path
+    snapshot = from_hub_cache(str(name))
+    if snapshot is not None:
+        return snapshot
+    short = str(name).removeprefix("openai-community/")
+    if short in HUB_SIZES:
+        raise UserError(f"{name}: not in the local Hugging Face cache ({hub_cache_dir()}); get it with "
+                        f"`huggingface-cli download openai-community/{short}` (or `gpt2-jax download "
+                        f"{HUB_SIZES[short]}` for OpenAI's release)")
+    raise UserError(f"model directory {path} does not exist (nor a hub id in {hub_cache_dir()}); download one with "
+                    "`gpt2-jax download 124M`")
+
+
 def load_weights(model_dir: str | Path, **config_overrides) -> tuple[GPT2Config, Params]:
-    """Config and params of a model directory in any supported layout (detected)."""
-    d = Path(model_dir)
-    if not d.is_dir():
-        raise UserError(f"model directory {d} does not exist; download one with `gpt2-jax download 124M`")
+    """Config and params of a model directory (or cached hub id) in any supported layout (detected)."""
+    d = find_model_dir(model_dir)
     for _, detect, load in LAYOUTS:
         if detect(d):
             return load(d, **config_overrides)

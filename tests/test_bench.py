@@ -21,6 +21,7 @@ from conftest import REPO
     ("checkpoint.py", []),
     ("loop.py", []),
     ("xla_flags.py", []),
+    ("startup.py", []),
     ("parallel.py", ["--devices", "2"]),
     ("scaling.py", ["--png", "{tmp}/scaling.png"]),
 ])

@@ -262,6 +262,22 @@ def test_launch_rejects_a_mistyped_key_with_the_valid_ones():
     assert done.returncode == 2 and "use one of 124M, 355M, 774M, 1558M" in done.stderr
 
 
+def test_demo_on_a_fresh_machine_uses_bytes_and_continues_its_prompt(tmp_path):
+    # no ../shared beside the working directory, no models/, GPT2_JAX_SHARED empty: the byte-level vocabulary
+    (tmp_path / "empty").mkdir()
+    env = {**os.environ, "GPT2_JAX_SHARED": str(tmp_path / "empty")}
+    done = subprocess.run([sys.executable, str(REPO / "launch.py"), f"--config={REPO / 'experiments' / 'demo.py'}",
+                           f"--workdir={tmp_path / 'w'}", "--config.train.total_steps=2",
+                           "--config.train.warmup_steps=1", "--config.train.batch_size=2", "--config.data.val_batch_size=2",
+                           "--config.data.val_every=2", "--config.data.val_batch_count=1",
+                           "--config.sample.sample_every=2", "--config.sample.sample_length=8"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((tmp_path / "w" / "checkpoint" / "demo" / "hparams.json").read_text())["n_vocab"] == 257
+    samples = (tmp_path / "w" / "samples" / "demo" / "samples-2").read_text().split("\n", 1)[1]
+    assert samples.startswith("    def ")
+
+
 def test_demo_writes_every_output(tmp_path, shared_dir):
     env = {**os.environ, "GPT2_JAX_SHARED": str(shared_dir)}
     done = subprocess.run([sys.executable, "launch.py", "--config=experiments/demo.py", f"--workdir={tmp_path}",

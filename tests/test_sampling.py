@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 
@@ -194,11 +195,17 @@ def test_cli_bad_model_dirs_exit_2(tmp_path, capsys, hf_and_ours):
 
 
 def test_console_entry_points_run(tmp_path):
-    for cmd in (["gpt2-jax"], [sys.executable, "-m", "gpt2_jax"]):
+    # with the persistent compilation cache of the CLIs moved (GPT2_JAX_COMPILATION_CACHE), then turned off
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # cache even the tiny model's quick compiles
+    for cmd, cache in ((["gpt2-jax"], tmp_path / "cache"), ([sys.executable, "-m", "gpt2_jax"], "off")):
         done = subprocess.run([*cmd, "sample", "--model_dir", str(FIXTURES / "openai_tiny"), "--length", "4",
-                               "--seed", "0", "--json"], capture_output=True, text=True, cwd=REPO, timeout=120)
+                               "--seed", "0", "--json"], capture_output=True, text=True, cwd=REPO, timeout=120,
+                              env={**env, "GPT2_JAX_COMPILATION_CACHE": str(cache)})
         assert done.returncode == 0, done.stderr
         assert len(json.loads(done.stdout)["tokens"]) <= 4
+    assert list((tmp_path / "cache").iterdir())  # the first run's compiled programs, for the next launch
+    assert not (REPO / "off").exists()
     bad = subprocess.run(["gpt2-jax", "sample", "--model_dir", str(FIXTURES / "openai_tiny"), "--top_p", "2"],
                          capture_output=True, text=True, cwd=REPO, timeout=120)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr

@@ -110,3 +110,48 @@ def test_unknown_directory_lists_layouts(tmp_path):
     (tmp_path / "notes.txt").write_text("hi")
     with pytest.raises(UserError, match="Known layouts: gpt2-jax training run .*; OpenAI release .*; transformers"):
         load_weights(tmp_path)
+
+
+def _cache_as_the_hub_writes_it(cache, repo: str, source) -> None:
+    """models--ORG--NAME/{blobs/<sha>, snapshots/<commit>/<file> -> ../../blobs/<sha>, refs/main}."""
+    import hashlib
+
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    commit = hashlib.sha1(repo.encode()).hexdigest()
+    (folder / "blobs").mkdir(parents=True)
+    (folder / "snapshots" / commit).mkdir(parents=True)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(commit)
+    names = {"encoder.json": "vocab.json", "vocab.bpe": "merges.txt"}  # transformers' names for the vocabulary
+    for f in source.iterdir():
+        blob = hashlib.sha256(f.read_bytes()).hexdigest()
+        shutil.copyfile(f, folder / "blobs" / blob)
+        (folder / "snapshots" / commit / names.get(f.name, f.name)).symlink_to(f"../../blobs/{blob}")
+
+
+def test_hub_ids_resolve_through_the_local_hub_cache_only(hf_dir, tmp_path, monkeypatch):
+    from gpt2_jax.cli import main
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _cache_as_the_hub_writes_it(tmp_path / "hub", "gpt2", hf_dir)  # the short cache name
+    _cache_as_the_hub_writes_it(tmp_path / "hub", "openai-community/gpt2-medium", hf_dir)  # the long one
+    reference = load(hf_dir)
+    tokens = np.arange(10)
+    for name in ("gpt2", "openai-community/gpt2", "gpt2-medium", "openai-community/gpt2-medium"):
+        model = load(name)
+        np.testing.assert_array_equal(model.logits(tokens), reference.logits(tokens))
+        assert model.encoder.encode("hub") == reference.encoder.encode("hub")
+    with pytest.raises(UserError, match=r"gpt2-large: not in the local Hugging Face cache \(.*hub\); get it with "
+                                        r"`huggingface-cli download openai-community/gpt2-large` \(or "
+                                        r"`gpt2-jax download 774M`"):
+        load("gpt2-large")
+    with pytest.raises(SystemExit) as exit_info:  # the command line too: one line, exit 2
+        main(["sample", "--model_dir", "openai-community/gpt2-xl", "--length", "2"])
+    assert exit_info.value.code == 2
+    from experiments import base
+    from gpt2_jax.resolve import model_config_of
+
+    c = base.get_config()
+    c.model.name = "gpt2"  # model.name takes hub ids as well
+    assert model_config_of(c).n_layer == reference.config.n_layer
