@@ -32,16 +32,18 @@ python3 -c "import jax, flax, optax, torch, transformers as t; print('jax', jax.
 flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, 'transformers', t.__version__)" \
     2>&1 | grep -v "^W[0-9]" | tee -a "$OUT/log.txt"
 # Most important first: a step that runs out of its share loses only its own table (the log says it
-# was cut). What the open GPU issues still need (13: the loop's tokens/s, the custom VJP, XLA flags;
+# was cut). What the open GPU issues still need (13: the loop's tokens/s, the custom VJP, flat Adam, XLA flags;
 # 15: the remat ablation and remat=auto on the GPU); the suite of 2026-11-27 (train.py vs torch,
 # decoding, the 1558M dry run, the profile) is in BENCHMARKS.md and can be rerun by hand.
 # 13: the training loop's own tokens/s (launch.py's loop; dispatch_ahead off and on) vs the bare step
 step 140 python3 bench/loop.py --steps 50 --warmup 5 --no_record --out "$OUT/gpu.md"
 # a first step that fails (not cut) means the others would fail alike: stop, leaving device time for a fixed rerun
 [ "$rc" = 0 ] || [ "$rc" = 124 ] || { echo "stopped: the first step failed (see $OUT/log.txt)"; exit 1; }
-# 13: the tied logits' custom VJP (bf16 backward matmuls), then plain autodiff, in separate processes
-step 55 python3 bench/train.py --device "$DEVICE" --no_torch --layouts unrolled --rounds 3 --steps 10 --no_record --out "$OUT/gpu.md"
-step 55 python3 bench/train.py --device "$DEVICE" --no_torch --layouts unrolled --rounds 3 --steps 10 --logits_backward autodiff --no_record --out "$OUT/gpu.md"
+# 13: the tied logits' custom VJP (bf16 backward matmuls), then plain autodiff, then Adam over one flat
+# vector, in separate processes
+step 45 python3 bench/train.py --device "$DEVICE" --no_torch --layouts unrolled --rounds 3 --steps 10 --no_record --out "$OUT/gpu.md"
+step 45 python3 bench/train.py --device "$DEVICE" --no_torch --layouts unrolled --rounds 3 --steps 10 --logits_backward autodiff --no_record --out "$OUT/gpu.md"
+step 40 python3 bench/train.py --device "$DEVICE" --no_torch --layouts unrolled --rounds 3 --steps 10 --flat_optimizer --no_record --out "$OUT/gpu.md"
 # 13: XLA GPU flags one at a time (each a process of its own, compiled cold)
 step 160 python3 bench/xla_flags.py --flags=--xla_gpu_enable_latency_hiding_scheduler=true,--xla_gpu_enable_triton_gemm=false,--xla_gpu_enable_command_buffer=,--xla_gpu_enable_cublaslt=true --no_record --out "$OUT/gpu.md" -- --device "$DEVICE"
 # 15: the remat ablation at 124M on the GPU (blocks scanned: 4 s compiles), then what remat=auto picks there

@@ -56,6 +56,8 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--peak_tflops", type=float, default=0.0, help="device peak for MFU (overrides --device)")
     parser.add_argument("--logits_backward", choices=("custom", "autodiff"), default="custom",
                         help="the tied logits' backward: the model's custom VJP (compute dtype) or plain autodiff")
+    parser.add_argument("--flat_optimizer", action="store_true",
+                        help="Adam's moments as one flat vector (train.flat_optimizer), for fewer, larger fusions")
     parser.add_argument("--no_torch", action="store_true", help="skip the transformers peer (ratios vs our first row)")
     parser.add_argument("--profile", type=int, default=0,
                         help="then trace this many of our steps (first layout) and tabulate where the time goes")
@@ -96,7 +98,7 @@ def main() -> None:
         batch, seq_len, args.rounds, args.steps, args.no_record = 2, 32, 1, 1, True
         args.profile = min(args.profile, 2)
     train = base.get_config().train
-    train.learning_rate, train.loss_chunk = 1e-4, args.loss_chunk
+    train.learning_rate, train.loss_chunk, train.flat_optimizer = 1e-4, args.loss_chunk, args.flat_optimizer
 
     # A: this project's step, exactly as the loop compiles it (one-device mesh), per block layout.
     mesh = parallel.make_mesh(1, 1)
@@ -188,6 +190,7 @@ def main() -> None:
     multiple = vocab_padding(args.vocab_multiple, jax.default_backend())
     chunked += f", vocabulary padded to a multiple of {multiple}" if multiple > 1 else ", vocabulary not padded"
     chunked += ", logits backward by autodiff (no custom VJP)" if args.logits_backward == "autodiff" else ""
+    chunked += ", Adam over one flat vector (train.flat_optimizer)" if args.flat_optimizer else ""
     chunked += ", JAX compilation cache on (compile s may be a load)" if jax.config.jax_compilation_cache_dir else ""
     chunked += f", XLA_FLAGS={os.environ['XLA_FLAGS']}" if os.environ.get("XLA_FLAGS") else ""
     title = (f"Training step, {args.size if not args.smoke else 'smoke'} shape, batch {batch} x {seq_len}, {dtype}, "

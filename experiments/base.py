@@ -68,6 +68,7 @@ def get_config() -> ConfigDict:
     c.train.decay_steps = 0  # where the decay ends; 0 = total_steps
     c.train.min_lr_ratio = 0.1  # the decay ends at learning_rate * min_lr_ratio
     c.train.grad_clip = 0.0  # clip gradients to this global norm (0 = off)
+    c.train.flat_optimizer = False  # optimizer state as one flat vector (optax.flatten): fewer, larger fusions
     c.train.only_train_transformer_layers = False  # --only_train_transformer_layers: freeze embeddings and ln_f
     c.train.noise = 0.0  # --noise: replace each input token by a random one with this probability
     c.train.loss_chunk = 0  # > 0: cross-entropy over this many positions at a time, never all [B, T, V] logits

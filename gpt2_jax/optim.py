@@ -52,16 +52,26 @@ def _trainable_labels(params: Any, only_blocks: bool) -> Any:
 
 
 def make_optimizer(train: Any, params: Any) -> optax.GradientTransformation:
-    """clip -> optimizer (adam | adamw | sgd) with the schedule -> freezing, as one optax chain."""
+    """clip -> optimizer (adam | adamw | sgd) with the schedule -> freezing, as one optax chain.
+
+    With train.flat_optimizer the optimizer's elementwise update runs on all parameters raveled into one
+    vector (optax.flatten): one array per moment instead of one per parameter, the same update up to
+    float rounding (SGD bitwise). AdamW's weight decay stays outside it, where its mask sees the names.
+    """
     schedule = learning_rate_schedule(train)
     name = train.optimizer
+    flat = optax.flatten if train.flat_optimizer else (lambda transform: transform)
     if name == "adam":
-        opt = optax.adam(schedule, b1=train.b1, b2=train.b2, eps=train.eps)
+        opt = flat(optax.adam(schedule, b1=train.b1, b2=train.b2, eps=train.eps))
+    elif name == "adamw" and train.flat_optimizer:  # optax.adamw, spelled out
+        opt = optax.chain(flat(optax.scale_by_adam(b1=train.b1, b2=train.b2, eps=train.eps)),
+                          optax.add_decayed_weights(train.weight_decay, mask=_decay_mask),
+                          optax.scale_by_learning_rate(schedule))
     elif name == "adamw":
         opt = optax.adamw(schedule, b1=train.b1, b2=train.b2, eps=train.eps, weight_decay=train.weight_decay,
                           mask=_decay_mask)
     elif name == "sgd":
-        opt = optax.sgd(schedule, momentum=train.momentum or None)
+        opt = flat(optax.sgd(schedule, momentum=train.momentum or None))
     else:
         raise UserError(f"train.optimizer={name!r}: use one of {', '.join(OPTIMIZERS)}")
     parts = []

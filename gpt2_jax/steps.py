@@ -29,7 +29,7 @@ def abstract_state(model_config: GPT2Config, train: Any, mesh: Mesh) -> tuple[op
     (params and optimizer state replicated, or FSDP-sharded; the step counter replicated)."""
     params = param_shapes(model_config)
     optimizer = make_optimizer(train, params)
-    state = jax.eval_shape(lambda: TrainState.create(params, optimizer))  # nothing allocated
+    state = jax.eval_shape(lambda p: TrainState.create(p, optimizer), params)  # nothing allocated
     shardings = state.replace(step=parallel.replicated(mesh), params=parallel.state_shardings(mesh, state.params),
                               opt_state=parallel.state_shardings(mesh, state.opt_state))
     return optimizer, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)

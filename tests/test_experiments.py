@@ -75,3 +75,26 @@ def test_bad_experiment_names_list_the_valid_ones():
     assert "no experiment file experiments/finetuen.py; the experiments are: demo.py, finetune.py" in done.stderr
     done = _launch("--config=experiments/remat_ablation.py:2B")
     assert done.returncode == 2 and "use one of tiny, 124M, 355M, 774M, 1558M" in done.stderr
+
+
+def test_the_ablation_runs_from_the_smallest_compiled_peak_up_and_marks_hidden_device_peaks(tmp_path, monkeypatch):
+    # CPU keeps no device peak: a fake one that, like the GPU's, only ever rises (it cannot be reset)
+    from experiments import remat_ablation
+    from gpt2_jax import ablation
+    from gpt2_jax.resolve import model_config_of
+
+    config = remat_ablation.get_config("tiny")
+    config.model.n_ctx, config.model.n_layer, config.data.seq_len = 32, 1, 32
+    config.ablation.policies, config.ablation.micro_batches = "none,full", "2"
+    timed, peaks = [], iter([0, 500, 500])  # before the first row, then after each row
+    real_time = ablation._time
+    monkeypatch.setattr(ablation, "_device_peak", lambda: next(peaks))
+    monkeypatch.setattr(ablation, "_time", lambda *a: timed.append(a[2].remat) or real_time(*a))
+    rows = ablation.run_ablation(config, model_config_of(config), tmp_path)
+    first, second = sorted(rows, key=lambda r: r["peak_bytes"])
+    assert timed == [first["policy"], second["policy"]]
+    assert (first["device_peak_bytes"], first["device_peak_exact"]) == (500, True)
+    assert (second["device_peak_bytes"], second["device_peak_exact"]) == (500, False)  # hidden by the first's
+    table = (tmp_path / "ablation.md").read_text()
+    assert f"| {second['policy']} | 2 | {second['peak_bytes'] / 2**30:.3f} | <= 0.000 |" in table
+    assert f"| {first['policy']} | 2 | {first['peak_bytes'] / 2**30:.3f} | 0.000 |" in table
