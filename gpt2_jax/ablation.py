@@ -96,7 +96,8 @@ def run_ablation(config: Any, model_config: GPT2Config, out_dir: Path) -> list[d
         # The device's peak cannot be reset, so candidates run from the smallest compiled peak up: a row's
         # device peak is its own when it rises above the rows before it, else only a bound (device_peak_exact).
         seen = _device_peak()
-        for i in sorted(range(len(rows)), key=lambda i: rows[i]["peak_bytes"]):
+        fitting = [i for i in range(len(rows)) if rows[i]["peak_bytes"] <= ab.memory_budget_gb * GiB]
+        for i in sorted(fitting, key=lambda i: rows[i]["peak_bytes"]):  # the rest would run out of memory
             (cfg, built, step), row = compiled[i], rows[i]
             row.update(_time(built, step, cfg, mesh, row["micro_batch"], seq_len, ab.steps, config.seed))
             peak = _device_peak()
@@ -155,7 +156,8 @@ def _markdown(rows: list[dict], meta: dict) -> str:
     lines += ["", "Peak memory and FLOPs are XLA's compiled figures per device (memory_analysis, cost_analysis); "
               "the device peak is measured (memory_stats()['peak_bytes_in_use'], n/a where the backend keeps none, "
               "as on CPU): it cannot be reset, so the rows run from the smallest compiled peak up and a row "
-              "that does not raise it shows only a bound (<=); "
+              "that does not raise it shows only a bound (<=); rows whose compiled peak exceeds the budget are "
+              "not timed (n/a); "
               "on CPU the step is compiled with XLA's memory-minimising scheduler "
               "(xla_cpu_enable_concurrency_optimized_scheduler=false), as the default one hides remat's savings. "
               "The largest micro-batch is extrapolated linearly from the two largest measured ones (from a single one: "
@@ -169,9 +171,11 @@ def _plot(rows: list[dict], path: Path, meta: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    top = max(r["micro_batch"] for r in rows)
+    batches = sorted({r["micro_batch"] for r in rows})
+    all_timed = [b for b in batches if all("step_s" in r for r in rows if r["micro_batch"] == b)]
+    top = max(all_timed or batches)  # the largest micro-batch every policy was timed at, if any
     chosen = [r for r in rows if r["micro_batch"] == top]
-    timed = all("step_s" in r for r in chosen)
+    timed = bool(all_timed)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in chosen:
         x = r["peak_bytes"] / GiB

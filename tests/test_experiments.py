@@ -77,7 +77,7 @@ def test_bad_experiment_names_list_the_valid_ones():
     assert done.returncode == 2 and "use one of tiny, 124M, 355M, 774M, 1558M" in done.stderr
 
 
-def test_the_ablation_runs_from_the_smallest_compiled_peak_up_and_marks_hidden_device_peaks(tmp_path, monkeypatch):
+def test_the_ablation_times_what_fits_smallest_peak_first_and_bounds_hidden_device_peaks(tmp_path, monkeypatch):
     # CPU keeps no device peak: a fake one that, like the GPU's, only ever rises (it cannot be reset)
     from experiments import remat_ablation
     from gpt2_jax import ablation
@@ -86,7 +86,7 @@ def test_the_ablation_runs_from_the_smallest_compiled_peak_up_and_marks_hidden_d
     config = remat_ablation.get_config("tiny")
     config.model.n_ctx, config.model.n_layer, config.data.seq_len = 32, 1, 32
     config.ablation.policies, config.ablation.micro_batches = "none,full", "2"
-    timed, peaks = [], iter([0, 500, 500])  # before the first row, then after each row
+    timed, peaks = [], iter([0, 500, 500, 500])  # before the first row, after each row; before the second run
     real_time = ablation._time
     monkeypatch.setattr(ablation, "_device_peak", lambda: next(peaks))
     monkeypatch.setattr(ablation, "_time", lambda *a: timed.append(a[2].remat) or real_time(*a))
@@ -98,3 +98,10 @@ def test_the_ablation_runs_from_the_smallest_compiled_peak_up_and_marks_hidden_d
     table = (tmp_path / "ablation.md").read_text()
     assert f"| {second['policy']} | 2 | {second['peak_bytes'] / 2**30:.3f} | <= 0.000 |" in table
     assert f"| {first['policy']} | 2 | {first['peak_bytes'] / 2**30:.3f} | 0.000 |" in table
+    # a candidate whose compiled peak exceeds the budget is compiled and reported, never run
+    timed.clear()
+    config.ablation.memory_budget_gb = first["peak_bytes"] / 2**30 / 2
+    rows = ablation.run_ablation(config, model_config_of(config), tmp_path / "tight")
+    assert timed == [] and not any("step_s" in r for r in rows) and all(r["flops"] > 0 for r in rows)
+    assert f"| {first['policy']} | 2 | {first['peak_bytes'] / 2**30:.3f} | n/a |" in \
+        (tmp_path / "tight" / "ablation.md").read_text()
