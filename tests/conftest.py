@@ -21,9 +21,19 @@ collect_ignore = [] if os.environ.get("GPT2_JAX_MULTIDEVICE") else ["multidevice
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
+# The tests compile hundreds of tiny programs and run each a few times: LLVM's optimisation of the
+# CPU code is most of their compile time and buys them nothing (about a third of the suite's time).
+# Every tolerance is unchanged; runs that are compared bitwise are compiled alike (the flag is inherited
+# by the workers and every subprocess); benchmarks never set it.
+FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
+
+
 def pytest_configure(config) -> None:
     """One JAX compilation cache for the whole run (workers and subprocesses inherit it): the many
-    identical tiny programs the tests compile are compiled once. Fresh per run, removed after it."""
+    identical tiny programs the tests compile are compiled once. Fresh per run, removed after it.
+    Also the fast-compile flag above, for this process (JAX starts after this) and all it starts."""
+    if FAST_COMPILE_FLAG not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAG}".strip()
     if "PYTEST_XDIST_WORKER" not in os.environ and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
         config._jax_cache_dir = tempfile.mkdtemp(prefix="gpt2_jax_test_xla_cache_")
         os.environ["JAX_COMPILATION_CACHE_DIR"] = config._jax_cache_dir

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import shlex
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import FAST_COMPILE_FLAG, REPO
 
 
 @pytest.mark.parametrize("script, extra", [
@@ -27,9 +28,11 @@ from conftest import REPO
 ])
 def test_bench_smoke(script, extra, tmp_path, shared_dir):
     extra = [e.replace("{tmp}", str(tmp_path)) for e in extra]
+    # benchmarks run the code as users compile it: without the tests' fast-compile flag (conftest.py)
+    flags = os.environ.get("XLA_FLAGS", "").replace(FAST_COMPILE_FLAG, "").strip()
     done = subprocess.run([sys.executable, f"bench/{script}", "--smoke", "--no_record", *extra], cwd=REPO,
                           capture_output=True, text=True, timeout=600,
-                          env={**__import__("os").environ, "GPT2_JAX_SHARED": str(shared_dir)})
+                          env={**os.environ, "GPT2_JAX_SHARED": str(shared_dir), "XLA_FLAGS": flags})
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| " in done.stdout and "---|" in done.stdout  # a table was printed
     if "--profile" in extra:  # the profile's ops were traced, named after the model's parts and summed

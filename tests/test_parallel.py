@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import FIXTURES, REPO
+from conftest import FAST_COMPILE_FLAG, FIXTURES, REPO
 from gpt2_jax import checkpoints
 
 
@@ -45,7 +45,7 @@ def _train_cmd(workdir, *extra: str) -> list[str]:
 
 
 def test_two_processes_train_like_one(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
+    env = os.environ | {"XLA_FLAGS": FAST_COMPILE_FLAG, "JAX_PLATFORMS": "cpu"}  # one CPU device each
     port = _free_port()
     procs = [subprocess.Popen(_train_cmd(tmp_path / "two", "--config.parallel.distributed=explicit",
                                          f"--config.parallel.coordinator_address=127.0.0.1:{port}",
@@ -69,7 +69,7 @@ def test_two_processes_train_like_one(tmp_path):
 
 
 def test_a_coordinator_that_does_not_answer_is_a_clear_error_in_bounded_time(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
+    env = os.environ | {"XLA_FLAGS": FAST_COMPILE_FLAG, "JAX_PLATFORMS": "cpu"}  # one CPU device each
     start = time.monotonic()
     done = subprocess.run(_train_cmd(tmp_path, "--config.parallel.distributed=explicit",
                                      f"--config.parallel.coordinator_address=127.0.0.1:{_free_port()}",
