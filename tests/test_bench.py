@@ -28,11 +28,13 @@ from conftest import FAST_COMPILE_FLAG, REPO
 ])
 def test_bench_smoke(script, extra, tmp_path, shared_dir):
     extra = [e.replace("{tmp}", str(tmp_path)) for e in extra]
-    # benchmarks run the code as users compile it: without the tests' fast-compile flag (conftest.py)
-    flags = os.environ.get("XLA_FLAGS", "").replace(FAST_COMPILE_FLAG, "").strip()
+    # benchmarks compile as users do: without the tests' fast-compile flag and shared compilation cache
+    # (conftest.py; a profile of an executable loaded from that cache names fewer of its ops)
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_COMPILATION_CACHE_DIR",
+                                                           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")}
+    env |= {"GPT2_JAX_SHARED": str(shared_dir), "XLA_FLAGS": env.get("XLA_FLAGS", "").replace(FAST_COMPILE_FLAG, "")}
     done = subprocess.run([sys.executable, f"bench/{script}", "--smoke", "--no_record", *extra], cwd=REPO,
-                          capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "GPT2_JAX_SHARED": str(shared_dir), "XLA_FLAGS": flags})
+                          capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| " in done.stdout and "---|" in done.stdout  # a table was printed
     if "--profile" in extra:  # the profile's ops were traced, named after the model's parts and summed
