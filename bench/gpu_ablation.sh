@@ -5,21 +5,7 @@
 # $OUT/ablation/remat_SIZE/ablation.{md,png,json}, a log in $OUT/log.txt.
 #
 #   OUT=bench_out bash bench/gpu_ablation.sh
-set -u
-cd "$(dirname "$0")/.."
-OUT="${OUT:-bench_out}"
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-step() {  # step SECONDS COMMAND...: one size, bounded in time (then SIGKILL 10 s later), logged
-    local seconds=$1 started=$SECONDS; shift
-    echo "### $*" | tee -a "$OUT/log.txt"
-    timeout -k 10 "$seconds" "$@" 2>&1 | tee -a "$OUT/log.txt" | grep -v "^W[0-9]"
-    rc=${PIPESTATUS[0]}
-    echo "(step took $((SECONDS - started)) s of its $seconds)" | tee -a "$OUT/log.txt"
-    [ "$rc" = 0 ] || echo "(exit $rc$([ "$rc" = 124 ] && echo ': cut at its time share'))" | tee -a "$OUT/log.txt"
-}
-export JAX_COMPILATION_CACHE_DIR="$(mktemp -d)" JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/log.txt"
+source "$(dirname "$0")/gpu_common.sh"
 # blocks scanned (a block's compile, not 24-48 of them), bf16 compute, 5 timed steps per row
 step 230 python3 launch.py --config=experiments/remat_ablation.py:355M --workdir "$OUT/ablation" \
     --config.model.scan_layers=True --config.model.dtype=bfloat16 --config.ablation.micro_batches=1,2,4,8 \

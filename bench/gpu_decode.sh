@@ -1,36 +1,13 @@
 #!/usr/bin/env bash
 # Decoding on a GPU (issue 14) in one call of at most 10 minutes: the second script for a lent GPU,
 # after bench/gpu.sh (training and remat). Same conventions as gpu.sh.
-# Tables go to $OUT/gpu.md (and are printed), the scaling plot to $OUT/scaling.png, a log to $OUT/log.txt.
+# Tables go to $OUT/gpu.md (and are printed), a log to $OUT/log.txt.
 #
-#   OUT=bench_out bash bench/gpu.sh
-#
-# DEVICE (h100, h200, a100; default: read from nvidia-smi) sets the peak used for MFU. Packages missing
-# on the GPU machine travel as wheels (on the lent machines only ml-collections; see the device tool's
-# notes); a command that runs over its time share is cut, the rest go on.
-set -u
-cd "$(dirname "$0")/.."
-OUT="${OUT:-bench_out}"
-# the GPU's name picks the MFU peak unless DEVICE says
-DEVICE="${DEVICE:-$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -o -i -m1 -E 'h100|h200|a100' | tr A-Z a-z)}"
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-step() {  # step SECONDS COMMAND...: one benchmark, bounded in time (then SIGKILL 10 s later), logged
-    local seconds=$1 started=$SECONDS; shift
-    echo "### $*" | tee -a "$OUT/log.txt"
-    timeout -k 10 "$seconds" "$@" 2>&1 | tee -a "$OUT/log.txt" | grep -v "^W[0-9]"
-    rc=${PIPESTATUS[0]}
-    echo "(step took $((SECONDS - started)) s of its $seconds)" | tee -a "$OUT/log.txt"
-    [ "$rc" = 0 ] || echo "(exit $rc$([ "$rc" = 124 ] && echo ': cut at its time share'))" | tee -a "$OUT/log.txt"
-}
-# One compilation cache for the suite (fresh each run): a later step that compiles a step compiled before
-# loads it instead (its table says so); the first step's compile times are cold.
-export JAX_COMPILATION_CACHE_DIR="$(mktemp -d)" JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
+#   OUT=bench_out bash bench/gpu_decode.sh
+source "$(dirname "$0")/gpu_common.sh"
 # JAX and torch share the GPU in one process: JAX takes 45% of its memory up front instead of 75%.
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.45}"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/log.txt"
-python3 -c "import jax, flax, optax, torch, transformers as t; print('jax', jax.__version__, jax.devices(), 'flax', \
-flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, 'transformers', t.__version__)" \
+python3 -c "import torch, transformers as t; print('torch', torch.__version__, 'transformers', t.__version__)" \
     2>&1 | grep -v "^W[0-9]" | tee -a "$OUT/log.txt"
 # 124M batch 1 / 8 / 64, bf16, 128 new tokens: tokens/s, the weight-read floor, top-k/top-p vs greedy
 step 150 python3 bench/sample.py --batches 1,8,64 --new_tokens 128 --dtype bfloat16 --bandwidth --sampling --no_record --out "$OUT/gpu.md"
