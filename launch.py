@@ -2,7 +2,8 @@
 
     python launch.py --config=experiments/NAME.py[:VARIANT] [--config.section.field=value ...] [--workdir DIR]
     python launch.py --list
-    python launch.py --config=experiments/NAME.py[:VARIANT] --dry_run
+    python launch.py --config=experiments/NAME.py[:VARIANT] --dry_run [--target=v5e-8|h100x8|...]
+    python launch.py --target=list
     python launch.py --config=experiments/NAME.py[:VARIANT] --sweep=section.field=V1,V2 [--sweep=...] [--sweep_name N]
 """
 
@@ -27,6 +28,9 @@ _DRY_RUN = flags.DEFINE_bool("dry_run", False, "print the resolved config, param
                              "step's FLOPs and memory, then exit without training")
 _SWEEP = flags.DEFINE_multi_string("sweep", [], "SECTION.FIELD=V1,V2,...: one run per value; several --sweep "
                                    "flags run every combination, then write WORKDIR/sweeps/NAME/sweep.{md,png,json}")
+_TARGET = flags.DEFINE_string("target", None, "compile for an accelerator that is not attached, running nothing "
+                              "(the dry run, model.remat=auto, the remat ablation): a TPU slice (v5e-8), a topology "
+                              "(v5e:2x4), a GPU (h100, h100x8) or a GpuTargetConfigProto file; list: the names")
 _SWEEP_NAME = flags.DEFINE_string("sweep_name", None, "the sweep's name (default: the experiment and variant)")
 EXPERIMENTS = Path(__file__).resolve().parent / "experiments"
 
@@ -97,37 +101,51 @@ def parse(argv: list[str]):
     return config
 
 
-def dry_run(config) -> None:
-    """Print the resolved config, the parameter count and the compiled step's FLOPs and memory."""
+def dry_run(config, target=None) -> None:
+    """Print the resolved config, the parameter count and the compiled step's FLOPs and memory; for a
+    compile target (targets.Target), compiled for it, with the line saying whether it fits."""
     from gpt2_jax import parallel
     from gpt2_jax.model import attention_implementation, vocab_padding
     from gpt2_jax.resolve import model_config_of
-    from gpt2_jax.steps import build_steps, compiled_stats
+    from gpt2_jax.steps import build_steps, compile_with_stats, flops_per_token
 
-    parallel.init_distributed(config.parallel)
     model_config = model_config_of(config)
+    if target is None:
+        parallel.init_distributed(config.parallel)
+        mesh, backend = parallel.make_mesh(config.mesh.data, config.mesh.fsdp), jax.default_backend()
+    else:
+        from gpt2_jax import targets
+
+        model_config = targets.for_target(model_config, target)
+        mesh, backend = targets.make_mesh(target, config.mesh.data, config.mesh.fsdp), target.platform
     seq_len = config.data.seq_len or model_config.n_ctx
-    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
     parallel.check_batch(config.train.batch_size, mesh)
     rows = config.train.batch_size * config.train.accumulate_gradients
     train = config.train
     if config.model.remat == "auto":  # prints the candidates and the one line scripts read
         from gpt2_jax import autoremat
 
-        model_config, train, _ = autoremat.resolve(config, model_config, mesh, seq_len)
-    stats = compiled_stats(build_steps(model_config, train, mesh).compile(rows, seq_len))
+        model_config, train, _ = autoremat.resolve(config, model_config, mesh, seq_len, target=target)
+    _, stats = compile_with_stats(build_steps(model_config, train, mesh), rows, seq_len)
     print(config)
-    backend = jax.default_backend()
     print(f"model: {model_config.hparams()} dtype={model_config.dtype} remat={model_config.remat} "
           f"scan_layers={model_config.scan_layers} "
           f"vocab_multiple={vocab_padding(model_config.vocab_multiple, backend)} "
           f"attention={attention_implementation(model_config.attention, model_config.dtype, backend)}")
     print(f"parameters: {model_config.num_params():,}")
-    print(f"mesh: data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']} over {len(jax.devices())} "
-          f"{jax.devices()[0].device_kind} device(s)")
-    print(f"compiled step ({rows} windows of {seq_len} tokens): {stats['flops'] / 1e9:,.1f} GFLOP per device, "
+    print(f"mesh: data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']} over {mesh.devices.size} "
+          f"{mesh.devices.flat[0].device_kind} device(s)" + (" (compile-only)" if target is not None else ""))
+    if stats["flops"] is not None:
+        flops = f"{stats['flops'] / 1e9:,.1f} GFLOP per device"
+    else:  # XLA's GPU compiler reports no FLOPs without a device: the formula's, remat's recompute not counted
+        flops = f"{flops_per_token(model_config, seq_len) * rows * seq_len / mesh.devices.size / 1e9:,.1f} GFLOP " \
+                "per device (6N + attention formula; the compiler reports none)"
+    print(f"compiled step ({rows} windows of {seq_len} tokens): {flops}, "
           f"peak memory {stats['peak_bytes'] / 2**30:.3f} GiB per device "
-          f"(arguments {stats['argument_bytes'] / 2**30:.3f}, temporaries {stats['temp_bytes'] / 2**30:.3f})")
+          f"(arguments {stats['argument_bytes'] / 2**30:.3f}, temporaries {stats['temp_bytes'] / 2**30:.3f})"
+          + ("; the compiler refused it: out of memory" if stats.get("refused") else ""))
+    if target is not None:
+        print(targets.fit_line(target, mesh, stats["peak_bytes"], target.budget_bytes(config.model.memory_budget_gb)))
 
 
 def run_sweep(config, spec: str) -> None:
@@ -158,7 +176,21 @@ def main(argv: list[str]) -> None:
         if "--list" in argv:
             print(list_experiments())
             return
+        if "--target=list" in argv:
+            from gpt2_jax.targets import list_targets
+
+            print(list_targets())
+            return
         config = parse(argv)
+        target = None
+        if _TARGET.value:  # before JAX starts a backend: this host only compiles
+            from gpt2_jax import targets
+
+            target = targets.parse_target(_TARGET.value)
+            targets.prepare_host()
+            if _SWEEP.value:
+                raise UserError(f"--target={_TARGET.value} compiles one point; drop --sweep and give each point's "
+                                "values as --config overrides")
         from gpt2_jax.steps import enable_compilation_cache
 
         enable_compilation_cache()  # a second launch loads what the first compiled
@@ -168,15 +200,19 @@ def main(argv: list[str]) -> None:
             from gpt2_jax.steps import use_memory_faithful_cpu_scheduler
 
             use_memory_faithful_cpu_scheduler()  # before the backend starts: memory figures that show remat
-        if _DRY_RUN.value:
-            dry_run(config)
+        if _DRY_RUN.value or (target is not None and config.mode == "train"):  # a target runs nothing
+            dry_run(config, target)
             return
         if config.mode == "remat_ablation":
             from gpt2_jax.ablation import run_ablation
             from gpt2_jax.resolve import model_config_of
 
             out = Path(config.workdir) / "ablation" / config.run_name
-            run_ablation(config, model_config_of(config), out)
+            if target is not None:
+                config.ablation.compile_only = True  # nothing runs on a target
+                if not any(a.startswith("--config.ablation.memory_budget_gb") for a in argv):
+                    config.ablation.memory_budget_gb = target.budget_bytes(config.model.memory_budget_gb) / 2**30
+            run_ablation(config, model_config_of(config), out, target)
             print(f"wrote {out}/ablation.md, ablation.png and ablation.json")
             return
         if config.mode != "train":

@@ -19,7 +19,7 @@ import numpy as np
 from gpt2_jax import parallel
 from gpt2_jax.errors import UserError
 from gpt2_jax.model import REMAT_POLICIES, GPT2Config, init_params
-from gpt2_jax.steps import build_steps, compiled_stats
+from gpt2_jax.steps import build_steps, compile_with_stats
 
 GiB = 2**30
 
@@ -28,8 +28,8 @@ def _compile(model_config: GPT2Config, train: Any, mesh, batch: int, seq_len: in
     """(built steps, compiled step, row with compile time and XLA's compiled figures) of one candidate."""
     t0 = time.perf_counter()
     built = build_steps(model_config, train, mesh)
-    compiled = built.compile(batch, seq_len)
-    return built, compiled, {"compile_s": time.perf_counter() - t0, **compiled_stats(compiled)}
+    compiled, stats = compile_with_stats(built, batch, seq_len)  # None: the target's compiler refused it
+    return built, compiled, {"compile_s": time.perf_counter() - t0, **stats}
 
 
 def _device_peak() -> int | None:
@@ -71,8 +71,9 @@ def largest_batch_within(rows: list[dict], budget_bytes: float) -> int | None:
     return max(0, int((budget_bytes - fixed) // per_row))
 
 
-def run_ablation(config: Any, model_config: GPT2Config, out_dir: Path) -> list[dict]:
-    """Measure every (policy, micro-batch) and write ablation.json/.md/.png into out_dir."""
+def run_ablation(config: Any, model_config: GPT2Config, out_dir: Path, target: Any = None) -> list[dict]:
+    """Measure every (policy, micro-batch) and write ablation.json/.md/.png into out_dir; for a compile
+    target (targets.Target) every row is compiled for it and none is run."""
     ab = config.ablation
     policies = [p for p in ab.policies.split(",") if p]
     unknown = [p for p in policies if p not in REMAT_POLICIES]
@@ -80,7 +81,13 @@ def run_ablation(config: Any, model_config: GPT2Config, out_dir: Path) -> list[d
         raise UserError(f"ablation.policies: unknown {unknown}; use names from {sorted(REMAT_POLICIES)}")
     micro_batches = sorted(int(b) for b in str(ab.micro_batches).split(",") if b)
     seq_len = config.data.seq_len or model_config.n_ctx
-    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+    if target is not None:
+        from gpt2_jax import targets
+
+        model_config = targets.for_target(model_config, target)
+        mesh = targets.make_mesh(target, config.mesh.data, config.mesh.fsdp)
+    else:
+        mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
     for b in micro_batches:
         parallel.check_batch(b, mesh)
     rows, compiled = [], []
@@ -91,12 +98,13 @@ def run_ablation(config: Any, model_config: GPT2Config, out_dir: Path) -> list[d
             rows.append({"policy": policy, "micro_batch": b, **stats})
             compiled.append((cfg, built, step))
             print(f"{policy:>14} micro-batch {b:>3}: compiled peak {stats['peak_bytes'] / GiB:.3f} GiB, "
-                  f"{stats['flops'] / 1e9:.1f} GFLOP", flush=True)
-    if not ab.compile_only:
+                  f"{_gflop(stats)} GFLOP", flush=True)
+    if not ab.compile_only and target is None:
         # The device's peak cannot be reset, so candidates run from the smallest compiled peak up: a row's
         # device peak is its own when it rises above the rows before it, else only a bound (device_peak_exact).
         seen = _device_peak()
-        fitting = [i for i in range(len(rows)) if rows[i]["peak_bytes"] <= ab.memory_budget_gb * GiB]
+        fitting = [i for i in range(len(rows)) if rows[i]["peak_bytes"] <= ab.memory_budget_gb * GiB
+                   and compiled[i][2] is not None]
         for i in sorted(fitting, key=lambda i: rows[i]["peak_bytes"]):  # the rest would run out of memory
             (cfg, built, step), row = compiled[i], rows[i]
             row.update(_time(built, step, cfg, mesh, row["micro_batch"], seq_len, ab.steps, config.seed))
@@ -109,10 +117,11 @@ def run_ablation(config: Any, model_config: GPT2Config, out_dir: Path) -> list[d
     baseline = {r["micro_batch"]: r for r in rows if r["policy"] == "none"}
     for r in rows:
         ref = baseline.get(r["micro_batch"])
-        r["recompute_overhead"] = r["flops"] / ref["flops"] - 1 if ref and ref["flops"] else None
+        r["recompute_overhead"] = r["flops"] / ref["flops"] - 1 if ref and r["flops"] and ref["flops"] else None
         r["time_overhead"] = r["step_s"] / ref["step_s"] - 1 if ref and "step_s" in r and "step_s" in ref else None
     meta = {"model": model_config.hparams(), "dtype": model_config.dtype, "seq_len": seq_len,
-            "device": jax.devices()[0].device_kind, "devices": len(jax.devices()), "memory_budget_gb": ab.memory_budget_gb}
+            "device": mesh.devices.flat[0].device_kind, "devices": mesh.devices.size,
+            "memory_budget_gb": ab.memory_budget_gb, "target": target.name if target is not None else None}
     write_report(rows, meta, out_dir)
     return rows
 
@@ -129,10 +138,15 @@ def write_report(rows: list[dict], meta: dict, out_dir: Path) -> None:
     _plot(rows, out_dir / "ablation.png", meta)
 
 
+def _gflop(row: dict) -> str:
+    return "n/a" if row["flops"] is None else f"{row['flops'] / 1e9:.1f}"
+
+
 def _markdown(rows: list[dict], meta: dict) -> str:
     m = meta["model"]
     lines = [f"# Remat ablation: L={m['n_layer']}, C={m['n_embd']}, V={m['n_vocab']}, T={meta['seq_len']}, "
-             f"{meta['dtype']}, {meta['devices']} x {meta['device']}", "",
+             f"{meta['dtype']}, {meta['devices']} x {meta['device']}"
+             + (f" (compiled for target {meta['target']}: nothing ran)" if meta.get("target") else ""), "",
              "| policy | micro-batch | peak memory (GiB) | device peak (GiB) | temp (GiB) | GFLOP | recompute overhead "
              "| step ms | time overhead | tokens/s | loss | largest micro-batch within "
              f"{meta['memory_budget_gb']:g} GiB |",
@@ -145,12 +159,13 @@ def _markdown(rows: list[dict], meta: dict) -> str:
         return ("" if r["device_peak_exact"] else "<= ") + f"{r['device_peak_bytes'] / GiB:.3f}"
 
     for r in rows:
-        lines.append(f"| {r['policy']} | {r['micro_batch']} | {r['peak_bytes'] / GiB:.3f} | {device(r)} "
-                     f"| {r['temp_bytes'] / GiB:.3f} | {r['flops'] / 1e9:.1f} | {pct(r['recompute_overhead'])} | "
+        refused = " (refused: out of memory)" if r.get("refused") else ""
+        lines.append(f"| {r['policy']} | {r['micro_batch']} | {r['peak_bytes'] / GiB:.3f}{refused} | {device(r)} "
+                     f"| {r['temp_bytes'] / GiB:.3f} | {_gflop(r)} | {pct(r['recompute_overhead'])} | "
                      f"{r['step_s'] * 1e3:.1f} | {pct(r['time_overhead'])} | {r['tokens_per_s']:.0f} | {r['loss']:.6f} "
                      if "step_s" in r else
-                     f"| {r['policy']} | {r['micro_batch']} | {r['peak_bytes'] / GiB:.3f} | n/a "
-                     f"| {r['temp_bytes'] / GiB:.3f} | {r['flops'] / 1e9:.1f} | {pct(r['recompute_overhead'])} "
+                     f"| {r['policy']} | {r['micro_batch']} | {r['peak_bytes'] / GiB:.3f}{refused} | n/a "
+                     f"| {r['temp_bytes'] / GiB:.3f} | {_gflop(r)} | {pct(r['recompute_overhead'])} "
                      "| n/a | n/a | n/a | n/a ")
         lines[-1] += f"| {meta['largest_micro_batch_within_budget'][r['policy']]} (est.) |"
     lines += ["", "Peak memory and FLOPs are XLA's compiled figures per device (memory_analysis, cost_analysis); "
@@ -179,7 +194,7 @@ def _plot(rows: list[dict], path: Path, meta: dict) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in chosen:
         x = r["peak_bytes"] / GiB
-        y = r["step_s"] * 1e3 if timed else r["flops"] / 1e9
+        y = r["step_s"] * 1e3 if timed else (r["flops"] or 0) / 1e9
         ax.scatter(x, y)
         ax.annotate(r["policy"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=9)
     ax.set_xlabel("compiled peak memory per device (GiB)")

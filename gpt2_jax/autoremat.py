@@ -26,12 +26,12 @@ import numpy as np
 from gpt2_jax import parallel
 from gpt2_jax.errors import UserError
 from gpt2_jax.model import GPT2Config, init_params
-from gpt2_jax.steps import build_steps, compiled_stats
+from gpt2_jax.steps import build_steps, compile_with_stats
+from gpt2_jax.targets import HEADROOM  # the default budget leaves this fraction of the device's memory free
 
 GiB = 2**30
 # Least recompute first: a policy later in the list keeps less, so it fits larger micro-batches.
 POLICY_ORDER = ("none", "dots", "dots_no_batch", "save_attn", "save_named", "save_qkv", "full")
-HEADROOM = 0.10  # the default budget leaves this fraction of the device's memory free
 AUTO_FILE = "remat_auto.json"  # in the run directory: the choice, reused when the run resumes
 
 
@@ -75,8 +75,8 @@ def choose(model_config: GPT2Config, train: Any, mesh: Any, seq_len: int, budget
                 raise _OutOfCompiles
             steps = build_steps(dataclasses.replace(model_config, remat=policy), split_train(train, m, global_batch),
                                 mesh)
-            exe = steps.compile(global_batch, seq_len)
-            peak = compiled_stats(exe)["peak_bytes"]
+            exe, stats = compile_with_stats(steps, global_batch, seq_len)
+            peak = stats["peak_bytes"] if exe is not None else max(stats["peak_bytes"], budget_bytes + 1)
             tried[policy, m] = Candidate(policy, m, global_batch // m, peak, peak <= budget_bytes)
             compiled[policy, m] = (steps, exe)
         return tried[policy, m]
@@ -172,11 +172,13 @@ def summary(chosen: Candidate, budget_bytes: float) -> str:
 
 
 def resolve(config: Any, model_config: GPT2Config, mesh: Any, seq_len: int, run_dir: Path | None = None,
-            log_dir: Path | None = None) -> tuple[GPT2Config, Any, str]:
+            log_dir: Path | None = None, target: Any = None) -> tuple[GPT2Config, Any, str]:
     """The model config and train section with model.remat=auto resolved, and the summary line.
 
     A run that chose before (run_dir/AUTO_FILE) keeps its choice, so that it resumes exactly; a
-    new choice is written there, and the candidates' table to log_dir/remat_auto.md.
+    new choice is written there, and the candidates' table to log_dir/remat_auto.md. For a compile
+    target (targets.Target, whose devices `mesh` holds) the budget is the target's and nothing is
+    timed: nothing can run on it, so the largest micro-batch that fits is taken.
     """
     global_batch = config.train.batch_size * config.train.accumulate_gradients
     saved = run_dir / AUTO_FILE if run_dir is not None else None
@@ -187,9 +189,16 @@ def resolve(config: Any, model_config: GPT2Config, mesh: Any, seq_len: int, run_
             return (dataclasses.replace(model_config, remat=chosen.policy),
                     split_train(config.train, chosen.micro_batch, global_batch),
                     summary(chosen, record["budget_bytes"]) + " (as chosen when the run started)")
-    budget = config.model.memory_budget_gb * GiB if config.model.memory_budget_gb > 0 else default_budget_bytes()
-    chosen, candidates = choose(model_config, config.train, mesh, seq_len, budget,
-                                timed_steps=config.model.remat_auto_steps, seed=config.seed)
+    if target is not None:
+        budget, timed_steps = target.budget_bytes(config.model.memory_budget_gb), 0
+        print(f"remat auto: compiling for target {target.name}, where nothing can run, so candidates are not timed: "
+              "it takes the largest micro-batch that fits (fewest accumulation steps), least recompute on ties",
+              flush=True)
+    else:
+        budget = config.model.memory_budget_gb * GiB if config.model.memory_budget_gb > 0 else default_budget_bytes()
+        timed_steps = config.model.remat_auto_steps
+    chosen, candidates = choose(model_config, config.train, mesh, seq_len, budget, timed_steps=timed_steps,
+                                seed=config.seed)
     text, line = table(candidates, budget), summary(chosen, budget)
     print(text + "\n" + line, flush=True)
     if jax.process_index() == 0:

@@ -79,16 +79,37 @@ def build_steps(model_config: GPT2Config, train: Any, mesh: Mesh, *, donate: boo
 
 # --- What a compiled step costs -------------------------------------------------------------------
 
-def compiled_stats(compiled: Any) -> dict[str, float]:
-    """XLA's FLOPs and per-device memory (bytes) of a compiled executable."""
+def compiled_stats(compiled: Any) -> dict[str, float | None]:
+    """XLA's FLOPs and per-device memory (bytes) of a compiled executable; flops is None where the
+    compiler reports none (XLA's GPU compiler without a device)."""
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     mem = compiled.memory_analysis()
-    return {"flops": float(cost.get("flops", 0.0)), "argument_bytes": mem.argument_size_in_bytes,
+    return {"flops": float(cost.get("flops", 0.0)) if cost else None, "argument_bytes": mem.argument_size_in_bytes,
             "output_bytes": mem.output_size_in_bytes, "temp_bytes": mem.temp_size_in_bytes,
             "alias_bytes": mem.alias_size_in_bytes,
             "peak_bytes": mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
             - mem.alias_size_in_bytes}
+
+
+def compile_with_stats(steps: Steps, rows: int, seq_len: int) -> tuple[Any, dict[str, float | None]]:
+    """(the compiled step, compiled_stats) of `rows` windows; a compiler that refuses the step for want
+    of memory (a TPU's: RESOURCE_EXHAUSTED) gives (None, its figures): the arguments per device plus the
+    temporaries it said it needed, with "refused" set."""
+    import re
+
+    try:
+        exe = steps.compile(rows, seq_len)
+    except jax.errors.JaxRuntimeError as e:
+        needed = re.search(r"RESOURCE_EXHAUSTED.*?required[^(]*\((\d+(?:\.\d+)?)([KMGT])", str(e), re.S)
+        if needed is None:
+            raise
+        temp = float(needed.group(1)) * 1024 ** " KMGT".index(needed.group(2))
+        args = sum(np.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+                   for x in jax.tree.leaves(steps.abstract_inputs(rows, seq_len)) if getattr(x, "sharding", None))
+        return None, {"flops": None, "argument_bytes": float(args), "output_bytes": 0.0, "temp_bytes": temp,
+                      "alias_bytes": 0.0, "peak_bytes": float(args) + temp, "refused": True}
+    return exe, compiled_stats(exe)
 
 
 def bytes_per_device(tree: Any) -> int:

@@ -19,6 +19,9 @@ REPO = Path(__file__).resolve().parent.parent
 # in its own process with XLA_FLAGS set, and GPT2_JAX_MULTIDEVICE=1 lets that run collect it.
 collect_ignore = [] if os.environ.get("GPT2_JAX_MULTIDEVICE") else ["multidevice"]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
+# The tests run on the CPU. With the compile-target extras installed (libtpu, the CUDA plugin), JAX
+# would otherwise try to open a TPU or GPU here at start-up in every process the tests start.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 # The tests compile hundreds of tiny programs and run each a few times: LLVM's optimisation of the
