@@ -102,6 +102,7 @@ def get_config() -> ConfigDict:
     c.parallel.num_processes = 1  # explicit
     c.parallel.process_id = 0  # explicit
     c.parallel.timeout_s = 300  # give up joining after this many seconds, with an error
+    c.parallel.heartbeat_s = 20  # a peer silent this long ends every survivor in one line, exit 4 (restart all to resume)
 
     c.ablation = ConfigDict()  # mode=remat_ablation only
     c.ablation.policies = "none,full"  # comma-separated remat policy names

@@ -12,15 +12,20 @@ deleted, never counted towards `keep`). A save checks the free space first, and 
 becomes one StorageError line with the partial step removed.
 
 This module owns reading a run directory (is_run_dir, resolve_checkpoint, load_run_params);
-weights.py lists it among the model-directory layouts it reads.
+weights.py lists it among the model-directory layouts it reads; and claiming one (claim_run), so that
+only one job trains in it at a time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import json
 import logging
+import os
 import shutil
+import socket
 import sys
 import time
 import traceback
@@ -37,6 +42,49 @@ from gpt2_jax.model import GPT2Config, convert_layout, param_shapes
 
 RUN_CONFIG = "run_config.json"
 DAMAGED = "damaged"  # where a resumed run sets aside the steps that failed to verify
+LOCK_SUFFIX = ".lock"  # checkpoint/RUN.lock beside the run directory: locked by the job training in it
+
+
+def run_lock(run_dir: Path) -> Path:
+    """The lock file of a run directory: beside it, so that claiming a run creates nothing inside it."""
+    return run_dir.with_name(run_dir.name + LOCK_SUFFIX)
+
+
+@contextlib.contextmanager
+def claim_run(run_dir: Path, is_main: bool = True):
+    """Hold the run directory for this job while it trains: process 0 takes an exclusive flock on its
+    run_lock file (naming this host and process id), which the operating system releases when the
+    process ends however it ends (kill -9 leaves nothing stale). A second job on the same run
+    directory is refused in one line, exit 2. On a filesystem without working locks (some network
+    filesystems) the run goes on, with a warning."""
+    if not is_main:
+        yield
+        return
+    lock = run_lock(run_dir)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace")
+            try:
+                who = json.loads(holder)
+                who = f"host {who['host']}, process id {who['pid']}, since {who['since']}"
+            except (ValueError, KeyError, TypeError):
+                who = "a process that has not yet written its name"
+            raise UserError(f"{run_dir} is being trained by another job ({who}); stop that job first, or train "
+                            "under another run_name (nothing was written)") from None
+        except OSError as e:
+            _warn(f"cannot lock {lock} ({reason(e)}): a second launch on this run would not "
+                  "be refused; make sure only one job trains in it")
+        else:
+            os.ftruncate(fd, 0)
+            since = datetime.datetime.now().isoformat(timespec="seconds")
+            os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": since}).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def is_run_dir(path: Path) -> bool:

@@ -173,9 +173,15 @@ def _write_run_files(run_dir: Path, model_config: GPT2Config, encoder: Encoder, 
 def run(config: Any, on_step: Callable[[int, dict], None] | None = None) -> dict:
     """Train as the config says; returns the last step's metrics. `on_step(step, metrics)` is for tests."""
     parallel.init_distributed(config.parallel)  # before anything touches a device
+    run_dir = (Path(config.workdir) / "checkpoint" / config.run_name).absolute()
+    with parallel.peer_loss_ends_the_job(), checkpoints.claim_run(run_dir, jax.process_index() == 0):
+        return _train(config, run_dir, on_step)  # the claim: one job per run, taken before anything is written
+
+
+def _train(config: Any, run_dir: Path, on_step: Callable[[int, dict], None] | None) -> dict:
+    """run(), in a run directory this job holds."""
     is_main = jax.process_index() == 0
     workdir = Path(config.workdir)
-    run_dir = (workdir / "checkpoint" / config.run_name).absolute()
     resume = decide_resume(config.checkpoint.restore_from, run_dir)
 
     # A resumed run keeps the seed it started with: batches and noise continue exactly.

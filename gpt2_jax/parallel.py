@@ -8,11 +8,15 @@ once with these shardings; XLA inserts every collective.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import socket
+import sys
 import time
 import warnings
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, NoReturn
 
 import flax.linen as nn
 import jax
@@ -23,6 +27,7 @@ from gpt2_jax.errors import UserError
 
 AXES = ("data", "fsdp")
 BATCH_AXES = AXES  # the batch is split over both axes
+PEER_LOST_EXIT = 4  # a process of a multi-process job was lost: restart every process with the same command
 
 
 def init_distributed(parallel: Any) -> None:
@@ -32,7 +37,14 @@ def init_distributed(parallel: Any) -> None:
         return
     # Collectives between CPU devices of different processes (harmless when training on accelerators).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    kwargs: dict[str, Any] = {"initialization_timeout": int(parallel.timeout_s)}
+    # The coordination service declares a process lost after heartbeat_s without its heartbeat (JAX's
+    # default is 100 s); the shutdown barrier at exit waits no longer than one heartbeat.
+    heartbeat = int(parallel.heartbeat_s)
+    if heartbeat < 1:
+        raise UserError(f"parallel.heartbeat_s={parallel.heartbeat_s}: must be >= 1 (seconds)")
+    kwargs: dict[str, Any] = {"initialization_timeout": int(parallel.timeout_s), "heartbeat_timeout_seconds": heartbeat,
+                              "shutdown_timeout_seconds": heartbeat}
+    jax.config.update("jax_enable_preemption_service", False)  # its poller would log a dead peer's errors too
     if mode != "auto":
         if mode != "explicit":
             raise UserError(f"parallel.distributed={mode!r}: use '' (single process), 'auto' or 'explicit'")
@@ -47,6 +59,39 @@ def init_distributed(parallel: Any) -> None:
         raise UserError(f"could not join the distributed job at {where} within {parallel.timeout_s}s "
                         f"({str(e).splitlines()[0][:200]}); check parallel.coordinator_address, num_processes "
                         "and process_id, and that process 0 is running") from None
+
+
+def peer_lost(who: str, detail: str) -> NoReturn:
+    """End this process of a multi-process job at once with one line and PEER_LOST_EXIT: without
+    JAX's shutdown barrier, which would wait for the lost peer, then abort."""
+    print(f"{Path(sys.argv[0]).name}: error: lost {who} of this {jax.process_count()}-process job ({detail}); "
+          "restart every process with the same command: it resumes from the last complete checkpoint",
+          file=sys.stderr, flush=True)
+    os._exit(PEER_LOST_EXIT)
+
+
+# Errors of a collective or of the coordination service whose cause is a process that went away.
+_PEER_ERRORS = ("gloo", "connection closed by peer", "connection reset by peer", "unavailable:", "deadline_exceeded",
+                "heartbeat", "coordination service", "barrier timed out", "nccl")
+
+
+@contextlib.contextmanager
+def peer_loss_ends_the_job():
+    """In a multi-process job, an exception caused by a lost peer (a collective that failed) ends the
+    process through peer_lost instead of a traceback and a hung shutdown."""
+    try:
+        yield
+    except Exception as e:
+        if jax.process_count() > 1:
+            chain, x = [], e
+            while x is not None and x not in chain:
+                chain.append(x)
+                x = x.__cause__ or x.__context__
+            text = " ".join(str(x) for x in chain).lower()
+            if any(marker in text for marker in _PEER_ERRORS):
+                peer_lost("a peer", str(chain[-1]).strip().splitlines()[0][:160] if str(chain[-1]).strip()
+                          else type(chain[-1]).__name__)
+        raise
 
 
 def _wait_for_coordinator(address: str, timeout_s: float) -> None:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -159,7 +161,9 @@ def test_a_disk_filling_during_an_async_save_is_one_line_exit_3_and_the_partial_
     fill(small_disk, leave_kib=200)  # more than the first save's estimate, less than it writes
     done = subprocess.run(_train_cmd(small_disk / "w"), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 3, done.stderr[-3000:]
-    lines = [ln for ln in done.stderr.splitlines() if ln.strip() and not ln.startswith(("run1:", "W"))]  # bar, JAX
+    # the progress bar, and JAX's and its plugins' own log lines ("W1202 ...", "I0000 ...", absl's notice)
+    lines = [ln for ln in done.stderr.splitlines() if ln.strip() and not ln.startswith(("run1:", "WARNING: All log"))
+             and not re.match(r"[IWEF]\d{4} ", ln)]
     assert lines == [lines[-1]] and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert lines[-1].startswith("launch.py: error: could not write checkpoint step 1 to ")
     assert "No space left on device; a checkpoint needs about " in lines[-1]
@@ -237,3 +241,58 @@ def test_encoding_to_bin_holds_bounded_memory(tmp_path, shared_dir):
     grown_mib = int(done.stdout.split()[-1])
     assert grown_mib < 100, f"encoding 13 MB grew the process by {grown_mib} MiB"
     assert os.path.getsize(tmp_path / "big.bin") == 2 * json.loads((tmp_path / "big.bin.json").read_text())["tokens"]
+
+
+def _launch_cmd(workdir: Path, *extra: str) -> list[str]:
+    """launch.py on the tiny model, as undamaged's runs: 8 steps, checkpoints every 2, noise 0.1."""
+    return [sys.executable, "launch.py", "--config=experiments/finetune.py", f"--workdir={workdir}",
+            f"--config.model.name={TINY_MODEL}", f"--config.data.dataset={DATASET}", "--config.data.seq_len=16",
+            "--config.train.batch_size=2", "--config.train.learning_rate=1e-3", "--config.sample.sample_every=0",
+            "--config.checkpoint.save_every=2", "--config.train.noise=0.1", "--config.train.total_steps=8", *extra]
+
+
+def _held(lock: Path) -> bool:
+    """Whether some process holds the run directory's lock."""
+    import fcntl
+
+    if not lock.is_file():
+        return False
+    with open(lock) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
+def test_a_second_launch_on_a_run_in_training_is_refused_in_one_line_and_the_first_is_unharmed(tmp_path):
+    run_dir = tmp_path / "a" / "checkpoint" / "run1"
+    first = subprocess.Popen(_launch_cmd(tmp_path / "a"), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not _held(checkpoints.run_lock(run_dir)) and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert first.poll() is None, "the first launch ended before the second could start"
+        started = time.monotonic()
+        second = subprocess.run(_launch_cmd(tmp_path / "a"), cwd=REPO, capture_output=True, text=True, timeout=120)
+        refused_in = time.monotonic() - started
+        first_out, first_err = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-3000:]
+    line = second.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"launch.py: error: {run_dir} is being trained by another job (host ")
+    assert f"process id {first.pid}, since " in line and "another run_name" in line
+    assert refused_in < 60  # before compiling anything
+    assert first.returncode == 0, first_err[-3000:]
+    solo = subprocess.run(_launch_cmd(tmp_path / "solo"), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert solo.returncode == 0, solo.stderr[-3000:]
+    _, params = checkpoints.load_run_params(run_dir)
+    _, reference = checkpoints.load_run_params(tmp_path / "solo" / "checkpoint" / "run1")
+    jax.tree.map(np.testing.assert_array_equal, params, reference)  # the first run trained as if alone
+    losses = lambda w: [m["loss"] for m in read_metrics(w) if "loss" in m]  # noqa: E731
+    assert losses(tmp_path / "a") == losses(tmp_path / "solo") and len(losses(tmp_path / "a")) == 8  # one writer
+    assert not _held(checkpoints.run_lock(run_dir))  # released at the end

@@ -193,6 +193,7 @@ def test_sigkill_while_saving_resumes_from_the_last_complete_checkpoint(tmp_path
     assert caught_mid_write, "never observed a checkpoint being written"
     complete = checkpoints.make_manager(run_dir, read_only=True).latest_step()
     assert complete is not None
+    assert (checkpoints.run_lock(run_dir)).is_file()  # left behind by kill -9, but no longer locked:
     result = loop.run(tiny_config(tmp_path, train, **{"train.total_steps": complete + 2}))
     assert result["step"] == complete + 2
     assert not list(run_dir.glob("*tmp*"))  # the partial step was cleaned up
