@@ -54,9 +54,9 @@ def main() -> None:
     from gpt2_jax.steps import build_steps, compile_with_stats
 
     if args.smoke:
-        args.sizes, args.targets, args.batch, args.seq_len = "124M,355M", "v5e-4,v5e-4:fsdp,h100x2:fsdp", 4, 64
+        args.sizes, args.targets, args.batch, args.seq_len = "124M,355M", "v5e-4:fsdp,h100x2:fsdp", 4, 64
         args.ablation_size, args.ablation_targets, args.ablation_batches = "124M", "v5e-4", "4"
-        args.ablation_policies, args.no_record = "none,full", True
+        args.ablation_policies, args.no_record = "full", True
 
     def model_of(size: str, remat: str) -> GPT2Config:
         if args.smoke:

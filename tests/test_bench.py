@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -39,7 +40,8 @@ def test_bench_smoke(script, extra, tmp_path, shared_dir):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| " in done.stdout and "---|" in done.stdout  # a table was printed
     if "--profile" in extra:  # the profile's ops were traced, named after the model's parts and summed
-        assert "Where the time goes" in done.stdout and "forward mlp.c_fc | matmul" in done.stdout
+        # (which forward matmuls rank in the top 16 varies with the load on the machine)
+        assert "Where the time goes" in done.stdout and re.search(r"\| forward [\w.]+ \| matmul \|", done.stdout)
     help_text = subprocess.run([sys.executable, f"bench/{script}", "--help"], cwd=REPO, capture_output=True, text=True)
     assert help_text.returncode == 0 and "--smoke" in help_text.stdout
 
