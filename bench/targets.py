@@ -16,6 +16,7 @@ autotuning (an estimate). --h200_check compiles the step measured on a real H200
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -35,7 +36,8 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--seq_len", type=int, default=1024)
     parser.add_argument("--ablation_size", default="355M", help="the remat ablation's model ('' = none)")
     parser.add_argument("--ablation_targets", default="h100,v5e-8")
-    parser.add_argument("--ablation_batches", default="1,8", help="the ablation's global micro-batches")
+    parser.add_argument("--ablation_batches", default="8,16",
+                        help="the ablation's global micro-batches (each a multiple of every target's device count)")
     parser.add_argument("--ablation_policies", default="", help="comma-separated remat policies ('' = every one)")
     parser.add_argument("--h200_check", action="store_true", help="the 1558M step measured on a real H200")
     common.add_record_flags(parser, "tiny shapes on one TPU and one GPU target, to check the script runs")
@@ -48,6 +50,7 @@ def main() -> None:
     from gpt2_jax import targets
 
     targets.prepare_host()
+    import jax
 
     from experiments import base, finetune
     from gpt2_jax.model import REMAT_POLICIES, GPT2Config, preset
@@ -72,22 +75,32 @@ def main() -> None:
         fsdp = target.num_devices if layout == "fsdp" else 1
         mesh = targets.make_mesh(target, -1, fsdp)
         t0 = time.perf_counter()
-        _, stats = compile_with_stats(build_steps(targets.for_target(model, target), train, mesh), batch, seq_len)
+        model = targets.for_target(model, target)
+        try:
+            _, stats = compile_with_stats(build_steps(model, train, mesh), batch, seq_len)
+        except jax.errors.JaxRuntimeError as e:  # cuDNN attention's partitioning rule refused this layout
+            if model.attention != "cudnn" or "custom_partitioner" not in str(e):
+                raise
+            print(f"{spec}: cuDNN attention did not partition ({str(e).splitlines()[-1][:120]}...); XLA's instead")
+            _, stats = compile_with_stats(build_steps(dataclasses.replace(model, attention="xla"), train, mesh),
+                                          batch, seq_len)
+            stats["note"] = "xla attention (cuDNN's did not partition)"
         return target, mesh, stats, time.perf_counter() - t0
 
     train = base.get_config().train
     rows = []
-    for size in args.sizes.split(","):
+    for size in filter(None, args.sizes.split(",")):
         remat = finetune.get_config(size).model.remat
         for spec in args.targets.split(","):
             target, mesh, stats, seconds = compile_for(spec, model_of(size, remat), train, args.batch, args.seq_len)
             peak, budget = stats["peak_bytes"], target.budget_bytes()
             verdict = "yes" if peak <= budget else ("no (refused)" if stats.get("refused") else "no")
+            verdict += f"; {stats['note']}" if "note" in stats else ""
             rows.append((size, remat, spec, f"data={mesh.shape['data']} fsdp={mesh.shape['fsdp']}",
                          f"{stats['argument_bytes'] / GiB:.3f}", f"{stats['temp_bytes'] / GiB:.3f}", f"{peak / GiB:.3f}",
                          f"{target.memory_bytes / GiB:.1f}", verdict, f"{seconds:.0f}"))
             print(" | ".join(rows[-1]), flush=True)
-    text = common.table(
+    text = "" if not rows else common.table(
         f"Compiled for targets that are not attached: training step, Adam, bf16 compute (float32 weights and "
         f"state), scanned blocks, global batch {args.batch} x {args.seq_len} tokens (compiled on this machine's CPU)",
         ["size", "remat", "target", "mesh", "arguments GiB", "temporaries GiB", "peak GiB per device",
@@ -100,11 +113,12 @@ def main() -> None:
                 for batch in map(int, args.ablation_batches.split(",")):
                     _, _, stats, _ = compile_for(spec, model_of(args.ablation_size, policy), train, batch, args.seq_len)
                     flops = "n/a" if stats["flops"] is None else f"{stats['flops'] / 1e9:,.1f}"
-                    refused = " (refused)" if stats.get("refused") else ""
+                    refused = (" (refused)" if stats.get("refused") else "") + (
+                        f" ({stats['note']})" if "note" in stats else "")
                     ab_rows.append((spec, policy, batch, f"{stats['temp_bytes'] / GiB:.3f}",
                                     f"{stats['peak_bytes'] / GiB:.3f}{refused}", flops))
                     print(" | ".join(map(str, ab_rows[-1])), flush=True)
-        text += "\n" + common.table(
+        text += ("\n" if text else "") + common.table(
             f"Remat ablation compiled for targets, {args.ablation_size}, Adam, bf16, scanned blocks, T={args.seq_len}, "
             "data parallel",
             ["target", "policy", "global micro-batch", "temporaries GiB", "peak GiB per device", "GFLOP per device"],
