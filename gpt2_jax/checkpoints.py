@@ -19,6 +19,7 @@ only one job trains in it at a time.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import fcntl
 import json
@@ -421,7 +422,7 @@ def saved_scan_layers(run_dir: Path) -> bool:
     """Whether a run directory's checkpoints hold the blocks stacked (model.scan_layers when it trained)."""
     try:
         return bool(json.loads((Path(run_dir) / RUN_CONFIG).read_text()).get("model", {}).get("scan_layers", False))
-    except (OSError, json.JSONDecodeError, AttributeError):
+    except (OSError, ValueError, AttributeError):  # unreadable, not JSON or not UTF-8: as saved unstacked
         return False
 
 
@@ -430,11 +431,16 @@ def load_run_params(run_dir: Path, **overrides) -> tuple[GPT2Config, Any]:
     (the optimizer state is not read)."""
     path = Path(run_dir).absolute()
     run_dir, step = resolve_checkpoint(path)
-    hparams = json.loads((run_dir / "hparams.json").read_text())
-    config = GPT2Config(**hparams, **overrides)
+    try:
+        hparams = json.loads((run_dir / "hparams.json").read_text(encoding="utf-8"))
+        base = GPT2Config(**{k: int(hparams[k]) for k in ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")})
+    except (ValueError, KeyError, TypeError) as e:  # JSON, UTF-8, a missing or non-integer field
+        raise UserError(f"{run_dir / 'hparams.json'}: not the run's model shape ({type(e).__name__}: "
+                        f"{str(e)[:100]}); the file is damaged: restore it, or export the run again") from None
+    config = dataclasses.replace(base, **overrides)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # whatever mesh wrote it
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          param_shapes(GPT2Config(**hparams, scan_layers=saved_scan_layers(run_dir))))
+                          param_shapes(dataclasses.replace(base, scan_layers=saved_scan_layers(run_dir))))
     candidates = [step] if path != run_dir else [s for s in steps_of(run_dir) if s <= step]
     _, params, _, _ = restore_newest(run_dir, candidates, shapes)
     return config, convert_layout(params, config.scan_layers)

@@ -226,7 +226,10 @@ def _worker_encode(text: str, dtype: np.dtype) -> np.ndarray:
 
 def read_merges(path: Path) -> list[tuple[str, str]]:
     """Merge pairs from a vocab.bpe / merges.txt file (first line is a '#version' header)."""
-    lines = Path(path).read_text(encoding="utf-8").split("\n")
+    try:
+        lines = Path(path).read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e}); the vocabulary is damaged: download it again") from None
     if lines and lines[0].startswith("#version"):
         lines = lines[1:]
     merges = []
@@ -260,8 +263,10 @@ def get_encoder(model_dir: str | os.PathLike) -> Encoder:
     ids_path, merges_path = found
     try:
         encoder = json.loads(ids_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{ids_path}: not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{ids_path}: not valid JSON ({e}); the vocabulary is damaged: download it again") from None
+    if not isinstance(encoder, dict):
+        raise UserError(f"{ids_path}: not a JSON object of token ids; the vocabulary is damaged: download it again")
     return Encoder(encoder, read_merges(merges_path))
 
 

@@ -128,6 +128,8 @@ def read_checkpoint(prefix: str | Path) -> dict[str, np.ndarray]:
             data_path = Path(f"{prefix}.data-{shard:05d}-of-{num_shards:05d}")
             if not data_path.is_file():
                 raise UserError(f"{data_path}: missing checkpoint data file; download it again")
+            if data_path.stat().st_size == 0:  # np.memmap cannot map an empty file
+                raise UserError(f"{data_path}: the checkpoint data file is empty; download it again")
             shards[shard] = np.memmap(data_path, dtype=np.uint8, mode="r")
         raw = shards[shard]
         expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
@@ -142,7 +144,7 @@ def checkpoint_prefix(model_dir: Path) -> Path | None:
     """The checkpoint prefix of a directory: from its `checkpoint` file, else model.ckpt if present."""
     state = model_dir / "checkpoint"
     if state.is_file():
-        for line in state.read_text().splitlines():
+        for line in state.read_text(errors="replace").splitlines():  # a damaged one falls back to model.ckpt
             if line.startswith("model_checkpoint_path:"):
                 name = Path(line.split(":", 1)[1].strip().strip('"')).name
                 if Path(f"{model_dir / name}.index").is_file():

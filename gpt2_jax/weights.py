@@ -75,9 +75,14 @@ def _assemble(config: GPT2Config, fetch: Callable[[TensorName], np.ndarray | Non
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e}); the file is damaged: restore it (download or export the "
+                        "model again)") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: not a JSON object; the file is damaged: restore it (download or export the model "
+                        "again)")
+    return value
 
 
 def _config_from(hparams: dict, source: Path, **overrides) -> GPT2Config:
@@ -115,9 +120,15 @@ def _hf_state_dict(model_dir: Path) -> tuple[dict[str, np.ndarray], str]:
         return {k.removeprefix("transformer."): v.float().numpy() for k, v in state.items()}, str(bin_path)
     tensors = {}
     for f in files:
-        with safe_open(str(f), framework="flax") as st:
-            for key in st.keys():
-                tensors[key.removeprefix("transformer.")] = np.asarray(st.get_tensor(key).astype("float32"))
+        try:
+            with safe_open(str(f), framework="flax") as st:
+                for key in st.keys():
+                    tensors[key.removeprefix("transformer.")] = np.asarray(st.get_tensor(key).astype("float32"))
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error type, and OSError
+            if isinstance(e, UserError):
+                raise
+            raise UserError(f"{f}: not a readable safetensors file ({str(e).splitlines()[0][:120]}); the file is "
+                            "damaged or incomplete: download or export the model again") from None
     return tensors, str(files[0])
 
 
