@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import sys
 from pathlib import Path
@@ -108,7 +107,7 @@ def dry_run(config, target=None) -> None:
     from gpt2_jax import parallel
     from gpt2_jax.model import attention_implementation, vocab_padding
     from gpt2_jax.resolve import model_config_of
-    from gpt2_jax.steps import build_steps, compile_with_stats, flops_per_token
+    from gpt2_jax.steps import build_steps, compile_falling_back_to_xla_attention, compile_with_stats, flops_per_token
 
     model_config = model_config_of(config)
     if target is None:
@@ -127,17 +126,12 @@ def dry_run(config, target=None) -> None:
         from gpt2_jax import autoremat
 
         model_config, train, _ = autoremat.resolve(config, model_config, mesh, seq_len, target=target)
-    try:
-        _, stats = compile_with_stats(build_steps(model_config, train, mesh), rows, seq_len)
-    except jax.errors.JaxRuntimeError as e:
-        if model_config.attention != "cudnn" or config.model.attention != "auto" or "custom_partitioner" not in str(e):
-            raise
-        # JAX's partitioning rule for cuDNN's fused attention refuses some meshes (README, "Compiling for a target")
-        why = next((line.strip()[:120] for line in str(e).splitlines() if line.strip().split(":")[0].endswith("Error")
-                    and not line.strip().startswith("jax")), "custom_partitioner")
-        print(f"attention: cuDNN's fused attention does not partition on this mesh ({why}); compiled with XLA's "
-              "attention: train with --config.model.attention=xla", flush=True)
-        model_config = dataclasses.replace(model_config, attention="xla")
+    if config.model.attention == "auto":  # auto may give way to XLA's where cuDNN's does not partition
+        model_config, stats, why = compile_falling_back_to_xla_attention(model_config, train, mesh, rows, seq_len)
+        if why:
+            print(f"attention: cuDNN's fused attention does not partition on this mesh ({why}); compiled with "
+                  "XLA's attention: train with --config.model.attention=xla", flush=True)
+    else:
         _, stats = compile_with_stats(build_steps(model_config, train, mesh), rows, seq_len)
     print(config)
     print(f"model: {model_config.hparams()} dtype={model_config.dtype} remat={model_config.remat} "

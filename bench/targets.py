@@ -16,7 +16,6 @@ autotuning (an estimate). --h200_check compiles the step measured on a real H200
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -50,11 +49,10 @@ def main() -> None:
     from gpt2_jax import targets
 
     targets.prepare_host()
-    import jax
 
     from experiments import base, finetune
     from gpt2_jax.model import REMAT_POLICIES, GPT2Config, preset
-    from gpt2_jax.steps import build_steps, compile_with_stats
+    from gpt2_jax.steps import compile_falling_back_to_xla_attention
 
     if args.smoke:
         args.sizes, args.targets, args.batch, args.seq_len = "124M,355M", "v5e-4:fsdp,h100x2:fsdp", 4, 64
@@ -75,15 +73,10 @@ def main() -> None:
         fsdp = target.num_devices if layout == "fsdp" else 1
         mesh = targets.make_mesh(target, -1, fsdp)
         t0 = time.perf_counter()
-        model = targets.for_target(model, target)
-        try:
-            _, stats = compile_with_stats(build_steps(model, train, mesh), batch, seq_len)
-        except jax.errors.JaxRuntimeError as e:  # cuDNN attention's partitioning rule refused this layout
-            if model.attention != "cudnn" or "custom_partitioner" not in str(e):
-                raise
-            print(f"{spec}: cuDNN attention did not partition ({str(e).splitlines()[-1][:120]}...); XLA's instead")
-            _, stats = compile_with_stats(build_steps(dataclasses.replace(model, attention="xla"), train, mesh),
-                                          batch, seq_len)
+        _, stats, why = compile_falling_back_to_xla_attention(targets.for_target(model, target), train, mesh, batch,
+                                                              seq_len)
+        if why:
+            print(f"{spec}: cuDNN attention did not partition ({why}); XLA's instead")
             stats["note"] = "xla attention (cuDNN's did not partition)"
         return target, mesh, stats, time.perf_counter() - t0
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -96,8 +97,6 @@ def compile_with_stats(steps: Steps, rows: int, seq_len: int) -> tuple[Any, dict
     """(the compiled step, compiled_stats) of `rows` windows; a compiler that refuses the step for want
     of memory (a TPU's: RESOURCE_EXHAUSTED) gives (None, its figures): the arguments per device plus the
     temporaries it said it needed, with "refused" set."""
-    import re
-
     try:
         exe = steps.compile(rows, seq_len)
     except jax.errors.JaxRuntimeError as e:
@@ -110,6 +109,23 @@ def compile_with_stats(steps: Steps, rows: int, seq_len: int) -> tuple[Any, dict
         return None, {"flops": None, "argument_bytes": float(args), "output_bytes": 0.0, "temp_bytes": temp,
                       "alias_bytes": 0.0, "peak_bytes": float(args) + temp, "refused": True}
     return exe, compiled_stats(exe)
+
+
+def compile_falling_back_to_xla_attention(model_config: GPT2Config, train: Any, mesh: Mesh, rows: int, seq_len: int
+                                          ) -> tuple[GPT2Config, dict[str, float | None], str | None]:
+    """compile_with_stats of the built step; where JAX's partitioning rule for cuDNN's fused attention
+    refuses the mesh (some FSDP layouts: README, "Compiling for a target"), the step with XLA's
+    attention instead. Returns the model config compiled, its stats, and why it fell back (or None)."""
+    try:
+        return model_config, compile_with_stats(build_steps(model_config, train, mesh), rows, seq_len)[1], None
+    except jax.errors.JaxRuntimeError as e:
+        if model_config.attention != "cudnn" or "custom_partitioner" not in str(e):
+            raise
+        why = next((line.strip()[:120] for line in str(e).splitlines()
+                    if line.strip().split(":")[0].endswith("Error") and not line.strip().startswith("jax")),
+                   "custom_partitioner")
+    model_config = dataclasses.replace(model_config, attention="xla")
+    return model_config, compile_with_stats(build_steps(model_config, train, mesh), rows, seq_len)[1], why
 
 
 def bytes_per_device(tree: Any) -> int:

@@ -79,4 +79,3 @@ def test_a_coordinator_that_does_not_answer_is_a_clear_error_in_bounded_time(tmp
     assert done.returncode == 2, done.stderr[-3000:]
     assert "could not join the distributed job at 127.0.0.1:" in done.stderr
     assert time.monotonic() - start < 200
-
