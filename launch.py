@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import importlib.util
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -197,6 +198,15 @@ def main(argv: list[str]) -> None:
             if _SWEEP.value:
                 raise UserError(f"--target={_TARGET.value} compiles one point; drop --sweep and give each point's "
                                 "values as --config overrides")
+        if config.parallel.distributed and config.mode == "train" and not (_DRY_RUN.value or _SWEEP.value):
+            from gpt2_jax import supervisor
+
+            if not supervisor.is_supervised_child():  # JAX's C++ abort on a lost peer becomes one line
+                p = config.parallel
+                log = Path(config.workdir) / "logs" / config.run_name / \
+                    f"jax-{p.process_id if p.distributed == 'explicit' else socket.gethostname()}.log"
+                job = f"{p.num_processes}-process job" if p.distributed == "explicit" else "multi-process job"
+                sys.exit(supervisor.supervise(argv, log, job))
         from gpt2_jax.steps import enable_compilation_cache
 
         enable_compilation_cache()  # a second launch loads what the first compiled

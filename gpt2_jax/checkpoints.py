@@ -349,13 +349,19 @@ def restore_verified(run_dir: Path, step: int, params: Any, opt_state: Any | Non
     return p, o, meta
 
 
+# What to do when no step of a run verifies: for a run resuming (training), and for a command reading it.
+RESUME_ADVICE = "Restore another run or step with checkpoint.restore_from=PATH, or start anew under another run_name"
+READ_ADVICE = "give another run, or one of its step directories (RUN/STEP) that verifies"
+
+
 def restore_newest(run_dir: Path, steps: list[int], params: Any, opt_state: Any | None = None, *,
-                   set_aside: bool = False) -> tuple[int, Any, Any, dict]:
+                   set_aside: bool = False, advice: str = READ_ADVICE) -> tuple[int, Any, Any, dict]:
     """(step, params, optimizer state, metadata) of the newest of `steps` that reads and verifies.
 
     Each one that fails is named in a warning; with set_aside (a run resuming itself) those newer than
     the one restored are moved to RUN/damaged/STEP.TIME, never deleted and out of orbax's sight (so
-    they never count towards `keep`). When none verifies: a UserError, and nothing is moved.
+    they never count towards `keep`). After a fallback, one line names the step used. When none
+    verifies: a UserError ending in `advice`, and nothing is moved.
     """
     run_dir = Path(run_dir).absolute()
     failed = []
@@ -377,11 +383,12 @@ def restore_newest(run_dir: Path, steps: list[int], params: Any, opt_state: Any 
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices("damaged checkpoints set aside")
+        if failed:
+            newer = ", ".join(str(s) for s, _ in failed)
+            _warn(f"using checkpoint step {step} of {run_dir} (step{'s' * (len(failed) > 1)} {newer} did not verify)")
         return step, p, o, meta
     tried = "; ".join(f"step {s}: {why}" for s, why in failed)
-    raise UserError(f"no checkpoint in {run_dir} can be used ({tried}); nothing was deleted or moved. "
-                    "Restore another run or step with checkpoint.restore_from=PATH, or start anew under another "
-                    "run_name")
+    raise UserError(f"no checkpoint in {run_dir} can be used ({tried}); nothing was deleted or moved: {advice}")
 
 
 def read_meta(run_dir: Path, step: int) -> dict:

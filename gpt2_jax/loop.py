@@ -406,7 +406,7 @@ def _restore(resume: Resume, model_config: GPT2Config, train: Any, steps: Steps)
     saved = dataclasses.replace(model_config, scan_layers=checkpoints.saved_scan_layers(resume.run_dir))
     target = steps.abstract_state if saved == model_config else abstract_state(saved, train, steps.mesh)[1]
     _, p, o, meta = checkpoints.restore_newest(resume.run_dir, resume.candidates(), target.params, target.opt_state,
-                                               set_aside=resume.latest)
+                                               set_aside=resume.latest, advice=checkpoints.RESUME_ADVICE)
     if saved.scan_layers != model_config.scan_layers:
         p, o = jax.jit(lambda t: convert_layout(t, model_config.scan_layers),
                        out_shardings=(steps.state_sharding.params, steps.state_sharding.opt_state))((p, o))

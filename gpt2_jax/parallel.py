@@ -71,7 +71,7 @@ def peer_lost(who: str, detail: str) -> NoReturn:
 
 
 # Errors of a collective or of the coordination service whose cause is a process that went away.
-_PEER_ERRORS = ("gloo", "connection closed by peer", "connection reset by peer", "unavailable:", "deadline_exceeded",
+PEER_ERRORS = ("gloo", "connection closed by peer", "connection reset by peer", "unavailable:", "deadline_exceeded",
                 "heartbeat", "coordination service", "barrier timed out", "nccl")
 
 
@@ -88,7 +88,7 @@ def peer_loss_ends_the_job():
                 chain.append(x)
                 x = x.__cause__ or x.__context__
             text = " ".join(str(x) for x in chain).lower()
-            if any(marker in text for marker in _PEER_ERRORS):
+            if any(marker in text for marker in PEER_ERRORS):
                 peer_lost("a peer", str(chain[-1]).strip().splitlines()[0][:160] if str(chain[-1]).strip()
                           else type(chain[-1]).__name__)
         raise

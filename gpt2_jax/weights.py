@@ -107,8 +107,16 @@ def _hf_state_dict(model_dir: Path) -> tuple[dict[str, np.ndarray], str]:
     if (model_dir / "model.safetensors").is_file():
         files = [model_dir / "model.safetensors"]
     elif (model_dir / "model.safetensors.index.json").is_file():
-        index = _read_json(model_dir / "model.safetensors.index.json")
-        files = [model_dir / f for f in sorted(set(index.get("weight_map", {}).values()))]
+        index_path = model_dir / "model.safetensors.index.json"
+        weight_map = _read_json(index_path).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(f, str) for f in weight_map.values()):
+            raise UserError(f"{index_path}: no weight_map naming the weight files; the file is damaged: restore it "
+                            "(download or export the model again)")
+        files = [model_dir / f for f in sorted(set(weight_map.values()))]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise UserError(f"{index_path}: names {', '.join(missing)}, which does not exist; download or export "
+                            "the model again")
     else:
         bin_path = model_dir / "pytorch_model.bin"
         try:
@@ -231,6 +239,8 @@ def export_transformers(config: GPT2Config, params: Params, vocab_dir: str | Pat
     """Write `out_dir` in transformers' layout so GPT2LMHeadModel.from_pretrained(out_dir) loads it."""
     from safetensors.numpy import save_file
 
+    get_encoder(vocab_dir)  # the vocabulary parses (or one line naming its file) before anything is written
+    vocab = find_vocab(Path(vocab_dir))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     p = convert_layout(params, False)["params"]
@@ -241,6 +251,9 @@ def export_transformers(config: GPT2Config, params: Params, vocab_dir: str | Pat
             value = value[key]
         tensors["transformer." + name.hf] = np.ascontiguousarray(np.asarray(value, dtype=np.float32))
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(out / "model.safetensors", 0o666 & ~umask)  # safetensors writes 0600; the other files are 0644
     hf_config = {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
         "vocab_size": config.n_vocab, "n_positions": config.n_ctx, "n_ctx": config.n_ctx,
@@ -251,9 +264,6 @@ def export_transformers(config: GPT2Config, params: Params, vocab_dir: str | Pat
         "tie_word_embeddings": True, "torch_dtype": "float32",
     }
     (out / "config.json").write_text(json.dumps(hf_config, indent=2))
-    vocab = find_vocab(Path(vocab_dir))
-    if vocab is None:
-        get_encoder(vocab_dir)  # raises the missing-vocabulary error
     shutil.copyfile(vocab[0], out / "vocab.json")
     shutil.copyfile(vocab[1], out / "merges.txt")
     return out

@@ -74,6 +74,7 @@ def test_a_damaged_latest_checkpoint_gives_way_to_the_previous_one_and_the_run_e
     out, err = capfd.readouterr()
     assert "warning: checkpoint step 6 in" in err and ("do not match their checksums" in err or "cannot be read" in err)
     assert "restored step 4" in out + err
+    assert f"warning: using checkpoint step 4 of {run_dir} (step 6 did not verify)" in err
     # the damaged step is set aside, byte for byte, and out of orbax's sight (it never counts towards keep)
     (aside,) = (run_dir / checkpoints.DAMAGED).iterdir()
     assert aside.name.startswith("6.") and _tree(aside) == damaged_bytes
@@ -101,7 +102,9 @@ def test_an_explicit_damaged_checkpoint_or_none_that_verifies_is_one_line_and_no
     done = subprocess.run([sys.executable, "-m", "gpt2_jax", "sample", "--model_dir", str(source), "--length", "4"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "Traceback" not in done.stderr and "ignored" not in done.stderr, done.stderr[-3000:]
-    assert done.stderr.strip().splitlines()[-1].startswith("gpt2-jax sample: error: no checkpoint in ")
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("gpt2-jax sample: error: no checkpoint in ") and last.endswith(checkpoints.READ_ADVICE), last
+    assert "restore_from" not in last  # training's advice, not a reading command's
 
 
 def test_sample_and_export_fall_back_to_the_newest_checkpoint_that_verifies(undamaged, tmp_path, capsys):
@@ -109,7 +112,8 @@ def test_sample_and_export_fall_back_to_the_newest_checkpoint_that_verifies(unda
     shutil.copytree(undamaged / "checkpoint" / "run1", run_dir)
     flip_one_bit(run_dir / "8")
     cli_main(["export", "--model_dir", str(run_dir), "--out", str(tmp_path / "hf")])
-    assert "warning: checkpoint step 8 in" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "warning: checkpoint step 8 in" in err and f"using checkpoint step 6 of {run_dir}" in err
     from gpt2_jax.weights import load_weights
 
     _, exported = load_weights(tmp_path / "hf")

@@ -28,6 +28,8 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path, gpt2_vocab_
     keys = jax.random.split(jax.random.key(2), len(leaves))
     params = jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
     out = export_transformers(config, params, gpt2_vocab_dir, tmp_path / "export")
+    modes = {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()}
+    assert len(set(modes.values())) == 1, modes  # the weights as readable as the other files (safetensors: 0600)
     hf = GPT2LMHeadModel.from_pretrained(out).eval()
     tokens = np.random.default_rng(0).integers(0, 50257, (2, 40))
     np.testing.assert_allclose(hf_logits(hf, tokens), GPT2(config).apply(params, jnp.asarray(tokens)), atol=1e-4, rtol=0)
