@@ -123,17 +123,20 @@ def dry_run(config, target=None) -> None:
     parallel.check_batch(config.train.batch_size, mesh)
     rows = config.train.batch_size * config.train.accumulate_gradients
     train = config.train
+    # The masked step compiles the same for any end-of-text id: the vocabulary's last, as in GPT-2's and bytes'.
+    document_eot = model_config.n_vocab - 1 if config.data.document_mask else None
     if config.model.remat == "auto":  # prints the candidates and the one line scripts read
         from gpt2_jax import autoremat
 
         model_config, train, _ = autoremat.resolve(config, model_config, mesh, seq_len, target=target)
     if config.model.attention == "auto":  # auto may give way to XLA's where cuDNN's does not partition
-        model_config, stats, why = compile_falling_back_to_xla_attention(model_config, train, mesh, rows, seq_len)
+        model_config, stats, why = compile_falling_back_to_xla_attention(model_config, train, mesh, rows, seq_len,
+                                                                          document_eot)
         if why:
             print(f"attention: cuDNN's fused attention does not partition on this mesh ({why}); compiled with "
                   "XLA's attention: train with --config.model.attention=xla", flush=True)
     else:
-        _, stats = compile_with_stats(build_steps(model_config, train, mesh), rows, seq_len)
+        _, stats = compile_with_stats(build_steps(model_config, train, mesh, document_eot=document_eot), rows, seq_len)
     print(config)
     print(f"model: {model_config.hparams()} dtype={model_config.dtype} remat={model_config.remat} "
           f"scan_layers={model_config.scan_layers} "

@@ -219,7 +219,7 @@ def _train(config: Any, run_dir: Path, on_step: Callable[[int, dict], None] | No
         model_config, train, line = autoremat.resolve(config, model_config, mesh, seq_len, run_dir,
                                                       workdir / "logs" / config.run_name)
         tqdm.write(line)
-    steps = build_steps(model_config, train, mesh)
+    steps = build_steps(model_config, train, mesh, document_eot=encoder.eot_token if config.data.document_mask else None)
     repl = parallel.replicated(mesh)
     if resume is None:
         state = steps.init_state(params)

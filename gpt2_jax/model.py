@@ -109,18 +109,26 @@ def vocab_padding(setting: int, backend: str) -> int:
     return setting or (1 if backend == "cpu" else 128)
 
 
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, setting: str = "auto") -> jax.Array:
-    """softmax(q k^T / sqrt(H) + causal mask) v for q, k, v [B, T, N, H], by the configured implementation."""
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, setting: str = "auto",
+                     mask: jax.Array | None = None) -> jax.Array:
+    """softmax(q k^T / sqrt(H) + causal mask) v for q, k, v [B, T, N, H], by the configured implementation;
+    `mask` [B, 1, T, T] (True: may attend) narrows the causal mask further (documents: document_mask)."""
     implementation = attention_implementation(setting, q.dtype, jax.default_backend())
     if implementation == "cudnn":
-        try:
-            return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+        try:  # cuDNN takes the mask as a bias of 0 / -inf
+            return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation="cudnn")
         except (RuntimeError, ValueError, NotImplementedError) as e:  # raised while tracing: no cuDNN, bad shape
             if setting == "cudnn":
                 raise UserError(f"model.attention=cudnn: cuDNN's fused attention is not available here ({e}); "
                                 "use auto or xla") from None
             warnings.warn(f"cuDNN fused attention unavailable ({e}); using XLA's attention", stacklevel=2)
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation="xla")
+
+
+def document_segments(tokens: jax.Array, eot: int) -> jax.Array:
+    """Which document each position of windows [B, T] is in (0, 1, ...): a document starts at each
+    end-of-text id, which opens the next document as it opens an unconditional sample."""
+    return jnp.cumsum(tokens == eot, axis=1, dtype=jnp.int32)
 
 
 # Logical axes of the residual stream [B, T, C]. Under a mesh, parallel.py maps "batch" onto the
@@ -168,7 +176,8 @@ class Attention(nn.Module):
     config: GPT2Config
 
     @nn.compact
-    def __call__(self, x: jax.Array, cache: dict | None, start: jax.Array | int) -> tuple[jax.Array, dict | None]:
+    def __call__(self, x: jax.Array, cache: dict | None, start: jax.Array | int,
+                 segments: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
         cfg = self.config
         B, T, C = x.shape
         N, H = cfg.n_head, C // cfg.n_head
@@ -180,7 +189,9 @@ class Attention(nn.Module):
         k = checkpoint_name(k.reshape(B, T, N, H), "k")
         v = checkpoint_name(v.reshape(B, T, N, H), "v")
         if cache is None:
-            y = causal_attention(q, k, v, cfg.attention)  # scale 1/sqrt(H)
+            # With documents, a position attends only to its own document's: mask [B, 1, T, T].
+            mask = None if segments is None else segments[:, None, :, None] == segments[:, None, None, :]
+            y = causal_attention(q, k, v, cfg.attention, mask)  # scale 1/sqrt(H)
         else:
             # Decoding: the cache holds S >= start + T positions ([B, N, S, H]); write ours at
             # [start, start + T), then attend to every cached position up to our own. Positions past a
@@ -214,11 +225,12 @@ class Block(nn.Module):
     config: GPT2Config
 
     @nn.compact
-    def __call__(self, x: jax.Array, cache: dict | None, start: jax.Array | int) -> tuple[jax.Array, dict | None]:
+    def __call__(self, x: jax.Array, cache: dict | None, start: jax.Array | int,
+                 segments: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
         cfg = self.config
         ln = lambda name: nn.LayerNorm(  # noqa: E731
             epsilon=1e-5, dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype), name=name)
-        a, cache = Attention(cfg, name="attn")(ln("ln_1")(x), cache, start)
+        a, cache = Attention(cfg, name="attn")(ln("ln_1")(x), cache, start, segments)
         x = x + a
         x = x + MLP(cfg, name="mlp")(ln("ln_2")(x))
         return nn.with_logical_constraint(x, ACTIVATION_AXES), cache
@@ -242,24 +254,32 @@ class GPT2(nn.Module):
             # One block traced and compiled once, looped n_layer times: params live under "h" with a
             # leading [n_layer] axis; the residual stream is the carry, each layer's cache slice an input.
             self.h = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                             in_axes=(0, nn.broadcast), length=cfg.n_layer)(cfg, name="h")
+                             in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.n_layer)(cfg, name="h")
         else:
             self.h = [block(cfg, name=f"h_{i}") for i in range(cfg.n_layer)]
         self.ln_f = nn.LayerNorm(epsilon=1e-5, dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype))
 
-    def hidden(self, tokens: jax.Array, cache: Any = None, start: jax.Array | int = 0) -> tuple[jax.Array, Any]:
-        """Final-LayerNorm hidden states [B, T, C] and the updated cache (laid out as init_cache's)."""
+    def hidden(self, tokens: jax.Array, cache: Any = None, start: jax.Array | int = 0,
+               segments: jax.Array | None = None) -> tuple[jax.Array, Any]:
+        """Final-LayerNorm hidden states [B, T, C] and the updated cache (laid out as init_cache's).
+
+        With `segments` [B, T] (document_segments; no cache), each document sees only itself and its
+        positions restart at 0, so a packed document is computed exactly as if it were alone.
+        """
         cfg = self.config
         T = tokens.shape[1]
         positions = start + jnp.arange(T)  # absolute positions, offset by what the cache holds
+        if segments is not None:  # minus where each position's document starts: [B, T]
+            starts = jnp.where(jnp.diff(segments, axis=1, prepend=segments[:, :1]) != 0, jnp.arange(T), 0)
+            positions = positions - jax.lax.cummax(starts, axis=1)
         x = (jnp.take(self.wte, tokens, axis=0) + jnp.take(self.wpe, positions, axis=0)).astype(_dtype(cfg.dtype))
         x = nn.with_logical_constraint(x, ACTIVATION_AXES)
         if cfg.scan_layers:
-            x, new_cache = self.h(x, cache, start)
+            x, new_cache = self.h(x, cache, start, segments)
             return self.ln_f(x), new_cache
         new_cache = None if cache is None else []
         for i, block in enumerate(self.h):
-            x, layer_cache = block(x, None if cache is None else cache[i], start)
+            x, layer_cache = block(x, None if cache is None else cache[i], start, segments)
             if cache is not None:
                 new_cache.append(layer_cache)
         return self.ln_f(x), new_cache
@@ -268,9 +288,10 @@ class GPT2(nn.Module):
         """Logits tied to the token embedding, accumulated and returned in float32."""
         return tied_logits(hidden, self.wte, self.config.vocab_multiple)
 
-    def __call__(self, tokens: jax.Array, cache: Any = None, start: jax.Array | int = 0):
-        """Logits [B, T, V]; with a cache, returns (logits, updated cache)."""
-        h, new_cache = self.hidden(tokens, cache, start)
+    def __call__(self, tokens: jax.Array, cache: Any = None, start: jax.Array | int = 0,
+                 segments: jax.Array | None = None):
+        """Logits [B, T, V]; with a cache, returns (logits, updated cache); segments as in hidden."""
+        h, new_cache = self.hidden(tokens, cache, start, segments)
         logits = self.logits(h)
         return logits if cache is None else (logits, new_cache)
 

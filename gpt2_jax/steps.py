@@ -64,16 +64,19 @@ class Steps:
         return self.train_step.lower(*self.abstract_inputs(rows, seq_len)).compile()
 
 
-def build_steps(model_config: GPT2Config, train: Any, mesh: Mesh, *, donate: bool = True) -> Steps:
-    """The sharded train and eval steps for a model, the `train` config section and a device mesh."""
+def build_steps(model_config: GPT2Config, train: Any, mesh: Mesh, *, donate: bool = True,
+                document_eot: int | None = None) -> Steps:
+    """The sharded train and eval steps for a model, the `train` config section and a device mesh;
+    with document_eot (data.document_mask), the documents of a window do not see each other."""
     optimizer, state = abstract_state(model_config, train, mesh)
     step_fn = make_train_step(model_config, optimizer, learning_rate_schedule(train),
-                              accumulate=train.accumulate_gradients, noise=train.noise, loss_chunk=train.loss_chunk)
+                              accumulate=train.accumulate_gradients, noise=train.noise, loss_chunk=train.loss_chunk,
+                              document_eot=document_eot)
     state_sh = jax.tree.map(lambda a: a.sharding, state)
     batch_sh, repl = parallel.batch_sharding(mesh), parallel.replicated(mesh)
     train_step = jax.jit(parallel.with_mesh_rules(step_fn, mesh), in_shardings=(state_sh, batch_sh, repl),
                          out_shardings=(state_sh, repl), donate_argnums=0 if donate else ())
-    eval_step = jax.jit(parallel.with_mesh_rules(make_eval_step(model_config), mesh),
+    eval_step = jax.jit(parallel.with_mesh_rules(make_eval_step(model_config, document_eot), mesh),
                         in_shardings=(state_sh.params, batch_sh), out_shardings=repl)
     return Steps(mesh, optimizer, state, state_sh, batch_sh, step_fn, train_step, eval_step)
 
@@ -111,13 +114,15 @@ def compile_with_stats(steps: Steps, rows: int, seq_len: int) -> tuple[Any, dict
     return exe, compiled_stats(exe)
 
 
-def compile_falling_back_to_xla_attention(model_config: GPT2Config, train: Any, mesh: Mesh, rows: int, seq_len: int
+def compile_falling_back_to_xla_attention(model_config: GPT2Config, train: Any, mesh: Mesh, rows: int, seq_len: int,
+                                          document_eot: int | None = None
                                           ) -> tuple[GPT2Config, dict[str, float | None], str | None]:
     """compile_with_stats of the built step; where JAX's partitioning rule for cuDNN's fused attention
     refuses the mesh (some FSDP layouts: README, "Compiling for a target"), the step with XLA's
     attention instead. Returns the model config compiled, its stats, and why it fell back (or None)."""
     try:
-        return model_config, compile_with_stats(build_steps(model_config, train, mesh), rows, seq_len)[1], None
+        steps = build_steps(model_config, train, mesh, document_eot=document_eot)
+        return model_config, compile_with_stats(steps, rows, seq_len)[1], None
     except jax.errors.JaxRuntimeError as e:
         if model_config.attention != "cudnn" or "custom_partitioner" not in str(e):
             raise
@@ -125,7 +130,8 @@ def compile_falling_back_to_xla_attention(model_config: GPT2Config, train: Any, 
                     if line.strip().split(":")[0].endswith("Error") and not line.strip().startswith("jax")),
                    "custom_partitioner")
     model_config = dataclasses.replace(model_config, attention="xla")
-    return model_config, compile_with_stats(build_steps(model_config, train, mesh), rows, seq_len)[1], why
+    steps = build_steps(model_config, train, mesh, document_eot=document_eot)
+    return model_config, compile_with_stats(steps, rows, seq_len)[1], why
 
 
 def bytes_per_device(tree: Any) -> int:

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gpt2_jax.model import GPT2, GPT2Config, tied_logits
+from gpt2_jax.model import GPT2, GPT2Config, document_segments, tied_logits
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -71,23 +71,26 @@ def chunked_cross_entropy(hidden: jax.Array, wte: jax.Array, targets: jax.Array,
 
 
 def loss_fn(params: Any, tokens: jax.Array, rng: jax.Array, config: GPT2Config, noise: float = 0.0,
-            loss_chunk: int = 0) -> jax.Array:
+            loss_chunk: int = 0, document_eot: int | None = None) -> jax.Array:
     """Mean next-token cross-entropy (float32) of windows [B, T+1]: predict tokens[:, 1:] from tokens[:, :-1].
 
-    With loss_chunk > 0 the logits are never held whole (chunked_cross_entropy).
+    With loss_chunk > 0 the logits are never held whole (chunked_cross_entropy). With document_eot
+    (the end-of-text id), each document of a window is computed as if alone (model.document_segments).
     """
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    segments = None if document_eot is None else document_segments(inputs, document_eot)  # before any noise
     if noise > 0:
         inputs = add_noise(inputs, rng, noise, config.n_vocab)
     model = GPT2(config)
     if loss_chunk > 0:
-        hidden, _ = model.apply(params, inputs, method=GPT2.hidden)
+        hidden, _ = model.apply(params, inputs, segments=segments, method=GPT2.hidden)
         return chunked_cross_entropy(hidden, params["params"]["wte"], targets, loss_chunk, config.vocab_multiple)
-    return jnp.mean(cross_entropy(model.apply(params, inputs), targets))
+    return jnp.mean(cross_entropy(model.apply(params, inputs, segments=segments), targets))
 
 
 def make_train_step(config: GPT2Config, optimizer: optax.GradientTransformation, schedule: optax.Schedule, *,
-                    accumulate: int = 1, noise: float = 0.0, loss_chunk: int = 0) -> Callable:
+                    accumulate: int = 1, noise: float = 0.0, loss_chunk: int = 0,
+                    document_eot: int | None = None) -> Callable:
     """The step for a batch of `accumulate` micro-batches stacked along axis 0 ([accumulate * B, T+1])."""
     grad_fn = jax.value_and_grad(loss_fn)
 
@@ -97,12 +100,12 @@ def make_train_step(config: GPT2Config, optimizer: optax.GradientTransformation,
         micro = batch.reshape(-1, accumulate, batch.shape[-1]).swapaxes(0, 1)  # [k, B, T+1]
         keys = jax.random.split(rng, accumulate)
         if accumulate == 1:
-            loss, grads = grad_fn(state.params, micro[0], keys[0], config, noise, loss_chunk)
+            loss, grads = grad_fn(state.params, micro[0], keys[0], config, noise, loss_chunk, document_eot)
         else:
             # Sum the micro-batch gradients in a scan (one micro-batch's activations alive at a time).
             def accumulate_one(carry, xs):
                 loss_sum, grad_sum = carry
-                loss, grads = grad_fn(state.params, xs[0], xs[1], config, noise, loss_chunk)
+                loss, grads = grad_fn(state.params, xs[0], xs[1], config, noise, loss_chunk, document_eot)
                 return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -116,9 +119,9 @@ def make_train_step(config: GPT2Config, optimizer: optax.GradientTransformation,
     return train_step
 
 
-def make_eval_step(config: GPT2Config) -> Callable:
-    """Mean next-token loss of one batch of windows [B, T+1], without noise."""
+def make_eval_step(config: GPT2Config, document_eot: int | None = None) -> Callable:
+    """Mean next-token loss of one batch of windows [B, T+1], without noise (documents as in training)."""
     def eval_step(params: Any, batch: jax.Array) -> jax.Array:
-        return loss_fn(params, batch, jax.random.key(0), config)
+        return loss_fn(params, batch, jax.random.key(0), config, document_eot=document_eot)
 
     return eval_step

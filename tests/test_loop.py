@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -293,3 +294,27 @@ def test_demo_writes_every_output(tmp_path, shared_dir):
     assert json.loads((tmp_path / "checkpoint" / "demo" / "hparams.json").read_text())["n_vocab"] == 50257
     assert (tmp_path / "samples" / "demo" / "samples-2").is_file()
     assert checkpoints.make_manager(tmp_path / "checkpoint" / "demo", read_only=True).latest_step() == 2
+
+
+def test_document_mask_trains_the_masked_loss(tmp_path):
+    # data.document_mask reaches the step: the first step's logged loss is the masked loss of the
+    # first batch (tests/test_train.py checks that loss against each document run alone).
+    from gpt2_jax.data import WindowSampler, load_dataset
+    from gpt2_jax.encoder import get_encoder
+    from gpt2_jax.train import loss_fn
+    from gpt2_jax.weights import load_weights
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(12):  # short files: each window holds several documents, joined by end-of-text ids
+        (docs / f"{i:02d}.txt").write_text(f"doc {i}{'!' * (i % 3)}\n")
+    fields = {"data.document_mask": True, "train.total_steps": 1}  # the loss of step 1 is before its update
+    loop.run(tiny_config(tmp_path / "w", docs, **fields))
+    logged = read_metrics(tmp_path / "w")[-1]["loss"]
+    encoder = get_encoder(TINY_MODEL)
+    config, params = load_weights(TINY_MODEL)
+    batch = jnp.asarray(WindowSampler(load_dataset(docs, encoder, progress=False), 17, base.get_config().seed).batch(0, 2))
+    assert int(jnp.sum(batch == encoder.eot_token)) >= 2
+    masked = float(loss_fn(params, batch, jax.random.key(0), config, document_eot=encoder.eot_token))
+    unmasked = float(loss_fn(params, batch, jax.random.key(0), config))
+    assert logged == pytest.approx(masked, rel=1e-5) and abs(masked - unmasked) > 1e-4

@@ -177,3 +177,28 @@ def test_chunked_and_padded_losses_equal_the_plain_loss_and_gradients(chunk, voc
         assert "f32[3,17,128] = dot_general" in jaxpr  # the logits matmul really runs padded
     np.testing.assert_allclose(chunked[0], full[0], rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7, rtol=1e-5), chunked[1], full[1])
+
+
+@pytest.mark.parametrize("scan_layers, loss_chunk", [(False, 0), (True, 8)])
+def test_a_packed_window_scores_each_document_as_if_it_were_alone(scan_layers, loss_chunk):
+    # data.document_mask: a window [B, T+1] packing documents split at end-of-text ids. Its mean loss
+    # times the T scored positions must equal the summed losses of each document run by itself from
+    # position 0 (an end-of-text id opens its document, as it opens an unconditional sample).
+    eot = 99
+    config = GPT2Config(n_vocab=100, n_ctx=32, n_embd=32, n_head=4, n_layer=2, scan_layers=scan_layers)
+    params = init_params(config, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    window = rng.integers(0, eot, (2, 25))
+    window[0, [6, 15]] = eot  # row 0: the tail of a document, then two whole ones
+    window[1, 0] = eot  # row 1: one document from its start
+    inputs, targets = window[:, :-1], window[:, 1:]
+    packed = loss_fn(params, jnp.asarray(window), jax.random.key(1), config, loss_chunk=loss_chunk, document_eot=eot)
+    alone = 0.0
+    for row in range(2):
+        starts = [0] + [t for t in range(1, 24) if inputs[row, t] == eot] + [24]
+        for a, b in zip(starts, starts[1:]):
+            logits = GPT2(config).apply(params, jnp.asarray(inputs[row:row + 1, a:b]))
+            alone += float(jnp.sum(cross_entropy(logits, jnp.asarray(targets[row:row + 1, a:b]))))
+    np.testing.assert_allclose(float(packed) * inputs.size, alone, rtol=1e-5)
+    unmasked = loss_fn(params, jnp.asarray(window), jax.random.key(1), config, loss_chunk=loss_chunk)
+    assert abs(float(unmasked) * inputs.size - alone) > 1e-3  # without the mask, documents see each other
