@@ -74,6 +74,8 @@ def get_config() -> ConfigDict:
     c.train.noise = 0.0  # --noise: replace each input token by a random one with this probability
     c.train.loss_chunk = 0  # > 0: cross-entropy over this many positions at a time, never all [B, T, V] logits
     c.train.total_steps = 0  # stop after this many steps (0 = run until Ctrl-C, as the original)
+    c.train.early_stop_patience = 0  # stop after N validations without improvement (0 = off; needs data.val_every)
+    c.train.early_stop_min_delta = 0.0  # an improvement lowers the best validation loss by more than this
     c.train.dispatch_ahead = False  # queue step N+1 before reading step N's metrics (checks, logs, stops one step late)
     c.train.peak_tflops = 0.0  # device peak for MFU; 0 = known accelerators in bfloat16, otherwise not shown
 
@@ -87,7 +89,8 @@ def get_config() -> ConfigDict:
     c.sample.temperature = 1.0
 
     c.checkpoint = ConfigDict()
-    c.checkpoint.restore_from = "latest"  # --restore_from: latest (resume, else pretrained), fresh, or a path
+    c.checkpoint.restore_from = "latest"  # --restore_from: latest (resume, else pretrained), fresh, best, or a path
+    c.checkpoint.keep_best = False  # keep the best validation step in checkpoint/RUN/best (a run directory)
     c.checkpoint.save_every = 1000  # --save_every: checkpoint every N steps (and always on exit)
     c.checkpoint.keep = 5  # keep the last N checkpoints ...
     c.checkpoint.keep_every_hours = 0.0  # ... plus one every K hours (0 = off)

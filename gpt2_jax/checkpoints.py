@@ -43,6 +43,8 @@ from gpt2_jax.model import GPT2Config, convert_layout, param_shapes
 
 RUN_CONFIG = "run_config.json"
 DAMAGED = "damaged"  # where a resumed run sets aside the steps that failed to verify
+BEST = "best"  # checkpoint.keep_best: the run's best validation step, a run directory of its own
+SUPERSEDED = "superseded"  # where restore_from=best sets aside the run's steps after its best
 LOCK_SUFFIX = ".lock"  # checkpoint/RUN.lock beside the run directory: locked by the job training in it
 
 

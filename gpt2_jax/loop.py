@@ -209,10 +209,16 @@ def _train(config: Any, run_dir: Path, on_step: Callable[[int, dict], None] | No
     if config.sample.sample_every:
         check_settings(temperature=config.sample.temperature, top_k=config.sample.top_k, top_p=config.sample.top_p,
                        prefix="sample.")
+    patience, min_delta, keep_best = train.early_stop_patience, train.early_stop_min_delta, config.checkpoint.keep_best
+    if patience < 0 or min_delta < 0:
+        raise UserError(f"train.early_stop_patience={patience} and train.early_stop_min_delta={min_delta} must be >= 0")
+    if (patience or keep_best) and config.data.val_every <= 0:
+        raise UserError(f"{'train.early_stop_patience' if patience else 'checkpoint.keep_best'} acts on validation: "
+                        "set data.val_every > 0 (and data.val_dataset or data.val_split)")
 
     # Data first: every bad-input error comes before anything compiles.
     sampler, val_batches, data_record = _datasets(config, encoder, seq_len, seed, is_main)
-    if resume and resume.run_dir == run_dir:
+    if resume and resume.run_dir in (run_dir, run_dir / checkpoints.BEST):
         _check_same_data(run_dir, data_record, config.data.allow_changed)
 
     if config.model.remat == "auto":  # the fastest policy and micro-batch split that fit the memory budget
@@ -228,6 +234,17 @@ def _train(config: Any, run_dir: Path, on_step: Callable[[int, dict], None] | No
         p, o, meta = _restore(resume, model_config, train, steps)
         state = TrainState(step=parallel.put_tree(np.int32(meta["step"]), repl), params=p, opt_state=o)
         tqdm.write(f"restored step {meta['step']} from {resume.run_dir}")
+        if is_main:  # steps after this one, of a future this run no longer has, are set aside (never deleted)
+            newer = [(run_dir, s) for s in checkpoints.steps_of(run_dir) if s > meta["step"]] * \
+                (resume.run_dir == run_dir / checkpoints.BEST)
+            best_dir = run_dir / checkpoints.BEST
+            newer += [(best_dir, s) for s in (checkpoints.steps_of(best_dir) if best_dir.is_dir() else [])
+                      if s > meta["step"]]
+            for where, s in newer:
+                (run_dir / checkpoints.SUPERSEDED).mkdir(exist_ok=True)
+                aside = run_dir / checkpoints.SUPERSEDED / f"{where.name}-{s}.{time.strftime('%Y%m%dT%H%M%S')}"
+                (where / str(s)).rename(aside)
+                tqdm.write(f"set aside {where / str(s)}, which is after the restored step, as {aside}")
     # From here on, a failed write (checkpoints, logs, samples; in the background or not) ends the run
     # with one line saying what failed and what is intact.
     writer: checkpoints.CheckpointWriter | None = None
@@ -238,6 +255,12 @@ def _train(config: Any, run_dir: Path, on_step: Callable[[int, dict], None] | No
         writer = checkpoints.CheckpointWriter(run_dir, keep=config.checkpoint.keep,
                                               keep_every_hours=config.checkpoint.keep_every_hours,
                                               async_save=config.checkpoint.async_save)
+        best_writer = None
+        if keep_best:  # the best step, outside the keep rotation, in a run directory of its own
+            if is_main:
+                _write_run_files(run_dir / checkpoints.BEST, model_config, encoder, config, data_record)
+            best_writer = checkpoints.CheckpointWriter(run_dir / checkpoints.BEST, keep=1,
+                                                       async_save=config.checkpoint.async_save)
 
         train_step, eval_step, batch_sh = steps.train_step, steps.eval_step, steps.batch_sharding
         step_key = jax.jit(lambda s: jax.random.fold_in(jax.random.key(seed), s), out_shardings=repl)
@@ -248,12 +271,35 @@ def _train(config: Any, run_dir: Path, on_step: Callable[[int, dict], None] | No
 
         step = int(state.step)
         last_saved = step if resume else None
+        # Validation that acts (keep_best, early stopping): the best loss so far, its step, and the
+        # validations since without an improvement of more than min_delta; saved with every checkpoint.
+        saved_best = meta.get("best_val_loss") if resume else None
+        best = {"val_loss": math.inf if saved_best is None else float(saved_best),
+                "step": meta.get("best_step") if resume else None,
+                "stale": int(meta.get("validations_without_improvement", 0)) if resume else 0}
+
+        def step_meta() -> dict:
+            return {"step": step, "seed": seed, "batches_drawn": step, "best_step": best["step"],
+                    "best_val_loss": None if math.isinf(best["val_loss"]) else best["val_loss"],
+                    "validations_without_improvement": best["stale"]}
 
         def save_now():
             nonlocal last_saved
             if last_saved != step:
-                writer.save(step, state.params, state.opt_state, {"step": step, "seed": seed, "batches_drawn": step})
+                writer.save(step, state.params, state.opt_state, step_meta())
                 last_saved = step
+
+        def judge(loss: float) -> None:
+            """After validating at `step`: a new best (kept with keep_best), or one more stale validation."""
+            if loss < best["val_loss"] - min_delta:
+                best.update(val_loss=loss, step=step, stale=0)
+                if best_writer is not None:
+                    best_writer.save(step, state.params, state.opt_state, step_meta())
+            else:
+                best["stale"] += 1
+
+        def stopped_early() -> bool:
+            return bool(patience) and best["stale"] >= patience
 
         def validate() -> float:
             loss = float(np.mean([float(eval_step(state.params, b)) for b in val_batches]))
@@ -261,7 +307,10 @@ def _train(config: Any, run_dir: Path, on_step: Callable[[int, dict], None] | No
             return loss
 
         if val_batches:  # the starting point, so the log shows how far validation loss falls
-            logs.write(step, {"val_loss": validate()})
+            start_loss = validate()
+            logs.write(step, {"val_loss": start_loss})
+            if resume is None:  # a resumed step was judged when it was first validated
+                judge(start_loss)
         total = train.total_steps
         bar = tqdm(total=total or None, initial=step, desc=config.run_name, unit="step", disable=not is_main,
                    dynamic_ncols=True)
@@ -298,6 +347,7 @@ def _train(config: Any, run_dir: Path, on_step: Callable[[int, dict], None] | No
             last_time = now
             if actions and val_batches and due(n, config.data.val_every):
                 metrics["val_loss"] = validate()
+                judge(metrics["val_loss"])
                 last_time = time.perf_counter()
             logs.write(n, metrics)
             bar.update(1)
@@ -316,7 +366,7 @@ def _train(config: Any, run_dir: Path, on_step: Callable[[int, dict], None] | No
         pending: tuple[int, dict] | None = None  # (step, metrics on the device) not yet read: dispatch_ahead
         try:
             with _StopRequest() as stop:
-                while not (total and step >= total) and not stop.requested:
+                while not (total and step >= total) and not stop.requested and not stopped_early():
                     state, out = train_step(state, next_batch, step_key(step))  # dispatched, runs asynchronously
                     step += 1
                     next_batch = parallel.global_batch(sampler.batch(step, rows), batch_sh)  # meanwhile, on the host
@@ -331,11 +381,21 @@ def _train(config: Any, run_dir: Path, on_step: Callable[[int, dict], None] | No
                     record(*pending, actions=False)
                 if stop.requested:
                     tqdm.write(f"stopped at step {step}: saving a checkpoint to {run_dir}")
+                if stopped_early():
+                    kept = f", kept in {run_dir / checkpoints.BEST}" if best_writer is not None else ""
+                    tqdm.write(f"early stop at step {step}: validation loss has not improved by more than "
+                               f"train.early_stop_min_delta={min_delta:g} for {best['stale']} validations "
+                               f"(train.early_stop_patience={patience}); the best, {best['val_loss']:.4f}, was at "
+                               f"step {best['step']}{kept}")
                 save_now()
                 writer.wait()
+                if best_writer is not None:
+                    best_writer.wait()
         finally:
             bar.close()
             writer.close()
+            if best_writer is not None:
+                best_writer.close()
             logs.close(config.run_name)
         return {"step": step, "run_dir": str(run_dir), **metrics}
 

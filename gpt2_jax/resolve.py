@@ -105,11 +105,20 @@ def decide_resume(restore_from: str, run_dir: Path) -> Resume | None:
     """checkpoint.restore_from for a run writing to run_dir: what to restore, or None to start anew.
 
     "latest": the run's newest checkpoint, if it has one; "fresh": start anew, refusing a run
-    directory that already holds checkpoints; a path: that run directory (its newest step) or step
-    directory, refusing to write its continuation into another run's directory.
+    directory that already holds checkpoints; "best": the run's best validation step (keep_best),
+    training on from it in the run (the loop sets the steps after it aside); a path: that run
+    directory (its newest step) or step directory, refusing to write its continuation into another
+    run's directory.
     """
     run_dir = Path(run_dir).absolute()
     existing = checkpoints.make_manager(run_dir, read_only=True).latest_step() if run_dir.is_dir() else None
+    if restore_from == "best":
+        best = run_dir / checkpoints.BEST
+        step = checkpoints.make_manager(best, read_only=True).latest_step() if best.is_dir() else None
+        if step is None:
+            raise UserError(f"checkpoint.restore_from=best but {best} holds no checkpoint; the run must have "
+                            "validated with checkpoint.keep_best=True (data.val_every > 0)")
+        return Resume(best, step)
     if restore_from == "latest":
         return Resume(run_dir, existing, latest=True) if existing is not None else None
     if restore_from == "fresh":

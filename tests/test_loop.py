@@ -20,6 +20,7 @@ from experiments import base
 from gpt2_jax import checkpoints, loop
 from gpt2_jax.cli import main as cli_main
 from gpt2_jax.errors import UserError
+from gpt2_jax.weights import load_weights
 
 TINY_MODEL = str(FIXTURES / "openai_tiny")  # n_ctx 32, byte-level vocabulary, written by TensorFlow
 
@@ -235,6 +236,12 @@ def test_bad_settings_fail_before_any_compile(tmp_path, no_compile):
         loop.run(tiny_config(tmp_path, tmp_path / "t.txt", **{"sample.sample_every": 5, "sample.top_p": 2.0}))
     with pytest.raises(UserError, match="model.name='355M': no model directory at .*gpt2-jax download 355M"):
         loop.run(tiny_config(tmp_path, tmp_path / "t.txt", **{"model.name": "355M", "model.models_dir": str(tmp_path)}))
+    with pytest.raises(UserError, match="checkpoint.keep_best acts on validation: set data.val_every > 0"):
+        loop.run(tiny_config(tmp_path, tmp_path / "t.txt", **{"checkpoint.keep_best": True}))
+    with pytest.raises(UserError, match="train.early_stop_patience=-1 and .* must be >= 0"):
+        loop.run(tiny_config(tmp_path, tmp_path / "t.txt", **{"train.early_stop_patience": -1, "data.val_every": 2}))
+    with pytest.raises(UserError, match="restore_from=best but .*best holds no checkpoint"):
+        loop.run(tiny_config(tmp_path, tmp_path / "t.txt", **{"checkpoint.restore_from": "best"}))
 
 
 def test_val_split_validates_on_the_end_of_the_data_and_never_trains_on_it(tmp_path):
@@ -318,3 +325,44 @@ def test_document_mask_trains_the_masked_loss(tmp_path):
     masked = float(loss_fn(params, batch, jax.random.key(0), config, document_eot=encoder.eot_token))
     unmasked = float(loss_fn(params, batch, jax.random.key(0), config))
     assert logged == pytest.approx(masked, rel=1e-5) and abs(masked - unmasked) > 1e-4
+
+
+def _params_equal(a, b) -> None:
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+def test_early_stopping_keeps_the_best_step_and_survives_resume(tmp_path, shakespeare, capsys):
+    # min_delta 10: no validation after step 0 improves on it, so the patience runs out after two.
+    train, val = shakespeare
+    fields = {"data.val_dataset": str(val), "data.val_every": 2, "data.val_batch_count": 2, "train.total_steps": 20,
+              "train.early_stop_patience": 2, "train.early_stop_min_delta": 10.0, "checkpoint.keep_best": True}
+    assert loop.run(tiny_config(tmp_path, train, **fields))["step"] == 4
+    out = capsys.readouterr()
+    assert "early stop at step 4: validation loss has not improved by more than train.early_stop_min_delta=10 for " \
+        "2 validations (train.early_stop_patience=2); the best" in out.out + out.err
+    run_dir = tmp_path / "checkpoint" / "run1"
+    assert checkpoints.steps_of(run_dir / checkpoints.BEST) == [0] and checkpoints.steps_of(run_dir) == [4]
+    _params_equal(checkpoints.load_run_params(run_dir / checkpoints.BEST)[1], load_weights(TINY_MODEL)[1])
+    # The count is in the checkpoint: the same command stops at once, a larger patience goes one more.
+    assert loop.run(tiny_config(tmp_path, train, **fields))["step"] == 4
+    assert loop.run(tiny_config(tmp_path, train, **{**fields, "train.early_stop_patience": 3}))["step"] == 6
+
+
+def test_keep_best_keeps_the_lowest_validation_step_and_restore_from_best_trains_on_bitwise(tmp_path, shakespeare):
+    train, val = shakespeare
+    fields = {"data.val_dataset": str(val), "data.val_every": 2, "data.val_batch_count": 2, "train.total_steps": 12,
+              "checkpoint.save_every": 2, "checkpoint.keep": 10, "checkpoint.keep_best": True,
+              "train.learning_rate": 0.03}  # high enough that validation loss rises again
+    loop.run(tiny_config(tmp_path, train, **fields))
+    run_dir = tmp_path / "checkpoint" / "run1"
+    val_losses = {m["step"]: m["val_loss"] for m in read_metrics(tmp_path) if "val_loss" in m}
+    best = min(val_losses, key=lambda s: (val_losses[s], s))
+    assert checkpoints.steps_of(run_dir / checkpoints.BEST) == [best] and 0 < best < 12, val_losses
+    _params_equal(checkpoints.load_run_params(run_dir / checkpoints.BEST)[1],
+                  checkpoints.load_run_params(run_dir / str(best))[1])
+    final = checkpoints.load_run_params(run_dir)[1]
+    # restore_from=best: on from the best step; the steps after it set aside; batches are a function
+    # of the step, so the run ends where it ended before.
+    assert loop.run(tiny_config(tmp_path, train, **{**fields, "checkpoint.restore_from": "best"}))["step"] == 12
+    assert len(list((run_dir / checkpoints.SUPERSEDED).iterdir())) == len([s for s in val_losses if s > best])
+    _params_equal(checkpoints.load_run_params(run_dir)[1], final)
