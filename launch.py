@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import socket
 import sys
@@ -94,7 +95,15 @@ def parse(argv: list[str]):
         for arg in argv:
             key = arg[len("--config."):].split("=", 1)[0] if arg.startswith("--config.") else None
             if key is not None and key not in valid:
-                raise UserError(f"unknown config key {key!r} in {arg}; valid keys: {', '.join(valid)}") from None
+                section, _, field = key.rpartition(".")
+                fields = [k.rpartition(".")[2] for k in valid if k.rpartition(".")[0] == section]
+                close = [f"{section}.{f}" for f in difflib.get_close_matches(field, fields, n=3, cutoff=0.6)] or \
+                    difflib.get_close_matches(key, valid, n=3, cutoff=0.8)
+                hint = f"did you mean {' or '.join(close)}?" if close else \
+                    f"the keys of {section}: {', '.join(fields)}" if fields else \
+                    f"the sections: {', '.join(sorted({k.split('.')[0] for k in valid if '.' in k}))}"
+                raise UserError(f"unknown config key {key!r} in {arg}; {hint} (python launch.py "
+                                f"--config={spec} --dry_run prints every key)") from None
         raise UserError(str(e).splitlines()[0]) from None
     config = _CONFIG.value
     if _WORKDIR.value:

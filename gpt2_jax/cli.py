@@ -1,4 +1,7 @@
-"""The `gpt2-jax` command line: download, sample, evaluate, encode, export, compare. Bad input exits 2 with one line."""
+"""The `gpt2-jax` command line: download, sample, evaluate, encode, export, compare. Bad input exits 2 with one line.
+
+Each command imports what it needs when it runs (JAX only for those that compute), so --help is quick.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,6 @@ import sys
 from typing import Callable, Iterator, Sequence, TextIO
 
 from gpt2_jax.errors import UserError
-from gpt2_jax.sampling import SAMPLE_HEADER, check_settings
 
 
 def _cmd_download(args: argparse.Namespace) -> None:
@@ -21,6 +23,8 @@ def _cmd_download(args: argparse.Namespace) -> None:
 
 def _check_sampling_args(args: argparse.Namespace) -> None:
     """Validate sampling flags before anything is loaded or compiled."""
+    from gpt2_jax.sampling import check_settings
+
     if args.nsamples < 1 or args.batch_size < 1 or args.nsamples % args.batch_size:
         raise UserError(f"--nsamples={args.nsamples} must be a positive multiple of --batch_size={args.batch_size}")
     check_settings(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, length=args.length, prefix="--")
@@ -55,6 +59,7 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     import jax
 
     from gpt2_jax.api import load
+    from gpt2_jax.sampling import SAMPLE_HEADER
 
     _check_sampling_args(args)
     model = load(args.model_dir, dtype=args.dtype)
@@ -165,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length", type=int, default=None, help="tokens to generate (default n_ctx/2)")
     p.add_argument("--temperature", type=float, default=1.0, help="> 0; lower is more deterministic")
     p.add_argument("--top_k", type=int, default=0, help="sample among the k likeliest tokens (0 = off, 1 = greedy)")
-    p.add_argument("--top_p", type=float, default=0.0, help="nucleus sampling in (0, 1]; > 0 overrides --top_k")
+    p.add_argument("--top_p", type=float, default=0.0, help="nucleus sampling: the smallest set of tokens with probability >= p, p in [0, 1] (0 = off); "
+                   "> 0 overrides --top_k")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one)")
     p.add_argument("--stop", action="append", default=[], help="end a sample where this text appears (repeatable)")
     p.add_argument("--include_prompt", action="store_true", help="print the prompt before each sample")

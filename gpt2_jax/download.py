@@ -12,7 +12,6 @@ from pathlib import Path
 from tqdm import tqdm
 
 from gpt2_jax.errors import UserError
-from gpt2_jax.model import PRESETS
 
 DEFAULT_BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
 FILES = ("checkpoint", "encoder.json", "hparams.json", "model.ckpt.data-00000-of-00001",
@@ -90,6 +89,8 @@ def download_file(url: str, dest: Path, *, retries: int = 5, progress: bool = Tr
 def download_model(model: str, models_dir: str | os.PathLike = "models", *, base_url: str = DEFAULT_BASE_URL,
                    retries: int = 5, progress: bool = True) -> Path:
     """Download every release file of one size ('124M', '355M', '774M' or '1558M') into models_dir/<size>."""
+    from gpt2_jax.model import PRESETS  # here: the CLI's --help imports this module for its default URL
+
     if model not in PRESETS:
         raise UserError(f"unknown model size {model!r}; use one of {', '.join(PRESETS)}")
     out = Path(models_dir) / model

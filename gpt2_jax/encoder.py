@@ -10,6 +10,7 @@ import collections
 import functools
 import heapq
 import json
+import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -164,7 +165,12 @@ class Encoder:
         if workers <= 1:
             yield from (np.asarray(self.encode_ordinary(t), dtype) for t in texts)
             return
-        with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(self.encoder, self._merges)) as pool:
+        # Workers forked from a server process, not from this one: a process holding JAX's threads must
+        # not fork (JAX warns that it may deadlock), and a server forks workers faster than spawn starts them.
+        context = multiprocessing.get_context("forkserver" if "forkserver" in multiprocessing.get_all_start_methods()
+                                              else "spawn")
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                 initargs=(self.encoder, self._merges)) as pool:
             pending: collections.deque = collections.deque()
             for text in texts:
                 pending.append(pool.submit(_worker_encode, text, dtype))

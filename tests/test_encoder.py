@@ -110,6 +110,10 @@ def test_parallel_encoding_equals_serial(shared_dir, real_encoder, monkeypatch):
     assert "".join(parts) == text and len(parts) > 8
     monkeypatch.setattr(encoder_module, "PARALLEL_MIN_CHARS", 1000)
     monkeypatch.setattr(encoder_module.os, "cpu_count", lambda: 2)
+
+    def no_fork():  # this process holds JAX's threads: its workers come from a fork server, not from it
+        raise AssertionError("the encoder forked the process it runs in")
+    monkeypatch.setattr(encoder_module.os, "fork", no_fork)
     assert real_encoder.encode(text) == serial
 
 

@@ -66,3 +66,15 @@ def test_the_cycle_finder_finds_a_function_local_cycle(tmp_path):
     (tmp_path / "b.py").write_text("def f():\n    from gpt2_jax import a\n")
     (tmp_path / "c.py").write_text("import gpt2_jax.a\n")
     assert find_cycle(import_graph(tmp_path)) == ["gpt2_jax.a", "gpt2_jax.b", "gpt2_jax.a"]
+
+
+def test_help_and_the_tokenizer_do_not_start_jax():
+    # `gpt2-jax --help` and the encoder (its parallel workers import it) stay quick: no JAX imported.
+    import subprocess
+    import sys
+
+    code = ("import sys, contextlib, io\nfrom gpt2_jax.cli import main\nimport gpt2_jax.encoder\n"
+            "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n    main(['--help'])\n"
+            "print(sorted(m for m in sys.modules if m == 'jax' or m.startswith('jax.')))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr[-2000:]
