@@ -101,13 +101,20 @@ def _cmd_sample(args: argparse.Namespace) -> None:
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     from gpt2_jax.api import load
-    from gpt2_jax.data import load_dataset
-    from gpt2_jax.evaluate import evaluate
+    from gpt2_jax.data import is_examples, layout_examples, load_dataset, read_examples
+    from gpt2_jax.evaluate import evaluate, evaluate_examples
 
     model = load(args.model_dir, dtype=args.dtype)
-    chunks = load_dataset(args.dataset, model.encoder, combine=args.combine, encoding=args.encoding)
-    result = evaluate(model.config, model.params, chunks, window=args.window, batch_size=args.batch_size,
-                      progress=not args.json)
+    if is_examples(args.dataset):  # prompt/completion examples: each on its own, the loss on the completions
+        window = args.window or model.config.n_ctx
+        rows = layout_examples(read_examples(args.dataset, model.encoder), window + 1, model.encoder.eot_token,
+                               pack=False)
+        result = evaluate_examples(model.config, model.params, rows, batch_size=args.batch_size,
+                                   progress=not args.json)
+    else:
+        chunks = load_dataset(args.dataset, model.encoder, combine=args.combine, encoding=args.encoding)
+        result = evaluate(model.config, model.params, chunks, window=args.window, batch_size=args.batch_size,
+                          progress=not args.json)
     if args.json:
         print(json.dumps(result._asdict()))
     else:
@@ -182,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="mean next-token loss and perplexity on a dataset")
     p.add_argument("--model_dir", default="models/124M", help="a model or run directory, or a cached hub id (gpt2, ...)")
-    p.add_argument("--dataset", required=True, help="text file, directory, glob or .npz")
+    p.add_argument("--dataset", required=True, help="text file, directory, glob or .npz; or .jsonl "
+                   "prompt/completion examples (the loss on the completions)")
     p.add_argument("--window", type=int, default=None, help="tokens per window (default n_ctx)")
     p.add_argument("--batch_size", type=int, default=8, help="windows per batch")
     p.add_argument("--combine", type=int, default=50000, help="characters per chunk when encoding text")

@@ -11,7 +11,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 from tqdm import tqdm
@@ -294,3 +294,95 @@ class WindowSampler:
                     offset = start - self.bounds[c]
                     rows.append(np.asarray(self.chunks[c][offset:offset + self.window]))
         return np.stack(rows).astype(np.int32)
+
+
+# --- Prompt/completion examples (.jsonl) ----------------------------------------------------------
+
+def is_examples(spec: str | os.PathLike) -> bool:
+    """A dataset of examples, one JSON object a line: a .jsonl file."""
+    return str(spec).endswith(".jsonl")
+
+
+def read_examples(path: str | os.PathLike, encoder: Encoder) -> list[tuple[list[int], list[int]]]:
+    """Each line's (ids, target flags): {"prompt", "completion"} is the prompt's ids, then the
+    completion's (each encoded on its own, so the boundary is where the user put it), then the
+    end-of-text id, the loss on the completion and that end only; {"text"} is the text's ids and the
+    end, all targets. A bad line is one error naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"dataset {str(path)!r}: no such file")
+    examples = []
+    usage = 'each line must be a JSON object with "prompt" and "completion" strings, or a "text" string'
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                example = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{number}: not JSON ({e.msg} at column {e.colno}); {usage}") from None
+            if not isinstance(example, dict):
+                raise UserError(f"{path}:{number}: a JSON {type(example).__name__}, not an object; {usage}")
+            if "prompt" in example or "completion" in example:
+                missing = [k for k in ("prompt", "completion") if not isinstance(example.get(k), str)]
+                if missing:
+                    what = " and ".join(f'"{k}" is {"missing" if k not in example else "not a string"}'
+                                        for k in missing)
+                    raise UserError(f"{path}:{number}: {what}; {usage}")
+                prompt, completion = encoder.encode(example["prompt"]), encoder.encode(example["completion"])
+                examples.append((prompt + completion + [encoder.eot_token],
+                                 [0] * len(prompt) + [1] * (len(completion) + 1)))
+            elif isinstance(example.get("text"), str):
+                text = encoder.encode(example["text"])
+                examples.append((text + [encoder.eot_token], [1] * (len(text) + 1)))
+            else:
+                raise UserError(f"{path}:{number}: no \"prompt\"/\"completion\" or \"text\" string; {usage}")
+    if not examples:
+        raise UserError(f"dataset {str(path)!r} is empty: it holds no examples")
+    return examples
+
+
+class Examples(NamedTuple):
+    """Examples laid out in rows of `window` tokens, each row opened by an end-of-text id."""
+
+    tokens: np.ndarray  # [rows, window] int32; padding is the end-of-text id
+    weights: np.ndarray  # [rows, window] float32: 1 where the token is a target the loss covers
+    count: int  # examples
+    truncated: int  # examples longer than a row, cut from the prompt's left (then the completion's end)
+
+
+def layout_examples(examples: list[tuple[list[int], list[int]]], window: int, eot: int, pack: bool) -> Examples:
+    """Rows of examples: packed greedily in file order (pack; document masking keeps them apart), or one
+    a row, padded. Every example follows an end-of-text id, the row's first or the previous example's
+    last, so each is seen as it would be alone: after an end-of-text id."""
+    rows: list[tuple[list[int], list[int]]] = []
+    tokens, flags = [eot], [0]
+    truncated = 0
+    for ids, targets in examples:
+        room = window - 1
+        if len(ids) > room:
+            truncated += 1
+            drop = min(len(ids) - room, targets.index(1) if 1 in targets else 0)  # the prompt's left first
+            ids, targets = ids[drop:][:room], targets[drop:][:room]
+        if len(tokens) > 1 and (not pack or len(tokens) + len(ids) > window):
+            rows.append((tokens, flags))
+            tokens, flags = [eot], [0]
+        tokens, flags = tokens + ids, flags + targets
+    rows.append((tokens, flags))
+    out_tokens = np.full((len(rows), window), eot, np.int32)
+    out_weights = np.zeros((len(rows), window), np.float32)
+    for i, (ids, targets) in enumerate(rows):
+        out_tokens[i, :len(ids)], out_weights[i, :len(ids)] = ids, targets
+    return Examples(out_tokens, out_weights, len(examples), truncated)
+
+
+class ExampleSampler:
+    """Batches of example rows drawn uniformly with replacement: batch k a pure function of (seed, k)."""
+
+    def __init__(self, examples: Examples, seed: int):
+        self.examples, self.seed = examples, seed
+
+    def batch(self, index: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Batch number `index`: tokens [batch_size, window] and their target weights."""
+        rows = np.random.default_rng([self.seed, index]).integers(0, len(self.examples.tokens), batch_size)
+        return self.examples.tokens[rows], self.examples.weights[rows]

@@ -1,4 +1,5 @@
-"""Evaluation: mean next-token loss and perplexity of a model over consecutive windows of a dataset."""
+"""Evaluation: mean next-token loss and perplexity of a model over consecutive windows of a dataset, or the
+masked loss of prompt/completion examples."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from gpt2_jax.data import Examples
 from gpt2_jax.errors import UserError
 from gpt2_jax.model import GPT2, GPT2Config
 from gpt2_jax.train import cross_entropy
@@ -43,18 +45,40 @@ def windows(tokens: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray, np
 def evaluate(config: GPT2Config, params: dict, chunks: Sequence[np.ndarray], *, window: int | None = None,
              batch_size: int = 8, progress: bool = True) -> Evaluation:
     """Loss over every token of the concatenated chunks, each predicted once from up to `window` before it."""
-    window = window or config.n_ctx
-    if not 1 <= window <= config.n_ctx:
-        raise UserError(f"window={window}: must be between 1 and the model's context of {config.n_ctx}")
+    window = _check_window(config, window)
     tokens = np.concatenate([np.asarray(c) for c in chunks])
     if len(tokens) < 2:
         raise UserError(f"the dataset has {len(tokens)} token(s); evaluation needs at least 2")
-    inputs, targets, weights = windows(tokens, window)
+    return _weighted_loss(config, params, *windows(tokens, window), batch_size, progress)
+
+
+def evaluate_examples(config: GPT2Config, params: dict, examples: Examples, *, batch_size: int = 8,
+                      progress: bool = True) -> Evaluation:
+    """The masked loss of prompt/completion examples laid out one a row (data.layout_examples, pack=False),
+    each scored on its own: the completions' summed loss divided by their tokens, over all examples."""
+    _check_window(config, examples.tokens.shape[1] - 1)
+    rows, weights = examples.tokens, examples.weights
+    return _weighted_loss(config, params, rows[:, :-1], rows[:, 1:], weights[:, 1:], batch_size, progress)
+
+
+def _check_window(config: GPT2Config, window: int | None) -> int:
+    window = window or config.n_ctx
+    if not 1 <= window <= config.n_ctx:
+        raise UserError(f"window={window}: must be between 1 and the model's context of {config.n_ctx}")
+    return window
+
+
+def _weighted_loss(config: GPT2Config, params: dict, inputs: np.ndarray, targets: np.ndarray, weights: np.ndarray,
+                   batch_size: int, progress: bool) -> Evaluation:
+    """The weighted targets' summed loss over their count, `batch_size` rows at a time (one shape compiled)."""
     total, pad = 0.0, (-len(inputs)) % batch_size  # pad the batch count so one shape compiles once
-    inputs, targets, weights = (np.concatenate([a, np.zeros((pad, window), a.dtype)]) for a in (inputs, targets, weights))
+    width = inputs.shape[1]
+    inputs, targets, weights = (np.concatenate([a, np.zeros((pad, width), a.dtype)]) for a in (inputs, targets, weights))
     for start in tqdm(range(0, len(inputs), batch_size), desc="evaluating", unit="batch", disable=not progress):
         batch = slice(start, start + batch_size)
         total += float(_window_loss_sum(params, inputs[batch], targets[batch], weights[batch], config=config))
     count = int(weights.sum())
+    if count == 0:
+        raise UserError("the dataset has no target tokens to score (every example's completion is empty)")
     loss = total / count
     return Evaluation(loss, math.exp(loss), count)

@@ -28,7 +28,8 @@ import numpy as np
 from tqdm import tqdm
 
 from gpt2_jax import autoremat, checkpoints, parallel, report
-from gpt2_jax.data import WindowSampler, describe_change, fingerprint, load_dataset, split_tail
+from gpt2_jax.data import (ExampleSampler, Examples, WindowSampler, describe_change, fingerprint, is_examples,
+                           layout_examples, load_dataset, read_examples, split_tail)
 from gpt2_jax.encoder import Encoder
 from gpt2_jax.errors import StorageError, UserError, reason
 from gpt2_jax.model import GPT2Config, convert_layout
@@ -264,7 +265,6 @@ def _train(config: Any, run_dir: Path, on_step: Callable[[int, dict], None] | No
 
         train_step, eval_step, batch_sh = steps.train_step, steps.eval_step, steps.batch_sharding
         step_key = jax.jit(lambda s: jax.random.fold_in(jax.random.key(seed), s), out_shardings=repl)
-        val_batches = [parallel.global_batch(b, batch_sh) for b in val_batches]
         tokens_per_step = train.batch_size * train.accumulate_gradients * seq_len
         peak = _peak_flops(config)
         logs = _Logs(workdir / "logs" / config.run_name, is_main, config)
@@ -301,8 +301,13 @@ def _train(config: Any, run_dir: Path, on_step: Callable[[int, dict], None] | No
         def stopped_early() -> bool:
             return bool(patience) and best["stale"] >= patience
 
+        # Each validation batch's mean counts by its targets: all its tokens, or the weighted ones of examples.
+        val_counts = [float(np.sum(b[1][:, 1:])) if isinstance(b, tuple) else 1.0 for b in val_batches]
+        val_batches = [parallel.global_batch(b, batch_sh) for b in val_batches]
+
         def validate() -> float:
-            loss = float(np.mean([float(eval_step(state.params, b)) for b in val_batches]))
+            losses = [float(eval_step(state.params, b)) for b in val_batches]
+            loss = float(np.sum(np.multiply(losses, val_counts)) / max(np.sum(val_counts), 1.0))
             tqdm.write(f"[{step} | validation] val_loss={loss:.4f}")
             return loss
 
@@ -416,6 +421,8 @@ def _datasets(config: Any, encoder: Encoder, seq_len: int, seed: int, is_main: b
     if data.val_split and data.val_dataset:
         raise UserError("data.val_split and data.val_dataset are both set: use one (val_dataset, or a split of the "
                         "training data)")
+    if is_examples(data.dataset):
+        return _example_datasets(config, encoder, seq_len, seed)
     data_kw = dict(combine=data.combine, encoding=data.encoding, encoding_errors=data.encoding_errors, progress=is_main)
     chunks = load_dataset(data.dataset, encoder, **data_kw)
     val_chunks, val_name = chunks, f"validation data (the training data {data.dataset!r})"
@@ -435,6 +442,50 @@ def _datasets(config: Any, encoder: Encoder, seq_len: int, seed: int, is_main: b
     record["validation"] = fingerprint(data.val_dataset or data.dataset, val_chunks)
     val_sampler = WindowSampler(val_chunks, seq_len + 1, seed=1, what=val_name)
     return sampler, [val_sampler.batch(i, data.val_batch_size) for i in range(data.val_batch_count)], record
+
+
+def _example_datasets(config: Any, encoder: Encoder, seq_len: int, seed: int
+                      ) -> tuple[ExampleSampler, list[tuple[np.ndarray, np.ndarray]], dict]:
+    """_datasets for prompt/completion examples (.jsonl): rows of seq_len + 1 tokens, packed with
+    data.document_mask (which keeps them apart), else one example a row; the loss on the completions."""
+    data = config.data
+    examples = read_examples(data.dataset, encoder)
+    val_examples, val_name = examples, f"the training examples {data.dataset!r}"
+    if data.val_split:
+        cut = len(examples) - math.ceil(len(examples) * data.val_split)
+        if cut < 1:
+            raise UserError(f"data.val_split={data.val_split} of {len(examples)} examples leaves none to train on")
+        examples, val_examples = examples[:cut], examples[cut:]
+        val_name = f"the last {len(val_examples)} examples of {data.dataset!r}"
+    elif data.val_dataset:
+        if not is_examples(data.val_dataset):
+            raise UserError(f"data.val_dataset={data.val_dataset!r}: the training data are examples (.jsonl), so "
+                            "the validation data must be too")
+        val_examples, val_name = read_examples(data.val_dataset, encoder), repr(data.val_dataset)
+
+    def rows_of(these: list) -> Examples:
+        return layout_examples(these, seq_len + 1, encoder.eot_token, pack=data.document_mask)
+
+    def record_of(spec: str, rows: Examples) -> dict:
+        return fingerprint(spec, [rows.tokens.ravel(), rows.weights.ravel().astype(np.uint8)])
+
+    train_rows = rows_of(examples)
+    tqdm.write(f"examples: {train_rows.count} in {len(train_rows.tokens)} rows of {seq_len + 1} tokens "
+               f"({'packed: data.document_mask' if data.document_mask else 'one a row, padded'}), "
+               f"{int(train_rows.weights.sum())} target tokens; {train_rows.truncated} longer than a row, cut from "
+               "the prompt's left")
+    record = {"train": record_of(data.dataset, train_rows), "validation": None}
+    if data.val_every <= 0:
+        return ExampleSampler(train_rows, seed), [], record
+    if val_examples is examples:
+        tqdm.write("validation: neither data.val_dataset nor data.val_split is set, validating on the training "
+                   "examples")
+    val_rows = rows_of(val_examples)
+    record["validation"] = record_of(data.val_dataset or data.dataset, val_rows)
+    tqdm.write(f"validation: {val_rows.count} examples ({val_name})")
+    val_sampler = ExampleSampler(val_rows, seed=1)
+    return (ExampleSampler(train_rows, seed), [val_sampler.batch(i, data.val_batch_size)
+                                                for i in range(data.val_batch_count)], record)
 
 
 def _check_same_data(run_dir: Path, record: dict, allow_changed: bool) -> None:

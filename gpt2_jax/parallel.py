@@ -187,8 +187,11 @@ def check_batch(batch_size: int, mesh: Mesh) -> None:
                         f"(mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}); use a multiple of {shards}")
 
 
-def global_batch(batch: np.ndarray, sharding: NamedSharding) -> jax.Array:
-    """A global array from the full host batch: each process contributes only the rows its devices hold."""
+def global_batch(batch: np.ndarray | tuple, sharding: NamedSharding) -> jax.Array | tuple:
+    """A global array from the full host batch: each process contributes only the rows its devices hold
+    (a tuple of arrays, such as windows and their weights, array by array)."""
+    if isinstance(batch, tuple):
+        return tuple(global_batch(b, sharding) for b in batch)
     if jax.process_count() == 1:
         return jax.device_put(batch, sharding)
     index_map = sharding.addressable_devices_indices_map(batch.shape)

@@ -48,18 +48,20 @@ def add_noise(inputs: jax.Array, rng: jax.Array, p: float, n_vocab: int) -> jax.
 
 
 def chunked_cross_entropy(hidden: jax.Array, wte: jax.Array, targets: jax.Array, chunk: int,
-                          vocab_multiple: int = 1) -> jax.Array:
-    """Mean cross-entropy of the tied-embedding logits, computed `chunk` positions at a time.
+                          vocab_multiple: int = 1, weights: jax.Array | None = None) -> jax.Array:
+    """Summed cross-entropy (times `weights`, when given) of the tied-embedding logits, computed `chunk`
+    positions at a time.
 
     Only one chunk's [chunk, V] float32 logits exist at once, in the forward and (being
-    rematerialised) in the backward pass; the result equals the unchunked loss up to float rounding.
+    rematerialised) in the backward pass; the result equals the unchunked sum up to float rounding.
     """
     C = hidden.shape[-1]
     h, t = hidden.reshape(-1, C), targets.reshape(-1)
     pad = (-h.shape[0]) % chunk
     h = jnp.pad(h, ((0, pad), (0, 0))).reshape(-1, chunk, C)
     t = jnp.pad(t, (0, pad)).reshape(-1, chunk)
-    valid = (jnp.arange(h.shape[0] * chunk) < targets.size).reshape(-1, chunk)
+    w = jnp.ones(targets.size, jnp.float32) if weights is None else weights.reshape(-1).astype(jnp.float32)
+    valid = jnp.pad(w, (0, pad)).reshape(-1, chunk)  # padding positions weigh 0
 
     @jax.checkpoint
     def chunk_sum(args):
@@ -67,16 +69,30 @@ def chunked_cross_entropy(hidden: jax.Array, wte: jax.Array, targets: jax.Array,
         logits = tied_logits(h_c, wte, vocab_multiple)  # [chunk, V] float32
         return jnp.sum(cross_entropy(logits, t_c) * v_c)
 
-    return jnp.sum(jax.lax.map(chunk_sum, (h, t, valid))) / targets.size
+    return jnp.sum(jax.lax.map(chunk_sum, (h, t, valid)))
 
 
-def loss_fn(params: Any, tokens: jax.Array, rng: jax.Array, config: GPT2Config, noise: float = 0.0,
-            loss_chunk: int = 0, document_eot: int | None = None) -> jax.Array:
+Batch = Any  # windows [B, T+1] int32, or (windows, weights [B, T+1] float32) of prompt/completion examples
+
+
+def split_batch(batch: Batch) -> tuple[jax.Array, jax.Array | None]:
+    """(windows, weights or None) of a batch."""
+    return batch if isinstance(batch, (tuple, list)) else (batch, None)
+
+
+def loss_fn(params: Any, batch: Batch, rng: jax.Array, config: GPT2Config, noise: float = 0.0,
+            loss_chunk: int = 0, document_eot: int | None = None, normalizer: jax.Array | None = None) -> jax.Array:
     """Mean next-token cross-entropy (float32) of windows [B, T+1]: predict tokens[:, 1:] from tokens[:, :-1].
 
-    With loss_chunk > 0 the logits are never held whole (chunked_cross_entropy). With document_eot
-    (the end-of-text id), each document of a window is computed as if alone (model.document_segments).
+    With weights (prompt/completion examples) only the weighted targets count: their summed loss divided
+    by `normalizer` (default: their number). With loss_chunk > 0 the logits are never held whole
+    (chunked_cross_entropy). With document_eot (the end-of-text id), each document of a window is
+    computed as if alone (model.document_segments).
     """
+    tokens, weights = split_batch(batch)
+    target_weights = None if weights is None else weights[:, 1:]
+    if target_weights is not None and normalizer is None:
+        normalizer = jnp.maximum(jnp.sum(target_weights), 1.0)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     segments = None if document_eot is None else document_segments(inputs, document_eot)  # before any noise
     if noise > 0:
@@ -84,8 +100,11 @@ def loss_fn(params: Any, tokens: jax.Array, rng: jax.Array, config: GPT2Config, 
     model = GPT2(config)
     if loss_chunk > 0:
         hidden, _ = model.apply(params, inputs, segments=segments, method=GPT2.hidden)
-        return chunked_cross_entropy(hidden, params["params"]["wte"], targets, loss_chunk, config.vocab_multiple)
-    return jnp.mean(cross_entropy(model.apply(params, inputs, segments=segments), targets))
+        total = chunked_cross_entropy(hidden, params["params"]["wte"], targets, loss_chunk, config.vocab_multiple,
+                                      target_weights)
+        return total / (targets.size if target_weights is None else normalizer)
+    losses = cross_entropy(model.apply(params, inputs, segments=segments), targets)
+    return jnp.mean(losses) if target_weights is None else jnp.sum(losses * target_weights) / normalizer
 
 
 def make_train_step(config: GPT2Config, optimizer: optax.GradientTransformation, schedule: optax.Schedule, *,
@@ -94,23 +113,29 @@ def make_train_step(config: GPT2Config, optimizer: optax.GradientTransformation,
     """The step for a batch of `accumulate` micro-batches stacked along axis 0 ([accumulate * B, T+1])."""
     grad_fn = jax.value_and_grad(loss_fn)
 
-    def train_step(state: TrainState, batch: jax.Array, rng: jax.Array) -> tuple[TrainState, dict]:
+    def train_step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, dict]:
         # Micro-batch i takes rows i, k+i, 2k+i, ...: with rows split over devices, every micro-batch
         # is spread over all of them (a plain [k, B] reshape would leave each on a few devices).
-        micro = batch.reshape(-1, accumulate, batch.shape[-1]).swapaxes(0, 1)  # [k, B, T+1]
+        micro = jax.tree.map(lambda x: x.reshape(-1, accumulate, x.shape[-1]).swapaxes(0, 1), batch)  # [k, B, T+1]
         keys = jax.random.split(rng, accumulate)
+        # Weighted targets (examples): every micro-batch's sum is divided by the whole batch's count, so
+        # the summed micro-batch losses are the batch's mean however the targets fall between them.
+        weights = split_batch(batch)[1]
+        normalizer = None if weights is None else jnp.maximum(jnp.sum(weights[:, 1:]), 1.0)
         if accumulate == 1:
-            loss, grads = grad_fn(state.params, micro[0], keys[0], config, noise, loss_chunk, document_eot)
+            loss, grads = grad_fn(state.params, jax.tree.map(lambda x: x[0], micro), keys[0], config, noise,
+                                  loss_chunk, document_eot, normalizer)
         else:
             # Sum the micro-batch gradients in a scan (one micro-batch's activations alive at a time).
             def accumulate_one(carry, xs):
                 loss_sum, grad_sum = carry
-                loss, grads = grad_fn(state.params, xs[0], xs[1], config, noise, loss_chunk, document_eot)
+                loss, grads = grad_fn(state.params, xs[0], xs[1], config, noise, loss_chunk, document_eot, normalizer)
                 return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
             (loss, grads), _ = jax.lax.scan(accumulate_one, (jnp.zeros((), jnp.float32), zeros), (micro, keys))
-            loss, grads = loss / accumulate, jax.tree.map(lambda g: g / accumulate, grads)
+            if weights is None:  # each micro-batch's loss was its own mean
+                loss, grads = loss / accumulate, jax.tree.map(lambda g: g / accumulate, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": global_norm(grads), "learning_rate": schedule(state.step)}
@@ -121,7 +146,7 @@ def make_train_step(config: GPT2Config, optimizer: optax.GradientTransformation,
 
 def make_eval_step(config: GPT2Config, document_eot: int | None = None) -> Callable:
     """Mean next-token loss of one batch of windows [B, T+1], without noise (documents as in training)."""
-    def eval_step(params: Any, batch: jax.Array) -> jax.Array:
+    def eval_step(params: Any, batch: Batch) -> jax.Array:
         return loss_fn(params, batch, jax.random.key(0), config, document_eot=document_eot)
 
     return eval_step

@@ -51,6 +51,19 @@ def test_accumulating_k_micro_batches_equals_one_big_batch(optimizer):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=atol, rtol=1e-5), acc.params, big.params)
 
 
+def test_accumulating_weighted_examples_equals_one_big_batch():
+    # Prompt/completion batches: the micro-batches hold different numbers of target tokens, yet the
+    # accumulated loss and update are the whole batch's mean over its targets.
+    tokens = _batch(8)
+    weights = (np.random.default_rng(1).random((8, CONFIG.n_ctx + 1)) < np.linspace(0.1, 0.9, 8)[:, None])
+    batch = (tokens, jnp.asarray(weights, jnp.float32))
+    big, big_m = _run(_train_cfg(optimizer="sgd"), 2, batch)
+    acc, acc_m = _run(_train_cfg(optimizer="sgd"), 2, batch, accumulate=4)
+    expected = float(loss_fn(init_params(CONFIG, jax.random.key(0)), batch, jax.random.key(0), CONFIG))
+    np.testing.assert_allclose([acc_m[0]["loss"], big_m[0]["loss"]], expected, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-5), acc.params, big.params)
+
+
 def test_accumulation_works_together_with_remat():
     # SGD, not Adam: Adam's first steps move every weight by about the learning rate whatever the size of
     # its gradient, so the key biases (whose exact gradient is zero: softmax ignores a constant shift)
