@@ -74,6 +74,9 @@ def get_config() -> ConfigDict:
     c.train.noise = 0.0  # --noise: replace each input token by a random one with this probability
     c.train.loss_chunk = 0  # > 0: cross-entropy over this many positions at a time, never all [B, T, V] logits
     c.train.total_steps = 0  # stop after this many steps (0 = run until Ctrl-C, as the original)
+    c.train.lora_rank = 0  # > 0: train LoRA adapters of this rank only, the base weights frozen (README)
+    c.train.lora_alpha = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank (peft's convention)
+    c.train.lora_targets = "attn.c_attn"  # comma-separated: attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj
     c.train.early_stop_patience = 0  # stop after N validations without improvement (0 = off; needs data.val_every)
     c.train.early_stop_min_delta = 0.0  # an improvement lowers the best validation loss by more than this
     c.train.dispatch_ahead = False  # queue step N+1 before reading step N's metrics (checks, logs, stops one step late)

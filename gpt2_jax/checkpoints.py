@@ -39,7 +39,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from gpt2_jax.errors import StorageError, UserError, reason
-from gpt2_jax.model import GPT2Config, convert_layout, param_shapes
+from gpt2_jax.model import GPT2Config, convert_layout, merge_lora, param_shapes
 
 RUN_CONFIG = "run_config.json"
 DAMAGED = "damaged"  # where a resumed run sets aside the steps that failed to verify
@@ -435,9 +435,23 @@ def saved_scan_layers(run_dir: Path) -> bool:
         return False
 
 
-def load_run_params(run_dir: Path, **overrides) -> tuple[GPT2Config, Any]:
+def saved_lora(run_dir: Path) -> dict:
+    """A run's LoRA settings as GPT2Config fields (train.lora_*), or {} when it trained every weight."""
+    try:
+        train = json.loads((Path(run_dir) / RUN_CONFIG).read_text()).get("train", {})
+        if not int(train.get("lora_rank") or 0):
+            return {}
+        return {"lora_rank": int(train["lora_rank"]), "lora_alpha": float(train.get("lora_alpha", 16.0)),
+                "lora_targets": tuple(t.strip() for t in str(train.get("lora_targets", "attn.c_attn")).split(",")
+                                      if t.strip())}
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):  # unreadable: as a full fine-tune
+        return {}
+
+
+def load_run_params(run_dir: Path, *, keep_adapters: bool = False, **overrides) -> tuple[GPT2Config, Any]:
     """Config and params of a run directory's newest checkpoint that verifies, or of one step directory
-    (the optimizer state is not read)."""
+    (the optimizer state is not read). A LoRA run's adapters are merged into the weights (a plain GPT-2)
+    unless keep_adapters."""
     path = Path(run_dir).absolute()
     run_dir, step = resolve_checkpoint(path)
     try:
@@ -446,10 +460,13 @@ def load_run_params(run_dir: Path, **overrides) -> tuple[GPT2Config, Any]:
     except (ValueError, KeyError, TypeError) as e:  # JSON, UTF-8, a missing or non-integer field
         raise UserError(f"{run_dir / 'hparams.json'}: not the run's model shape ({type(e).__name__}: "
                         f"{str(e)[:100]}); the file is damaged: restore it, or export the run again") from None
-    config = dataclasses.replace(base, **overrides)
+    saved = dataclasses.replace(base, **saved_lora(run_dir))
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # whatever mesh wrote it
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          param_shapes(dataclasses.replace(base, scan_layers=saved_scan_layers(run_dir))))
+                          param_shapes(dataclasses.replace(saved, scan_layers=saved_scan_layers(run_dir))))
     candidates = [step] if path != run_dir else [s for s in steps_of(run_dir) if s <= step]
     _, params, _, _ = restore_newest(run_dir, candidates, shapes)
+    if not keep_adapters:
+        saved, params = merge_lora(saved, params)
+    config = dataclasses.replace(saved, **overrides)
     return config, convert_layout(params, config.scan_layers)

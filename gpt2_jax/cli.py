@@ -133,10 +133,21 @@ def _cmd_encode(args: argparse.Namespace) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from gpt2_jax.weights import export_transformers, find_model_dir, load_weights
+    from gpt2_jax.checkpoints import is_run_dir, load_run_params
+    from gpt2_jax.weights import export_peft, export_transformers, find_model_dir, load_weights
 
     model_dir = find_model_dir(args.model_dir)
-    config, params = load_weights(model_dir)
+    if args.adapter_only:  # a LoRA run's adapters alone, in peft's format
+        if not is_run_dir(model_dir):
+            raise UserError(f"--adapter_only: {model_dir} is not a training run; give a run trained with "
+                            "train.lora_rank > 0 (WORKDIR/checkpoint/RUN)")
+        config, params = load_run_params(model_dir, keep_adapters=True)
+        base = json.loads((model_dir / "run_config.json").read_text()).get("model", {}).get("name", "")
+        out = export_peft(config, params, args.out, base or "gpt2")
+        print(f"exported the adapters to {out} (peft: PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained("
+              f"{base or 'gpt2'!r}), {str(out)!r}))")
+        return
+    config, params = load_weights(model_dir)  # a LoRA run's adapters merged in
     out = export_transformers(config, params, model_dir, args.out)
     print(f"exported to {out} (transformers: GPT2LMHeadModel.from_pretrained({str(out)!r}))")
 
@@ -217,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a model in transformers' layout (config.json + model.safetensors)")
     p.add_argument("--model_dir", required=True, help="a model or run directory, or a cached hub id (gpt2, ...)")
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--adapter_only", action="store_true", help="a LoRA run: its adapters in peft's format "
+                   "(adapter_config.json + adapter_model.safetensors) instead of the merged model")
     p.set_defaults(func=_cmd_export)
     return parser
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import warnings
 from typing import Any, Callable
 
@@ -35,6 +36,9 @@ class GPT2Config:
     scan_layers: bool = False  # one nn.scan over the blocks: params stacked [n_layer, ...], one block compiled
     vocab_multiple: int = 0  # logits matmul over n_vocab padded to a multiple of this; 0: auto (vocab_padding)
     attention: str = "auto"  # training attention: "auto" (cuDNN's fused kernel on GPU in bf16/f16), "xla", "cudnn"
+    lora_rank: int = 0  # > 0: a LoRA adapter of this rank beside each of lora_targets (the base weights frozen)
+    lora_alpha: float = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank, as peft's
+    lora_targets: tuple[str, ...] = ("attn.c_attn",)  # of LORA_TARGETS
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -48,6 +52,11 @@ class GPT2Config:
             raise UserError(f"attention={self.attention!r}: use one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
         if self.remat not in REMAT_POLICIES:
             raise UserError(f"remat={self.remat!r} is not a known policy; use one of {sorted(REMAT_POLICIES)}")
+        if self.lora_rank < 0:
+            raise UserError(f"lora_rank={self.lora_rank}: must be >= 0 (0 = no adapters, full fine-tuning)")
+        unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
+        if self.lora_rank and (unknown or not self.lora_targets):
+            raise UserError(f"lora_targets={','.join(self.lora_targets)}: name one or more of {', '.join(LORA_TARGETS)}")
 
     def hparams(self) -> dict[str, int]:
         """The architecture fields, as OpenAI's hparams.json spells them."""
@@ -93,6 +102,8 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 
 # How causal self-attention over a whole sequence is computed (decoding with a cache always uses XLA).
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+# The dense layers LoRA can adapt, named as peft's target_modules name them (module path suffixes).
+LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 
 def attention_implementation(setting: str, dtype: Any, backend: str) -> str:
@@ -147,6 +158,40 @@ def _dense_kwargs(cfg: GPT2Config) -> dict:
                 kernel_init=nn.initializers.normal(0.02))
 
 
+class LoRA(nn.Module):
+    """A low-rank update beside a frozen dense layer: x @ a @ b * (alpha / rank), a [in, r] and b [r, out].
+
+    Initialised as peft initialises its LoRA (a uniform in +-1/sqrt(in), b zero), so a model with fresh
+    adapters computes exactly what its base does.
+    """
+
+    config: GPT2Config
+    features: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        bound = 1.0 / math.sqrt(x.shape[-1])
+        a = self.param("a", lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound),
+                       (x.shape[-1], cfg.lora_rank), _dtype(cfg.param_dtype))
+        b = self.param("b", nn.initializers.zeros, (cfg.lora_rank, self.features), _dtype(cfg.param_dtype))
+        dtype = _dtype(cfg.dtype)
+        return (x.astype(dtype) @ a.astype(dtype)) @ b.astype(dtype) * (cfg.lora_alpha / cfg.lora_rank)
+
+
+def _dense(cfg: GPT2Config, x: jax.Array, features: int, name: str, target: str) -> jax.Array:
+    """OpenAI's Conv1D (a dense layer) named `name`; with LoRA on `target`, plus its adapter `name`_lora."""
+    y = nn.Dense(features, name=name, **_dense_kwargs(cfg))(x)
+    if cfg.lora_rank and target in cfg.lora_targets:
+        y = y + LoRA(cfg, features, name=f"{name}_lora")(x)
+    return y
+
+
+def is_lora_path(path: tuple) -> bool:
+    """Whether a parameter path (jax key path or tuple of names) is inside a LoRA adapter."""
+    return any(str(getattr(k, "key", k)).endswith("_lora") for k in path)
+
+
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array | int) -> jax.Array:
     """Decoding attention: q [B, T, N, H] at positions start.. over a cache of keys k and values v, both
     [B, N, S, H] -> [B, T, N, H]; positions after each query's own are masked.
@@ -181,9 +226,8 @@ class Attention(nn.Module):
         cfg = self.config
         B, T, C = x.shape
         N, H = cfg.n_head, C // cfg.n_head
-        dense = lambda features, name: nn.Dense(  # noqa: E731 - OpenAI's Conv1D is a dense layer
-            features, name=name, **_dense_kwargs(cfg))
-        qkv = nn.with_logical_constraint(dense(3 * C, "c_attn")(x), ("batch", "length", "qkv"))  # [B, T, 3C]
+        qkv = nn.with_logical_constraint(_dense(cfg, x, 3 * C, "c_attn", "attn.c_attn"),
+                                         ("batch", "length", "qkv"))  # [B, T, 3C]
         q, k, v = jnp.split(qkv, 3, axis=-1)
         q = checkpoint_name(q.reshape(B, T, N, H), "q")  # [B, T, N, H]
         k = checkpoint_name(k.reshape(B, T, N, H), "k")
@@ -201,7 +245,7 @@ class Attention(nn.Module):
             cache = {"k": write(cache["k"], k), "v": write(cache["v"], v)}
             y = cached_attention(q, cache["k"], cache["v"], start)
         y = checkpoint_name(y.reshape(B, T, C), "attn_out")
-        return dense(C, "c_proj")(y), cache
+        return _dense(cfg, y, C, "c_proj", "attn.c_proj"), cache
 
 
 class MLP(nn.Module):
@@ -212,11 +256,10 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
-        kw = _dense_kwargs(cfg)
-        h = nn.Dense(4 * cfg.n_embd, name="c_fc", **kw)(x)  # [B, T, 4C]
+        h = _dense(cfg, x, 4 * cfg.n_embd, "c_fc", "mlp.c_fc")  # [B, T, 4C]
         h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
         h = checkpoint_name(jax.nn.gelu(h, approximate=True), "mlp_hidden")
-        return nn.Dense(cfg.n_embd, name="c_proj", **kw)(h)
+        return _dense(cfg, h, cfg.n_embd, "c_proj", "mlp.c_proj")
 
 
 class Block(nn.Module):
@@ -379,3 +422,54 @@ def init_params(config: GPT2Config, rng: jax.Array) -> dict:
 def param_shapes(config: GPT2Config) -> dict:
     """Shapes and dtypes of the parameters (ShapeDtypeStructs), computed without allocating them."""
     return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+
+
+# --- LoRA adapters: added to loaded weights, split from the base, merged into it -------------------
+
+def split_lora(params: Any) -> tuple[dict, dict]:
+    """(adapters, base): the leaves inside LoRA adapters and the rest, as two nested dicts."""
+    from flax import traverse_util
+
+    flat = traverse_util.flatten_dict(params)
+    adapters = {k: v for k, v in flat.items() if is_lora_path(k)}
+    return (traverse_util.unflatten_dict(adapters),
+            traverse_util.unflatten_dict({k: v for k, v in flat.items() if k not in adapters}))
+
+
+def join_lora(adapters: dict, base: dict) -> dict:
+    """The params tree of split_lora's two parts."""
+    from flax import traverse_util
+
+    return traverse_util.unflatten_dict({**traverse_util.flatten_dict(base), **traverse_util.flatten_dict(adapters)})
+
+
+def add_lora(config: GPT2Config, params: Any, rng: jax.Array) -> dict:
+    """Base params (a pretrained model's) with fresh adapters for config's LoRA settings (b zero: the
+    model computes exactly what the base does)."""
+    adapters, _ = split_lora(jax.eval_shape(lambda: init_params(config, rng)))
+    keys = iter(jax.random.split(rng, len(jax.tree.leaves(adapters))))
+
+    def fresh(path, leaf):
+        if getattr(path[-1], "key", None) == "b":
+            return jnp.zeros(leaf.shape, leaf.dtype)
+        bound = 1.0 / math.sqrt(leaf.shape[-2])  # a [..., in, r]
+        return jax.random.uniform(next(keys), leaf.shape, leaf.dtype, -bound, bound)
+    return join_lora(jax.tree_util.tree_map_with_path(fresh, adapters), split_lora(params)[1])
+
+
+def merge_lora(config: GPT2Config, params: Any) -> tuple[GPT2Config, dict]:
+    """A plain GPT-2 (no adapters) computing what the adapted one does: each adapted kernel += a @ b * alpha / r."""
+    from flax import traverse_util
+
+    if not config.lora_rank:
+        return config, params
+    adapters, base = split_lora(params)
+    merged, scale = traverse_util.flatten_dict(base), config.lora_alpha / config.lora_rank
+    for path, a in traverse_util.flatten_dict(adapters).items():
+        if path[-1] != "a":
+            continue
+        b = traverse_util.flatten_dict(adapters)[path[:-1] + ("b",)]
+        kernel = path[:-2] + (path[-2].removesuffix("_lora"), "kernel")  # [..., in, out], stacked or not
+        delta = jnp.einsum("...ir,...ro->...io", a.astype(jnp.float32), b.astype(jnp.float32)) * scale
+        merged[kernel] = (merged[kernel].astype(jnp.float32) + delta).astype(merged[kernel].dtype)
+    return dataclasses.replace(config, lora_rank=0), traverse_util.unflatten_dict(merged)

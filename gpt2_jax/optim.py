@@ -8,6 +8,7 @@ import jax
 import optax
 
 from gpt2_jax.errors import UserError
+from gpt2_jax.model import is_lora_path
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -42,10 +43,12 @@ def _decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
 
 
-def _trainable_labels(params: Any, only_blocks: bool) -> Any:
+def _trainable_labels(params: Any, only_blocks: bool, lora: bool = False) -> Any:
     """'train' or 'frozen' per parameter; with only_blocks, everything outside the blocks (h_i, or h
-    when stacked) is frozen."""
+    when stacked) is frozen; with lora, everything but the LoRA adapters."""
     def label(path, _):
+        if lora:
+            return "train" if is_lora_path(path) else "frozen"
         top = str(next((getattr(p, "key", None) for p in path if getattr(p, "key", "params") != "params"), None))
         return "train" if not only_blocks or top == "h" or top.startswith("h_") else "frozen"
     return jax.tree_util.tree_map_with_path(label, params)
@@ -79,7 +82,8 @@ def make_optimizer(train: Any, params: Any) -> optax.GradientTransformation:
         parts.append(optax.clip_by_global_norm(train.grad_clip))
     parts.append(opt)
     chain = optax.chain(*parts)
-    if train.only_train_transformer_layers:
+    lora = bool(train.get("lora_rank", 0))
+    if train.only_train_transformer_layers or lora:  # the frozen part keeps no optimizer state
         chain = optax.multi_transform({"train": chain, "frozen": optax.set_to_zero()},
-                                      _trainable_labels(params, True))
+                                      _trainable_labels(params, True, lora))
     return chain

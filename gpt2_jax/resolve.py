@@ -14,7 +14,7 @@ import jax
 from gpt2_jax import checkpoints
 from gpt2_jax.encoder import Encoder, byte_level_encoder, get_encoder
 from gpt2_jax.errors import UserError
-from gpt2_jax.model import PRESETS, GPT2Config, init_params, preset
+from gpt2_jax.model import PRESETS, GPT2Config, add_lora, init_params, preset
 from gpt2_jax.weights import find_model_dir, load_weights, read_config
 
 
@@ -47,10 +47,12 @@ def model_dir_of(config: Any) -> Path:
 
 def _compute_settings(config: Any) -> dict[str, Any]:
     """The GPT2Config fields that say how to compute, not what the model is."""
-    m = config.model
+    m, t = config.model, config.train
     remat = "none" if m.remat == "auto" else m.remat  # auto is resolved later, by autoremat, per device
+    lora = dict(lora_rank=int(t.get("lora_rank", 0)), lora_alpha=float(t.get("lora_alpha", 16.0)),
+                lora_targets=tuple(x.strip() for x in str(t.get("lora_targets", "attn.c_attn")).split(",") if x.strip()))
     return dict(dtype=m.dtype, remat=remat, scan_layers=m.scan_layers, vocab_multiple=m.vocab_multiple,
-                attention=m.attention)
+                attention=m.attention, **(lora if lora["lora_rank"] else {}))
 
 
 def _scratch_encoder(config: Any) -> Encoder:
@@ -85,6 +87,8 @@ def initial_model(config: Any, resume_dir: Path | None) -> tuple[GPT2Config, Any
         return model_config, init_params(model_config, jax.random.key(config.seed)), encoder
     model_dir = model_dir_of(config)
     model_config, params = load_weights(model_dir, **_compute_settings(config))
+    if model_config.lora_rank:  # fresh adapters beside the pretrained weights
+        params = add_lora(model_config, params, jax.random.key(config.seed))
     return model_config, params, get_encoder(model_dir)
 
 
@@ -137,7 +141,9 @@ def _state_layout(train: Any) -> dict[str, Any]:
     """The train settings that decide the optimizer state's layout (not its values)."""
     return {"train.optimizer": train.get("optimizer"), "train.grad_clip > 0": bool(train.get("grad_clip")),
             "train.momentum > 0": bool(train.get("momentum")) if train.get("optimizer") == "sgd" else None,
-            "train.only_train_transformer_layers": bool(train.get("only_train_transformer_layers"))}
+            "train.only_train_transformer_layers": bool(train.get("only_train_transformer_layers")),
+            "train.lora_rank": int(train.get("lora_rank") or 0), "train.lora_targets": train.get("lora_targets")
+            if train.get("lora_rank") else None}
 
 
 def check_resumable(config: Any, resume: Resume) -> None:

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gpt2_jax.model import GPT2, GPT2Config, document_segments, tied_logits
+from gpt2_jax.model import GPT2, GPT2Config, document_segments, join_lora, split_lora, tied_logits
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -110,8 +110,17 @@ def loss_fn(params: Any, batch: Batch, rng: jax.Array, config: GPT2Config, noise
 def make_train_step(config: GPT2Config, optimizer: optax.GradientTransformation, schedule: optax.Schedule, *,
                     accumulate: int = 1, noise: float = 0.0, loss_chunk: int = 0,
                     document_eot: int | None = None) -> Callable:
-    """The step for a batch of `accumulate` micro-batches stacked along axis 0 ([accumulate * B, T+1])."""
-    grad_fn = jax.value_and_grad(loss_fn)
+    """The step for a batch of `accumulate` micro-batches stacked along axis 0 ([accumulate * B, T+1]).
+
+    With LoRA (config.lora_rank > 0) only the adapters are differentiated: the frozen base gets no
+    gradient at all (the optimizer, optim.make_optimizer, keeps no state for it either).
+    """
+    if config.lora_rank:
+        def grad_fn(params, *args):  # (loss, gradients of the adapters only)
+            adapters, base = split_lora(params)
+            return jax.value_and_grad(lambda a: loss_fn(join_lora(a, base), *args))(adapters)
+    else:
+        grad_fn = jax.value_and_grad(loss_fn)
 
     def train_step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, dict]:
         # Micro-batch i takes rows i, k+i, 2k+i, ...: with rows split over devices, every micro-batch
@@ -132,13 +141,16 @@ def make_train_step(config: GPT2Config, optimizer: optax.GradientTransformation,
                 loss, grads = grad_fn(state.params, xs[0], xs[1], config, noise, loss_chunk, document_eot, normalizer)
                 return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            zeros = jax.tree.map(jnp.zeros_like, split_lora(state.params)[0] if config.lora_rank else state.params)
             (loss, grads), _ = jax.lax.scan(accumulate_one, (jnp.zeros((), jnp.float32), zeros), (micro, keys))
             if weights is None:  # each micro-batch's loss was its own mean
                 loss, grads = loss / accumulate, jax.tree.map(lambda g: g / accumulate, grads)
+        grad_norm = global_norm(grads)  # of what trains
+        if config.lora_rank:  # the base's gradient: zeros, which the optimizer's frozen branch never reads
+            grads = join_lora(grads, jax.tree.map(jnp.zeros_like, split_lora(state.params)[1]))
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": global_norm(grads), "learning_rate": schedule(state.step)}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.step)}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step

@@ -267,3 +267,36 @@ def export_transformers(config: GPT2Config, params: Params, vocab_dir: str | Pat
     shutil.copyfile(vocab[0], out / "vocab.json")
     shutil.copyfile(vocab[1], out / "merges.txt")
     return out
+
+
+def export_peft(config: GPT2Config, params: Params, out_dir: str | Path, base_model: str) -> Path:
+    """A LoRA model's adapters in peft's format (adapter_config.json + adapter_model.safetensors), so
+    PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base_model), out_dir) loads them."""
+    from safetensors.numpy import save_file
+
+    if not config.lora_rank:
+        raise UserError("--adapter_only: this model has no LoRA adapters (it was trained with train.lora_rank=0); "
+                        "export it whole, without --adapter_only")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    p = convert_layout(params, False)["params"]
+    tensors = {}
+    for i in range(config.n_layer):
+        for target in config.lora_targets:
+            module, layer = target.split(".")
+            adapter = p[f"h_{i}"][module][f"{layer}_lora"]
+            key = f"base_model.model.transformer.h.{i}.{target}"  # peft's Linear: A [r, in], B [out, r]
+            tensors[f"{key}.lora_A.weight"] = np.ascontiguousarray(np.asarray(adapter["a"], np.float32).T)
+            tensors[f"{key}.lora_B.weight"] = np.ascontiguousarray(np.asarray(adapter["b"], np.float32).T)
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(out / "adapter_model.safetensors", 0o666 & ~umask)
+    adapter_config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "r": config.lora_rank, "lora_alpha": config.lora_alpha, "lora_dropout": 0.0,
+        "target_modules": list(config.lora_targets), "fan_in_fan_out": True,  # GPT-2's Conv1D: [in, out] weights
+        "bias": "none", "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
+    }
+    (out / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
+    return out

@@ -20,7 +20,7 @@ def _launch(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 def test_list_shows_every_experiment_and_variant():
     done = _launch("--list")
     assert done.returncode == 0, done.stderr
-    for name in ("demo.py", "finetune.py", "shakespeare.py", "remat_ablation.py", "documents.py", "sft.py"):
+    for name in ("demo.py", "finetune.py", "shakespeare.py", "remat_ablation.py", "documents.py", "sft.py", "lora.py"):
         assert f"experiments/{name}: " in done.stdout
     for variant in (":124M", ":355M", ":774M", ":1558M", ":tiny", ":default"):
         assert variant in done.stdout

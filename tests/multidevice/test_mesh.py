@@ -31,18 +31,21 @@ def _steps(config, accumulate, mesh, optimizer="sgd", donate=True):
     """The builder's steps on a mesh, and a step-0 state on one device."""
     train = base.get_config().train
     train.learning_rate, train.optimizer, train.accumulate_gradients = 1e-2, optimizer, accumulate
+    train.lora_rank = config.lora_rank
     steps = build_steps(config, train, mesh, donate=donate)
     return steps, TrainState.create(init_params(config, jax.random.key(0)), steps.optimizer)
 
 
-@pytest.mark.parametrize("data, fsdp, accumulate, remat, dtype, optimizer", [
-    (8, 1, 1, "none", "float32", "sgd"),
-    (1, 8, 1, "none", "float32", "sgd"),
-    (4, 2, 2, "full", "bfloat16", "adam"),  # mixed mesh, accumulation, remat, bf16, Adam and scanned blocks
+@pytest.mark.parametrize("data, fsdp, accumulate, remat, dtype, optimizer, lora", [
+    (8, 1, 1, "none", "float32", "sgd", 0),
+    (1, 8, 1, "none", "float32", "sgd", 0),
+    (4, 2, 2, "full", "bfloat16", "adam", 0),  # mixed mesh, accumulation, remat, bf16, Adam and scanned blocks
+    (2, 4, 2, "full", "float32", "adam", 4),  # LoRA adapters under FSDP, with accumulation, remat, scanned blocks
 ])
-def test_mesh_step_equals_single_device_step(data, fsdp, accumulate, remat, dtype, optimizer):
+def test_mesh_step_equals_single_device_step(data, fsdp, accumulate, remat, dtype, optimizer, lora):
     scan = optimizer == "adam"
-    config = GPT2Config(**CONFIG.hparams(), remat=remat, dtype=dtype, scan_layers=scan)
+    config = GPT2Config(**CONFIG.hparams(), remat=remat, dtype=dtype, scan_layers=scan, lora_rank=lora,
+                        lora_targets=("attn.c_attn", "mlp.c_fc"))
     mesh = parallel.make_mesh(data, fsdp)
     steps, state = _steps(config, accumulate, mesh, optimizer, donate=False)
     batch = np.random.default_rng(0).integers(0, CONFIG.n_vocab, (16 * accumulate, CONFIG.n_ctx + 1)).astype(np.int32)
