@@ -113,8 +113,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
                                    progress=not args.json)
     else:
         chunks = load_dataset(args.dataset, model.encoder, combine=args.combine, encoding=args.encoding)
-        result = evaluate(model.config, model.params, chunks, window=args.window, batch_size=args.batch_size,
-                          progress=not args.json)
+        result = evaluate(model.config, model.params, chunks, window=args.window, stride=args.stride,
+                          batch_size=args.batch_size, progress=not args.json)
     if args.json:
         print(json.dumps(result._asdict()))
     else:
@@ -203,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, help="text file, directory, glob or .npz; or .jsonl "
                    "prompt/completion examples (the loss on the completions)")
     p.add_argument("--window", type=int, default=None, help="tokens per window (default n_ctx)")
+    p.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: the window, "
+                   "no overlap); smaller: each token scored with at least window - stride tokens before it")
     p.add_argument("--batch_size", type=int, default=8, help="windows per batch")
     p.add_argument("--combine", type=int, default=50000, help="characters per chunk when encoding text")
     p.add_argument("--encoding", default="utf-8", help="text encoding of the dataset files")

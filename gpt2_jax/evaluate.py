@@ -30,26 +30,38 @@ class Evaluation(NamedTuple):
     tokens: int  # number of predicted tokens
 
 
-def windows(tokens: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Inputs, targets, weights [W, window] covering tokens[1:] once each; the last window zero-padded."""
+def windows(tokens: np.ndarray, window: int, stride: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Inputs, targets, weights [W, window] scoring each of tokens[1:] once; the last window zero-padded.
+
+    Window k starts at token k * stride (default stride: the window, so windows do not overlap) and
+    scores the targets no earlier window scored: the first all `window`, each later one its last
+    `stride`, each of those seeing window - stride tokens or more before it (transformers' perplexity
+    guide, with max_length = window + 1).
+    """
+    stride = stride or window
     n_targets = len(tokens) - 1
-    count = math.ceil(n_targets / window)
-    padded = np.zeros(count * window + 1, np.int32)
+    count = 1 + max(0, math.ceil((n_targets - window) / stride))
+    starts = np.arange(count) * stride
+    index = starts[:, None] + np.arange(window)[None, :]  # input positions [count, window]
+    padded = np.zeros(starts[-1] + window + 1, np.int32)
     padded[:len(tokens)] = tokens
-    inputs = padded[:-1].reshape(count, window)
-    targets = padded[1:].reshape(count, window)
-    weights = (np.arange(count * window) < n_targets).astype(np.float32).reshape(count, window)
-    return inputs, targets, weights
+    first_scored = np.concatenate([[0], starts[1:] + window - stride])  # of each window, in target positions
+    weights = (index >= first_scored[:, None]) & (index < n_targets)
+    return padded[index], padded[index + 1], weights.astype(np.float32)
 
 
 def evaluate(config: GPT2Config, params: dict, chunks: Sequence[np.ndarray], *, window: int | None = None,
-             batch_size: int = 8, progress: bool = True) -> Evaluation:
-    """Loss over every token of the concatenated chunks, each predicted once from up to `window` before it."""
+             stride: int | None = None, batch_size: int = 8, progress: bool = True) -> Evaluation:
+    """Loss over every token of the concatenated chunks, each predicted once from up to `window` before it;
+    with a stride below the window, windows overlap so that each scored token sees at least window -
+    stride tokens before it (windows)."""
     window = _check_window(config, window)
+    if stride is not None and not 1 <= stride <= window:
+        raise UserError(f"--stride={stride}: must be between 1 and the window ({window})")
     tokens = np.concatenate([np.asarray(c) for c in chunks])
     if len(tokens) < 2:
         raise UserError(f"the dataset has {len(tokens)} token(s); evaluation needs at least 2")
-    return _weighted_loss(config, params, *windows(tokens, window), batch_size, progress)
+    return _weighted_loss(config, params, *windows(tokens, window, stride), batch_size, progress)
 
 
 def evaluate_examples(config: GPT2Config, params: dict, examples: Examples, *, batch_size: int = 8,

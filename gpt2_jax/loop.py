@@ -236,11 +236,11 @@ def _train(config: Any, run_dir: Path, on_step: Callable[[int, dict], None] | No
         state = TrainState(step=parallel.put_tree(np.int32(meta["step"]), repl), params=p, opt_state=o)
         tqdm.write(f"restored step {meta['step']} from {resume.run_dir}")
         if is_main:  # steps after this one, of a future this run no longer has, are set aside (never deleted)
-            newer = [(run_dir, s) for s in checkpoints.steps_of(run_dir) if s > meta["step"]] * \
-                (resume.run_dir == run_dir / checkpoints.BEST)
+            def after(d: Path) -> list[tuple[Path, int]]:  # a listing: orbax's manager would sync every process
+                return sorted((d, int(x.name)) for x in d.iterdir() if x.name.isdigit() and int(x.name) > meta["step"])
             best_dir = run_dir / checkpoints.BEST
-            newer += [(best_dir, s) for s in (checkpoints.steps_of(best_dir) if best_dir.is_dir() else [])
-                      if s > meta["step"]]
+            newer = after(run_dir) if resume.run_dir == best_dir else []
+            newer += after(best_dir) if best_dir.is_dir() else []
             for where, s in newer:
                 (run_dir / checkpoints.SUPERSEDED).mkdir(exist_ok=True)
                 aside = run_dir / checkpoints.SUPERSEDED / f"{where.name}-{s}.{time.strftime('%Y%m%dT%H%M%S')}"

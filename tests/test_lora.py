@@ -72,7 +72,8 @@ def test_our_adapters_and_peft_loading_them_give_the_same_logits_and_merge(targe
 
 def _lora_fields(**more):
     return {"train.lora_rank": 4, "train.lora_alpha": 8.0, "train.lora_targets": "attn.c_attn,mlp.c_proj",
-            "train.learning_rate": 1e-2, "checkpoint.save_every": 4, **more}
+            "train.learning_rate": 1e-2, "checkpoint.save_every": 4, "sample.sample_every": 4,
+            "sample.sample_length": 4, **more}  # samples during training come from the adapted model
 
 
 def test_training_moves_only_the_adapters_and_resumes_bitwise(tmp_path):
@@ -90,6 +91,7 @@ def test_training_moves_only_the_adapters_and_resumes_bitwise(tmp_path):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), frozen, pretrained)
     assert all(float(jnp.abs(b).max()) > 0 for b in jax.tree.leaves(adapters))  # b started at zero and moved
     assert read_metrics(tmp_path / "straight")[-1]["loss"] < read_metrics(tmp_path / "straight")[0]["loss"]
+    assert len(list((tmp_path / "straight" / "samples" / "run1").iterdir())) == 2  # steps 4 and 8
 
 
 def test_the_exports_of_a_lora_run_are_the_merged_model_and_peft_adapters(tmp_path, capsys):
