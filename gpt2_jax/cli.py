@@ -152,6 +152,22 @@ def _cmd_export(args: argparse.Namespace) -> None:
     print(f"exported to {out} (transformers: GPT2LMHeadModel.from_pretrained({str(out)!r}))")
 
 
+def _cmd_lm_eval(args: argparse.Namespace) -> None:
+    from gpt2_jax.harness import run_tasks
+
+    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+    results = run_tasks(args.model_dir, args.tasks, num_fewshot=args.num_fewshot, limit=limit,
+                        batch_size=args.batch_size, include_path=args.include_path, output=args.output,
+                        dtype=args.dtype)
+    from lm_eval.utils import make_table
+
+    print(make_table(results))
+    if "groups" in results:
+        print(make_table(results, "groups"))
+    if args.output:
+        print(f"wrote lm-eval's results JSON under {args.output}")
+
+
 def _cmd_compare(args: argparse.Namespace) -> None:
     from pathlib import Path
 
@@ -212,6 +228,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
     p.set_defaults(func=_cmd_evaluate)
 
+    p = sub.add_parser("lm-eval", help="benchmark tasks through EleutherAI's lm-evaluation-harness (pip install -e "
+                       "'.[eval]')")
+    p.add_argument("--model_dir", default="models/124M", help="a model or run directory, or a cached hub id (gpt2, ...)")
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names (lambada_openai,hellaswag,...)")
+    p.add_argument("--num_fewshot", type=int, default=None, help="examples in each prompt (default: the task's)")
+    p.add_argument("--limit", type=float, default=None, help="at most N examples per task (< 1: that fraction)")
+    p.add_argument("--batch_size", type=int, default=8, help="requests scored at once (a multiple of the devices)")
+    p.add_argument("--include_path", default=None, help="a folder of task YAMLs to add, as lm-eval's own flag")
+    p.add_argument("--output", default=None, help="write lm-eval's results JSON (and samples) under this folder")
+    p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
+    p.set_defaults(func=_cmd_lm_eval)
+
     p = sub.add_parser("encode", help="pre-encode a dataset to .npz (as the original encode.py) or flat .bin")
     p.add_argument("input", help="text file, directory (recursive) or glob")
     p.add_argument("output", help="OUT.npz (one array per chunk) or OUT.bin (flat tokens, memory-mapped)")
@@ -240,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of `gpt2-jax` and `python -m gpt2_jax`."""
     args = build_parser().parse_args(argv)
     run: Callable[[argparse.Namespace], None] = args.func
-    if args.command in ("sample", "evaluate"):  # the commands that compile: a second launch loads the first's
+    if args.command in ("sample", "evaluate", "lm-eval"):  # the commands that compile: a second launch loads the first's
         from gpt2_jax.steps import enable_compilation_cache
 
         enable_compilation_cache()
