@@ -28,20 +28,30 @@ except ImportError:  # the extra is missing: run_tasks says what to install
     TemplateLM = object
 
 
-def buckets(n_ctx: int, smallest: int = 32) -> list[int]:
-    """The padded lengths a batch may have: powers of two from `smallest`, and n_ctx."""
+def buckets(n_ctx: int, smallest: int = 8) -> list[int]:
+    """The padded lengths a batch may have: powers of two from `smallest` up to 64, then every multiple
+    of 64 (little padding wasted, a bounded number of shapes), and n_ctx."""
     sizes, size = [], smallest
-    while size < n_ctx:
+    while size < min(64, n_ctx):
         sizes.append(size)
         size *= 2
-    return sizes + [n_ctx]
+    return sorted({*sizes, *range(64, n_ctx, 64), n_ctx})
 
 
 @functools.partial(jax.jit, static_argnames="config")
-def _score(params: Any, tokens: jax.Array, targets: jax.Array, weights: jax.Array, *, config: GPT2Config
-           ) -> tuple[jax.Array, jax.Array]:
-    """Per row: the summed log-probability of the weighted targets, and whether each was the argmax."""
-    logits = GPT2(config).apply(params, tokens).astype(jnp.float32)  # [B, L, V]
+def _score(params: Any, tokens: jax.Array, lengths: jax.Array, targets: jax.Array, weights: jax.Array, *,
+           config: GPT2Config) -> tuple[jax.Array, jax.Array]:
+    """Per row: the summed log-probability of the weighted targets, and whether each was the argmax.
+
+    tokens [B, L] hold each row's inputs from position 0 (lengths [B] of them, zero-padded after);
+    targets and weights [B, K] are those of the row's last K inputs. Only those K positions' logits are
+    computed, not L of them.
+    """
+    hidden, _ = GPT2(config).apply(params, tokens, method=GPT2.hidden)  # [B, L, C]
+    K = targets.shape[1]
+    positions = jnp.clip(lengths[:, None] - K + jnp.arange(K), 0, tokens.shape[1] - 1)  # [B, K]
+    picked_hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)
+    logits = GPT2(config).apply(params, picked_hidden, method=GPT2.logits).astype(jnp.float32)  # [B, K, V]
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     picked = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
     greedy = (jnp.argmax(logits, axis=-1) == targets) | (weights == 0)
@@ -83,20 +93,25 @@ class GPT2JaxLM(TemplateLM):
             whole = (list(context) + list(continuation))[-(self.max_length + 1):]  # left-truncated, as hf does
             rows.append((whole[:-1], whole[1:], len(continuation)))
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # similar lengths share a bucket
-        sizes = buckets(self.max_length)
+        sizes = buckets(self.max_length, smallest=1)
         out: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
         for start in tqdm(range(0, len(order), self.batch_size), desc="scoring", unit="batch", disable=disable_tqdm):
             chunk = order[start:start + self.batch_size]
-            length = next(s for s in sizes if s >= max(len(rows[i][0]) for i in chunk))
+            length = next(s for s in buckets(self.max_length) if s >= max(len(rows[i][0]) for i in chunk))
+            scored = next(s for s in sizes if s >= min(length, max(rows[i][2] for i in chunk)))
             tokens = np.zeros((self.batch_size, length), np.int32)
-            targets = np.zeros((self.batch_size, length), np.int32)
-            weights = np.zeros((self.batch_size, length), np.float32)
+            lengths = np.ones(self.batch_size, np.int32)
+            targets = np.zeros((self.batch_size, scored), np.int32)
+            weights = np.zeros((self.batch_size, scored), np.float32)
             for r, i in enumerate(chunk):
                 inputs, next_ids, n_cont = rows[i]
-                tokens[r, :len(inputs)], targets[r, :len(inputs)] = inputs, next_ids
-                weights[r, len(inputs) - n_cont:len(inputs)] = 1.0
+                tokens[r, :len(inputs)], lengths[r] = inputs, len(inputs)
+                k = min(scored, len(inputs))  # the row's last k inputs are the scored window's tail
+                targets[r, scored - k:] = next_ids[len(inputs) - k:]
+                weights[r, scored - n_cont:] = 1.0
             put = lambda a: parallel.global_batch(a, self.rows)  # noqa: E731
-            logprob, greedy = _score(self.params, put(tokens), put(targets), put(weights), config=self.model.config)
+            logprob, greedy = _score(self.params, put(tokens), put(lengths), put(targets), put(weights),
+                                     config=self.model.config)
             logprob, greedy = np.asarray(logprob), np.asarray(greedy)
             for r, i in enumerate(chunk):
                 out[i] = (float(logprob[r]), bool(greedy[r]))

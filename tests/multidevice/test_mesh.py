@@ -148,6 +148,8 @@ def test_lm_eval_requests_split_over_8_devices_score_as_on_one():
         weights = np.zeros(targets.shape, np.float32)
         weights[0, -len(continuation):] = 1
         one = jax.devices()[0]
+        lengths = np.asarray([tokens.shape[1]], np.int32)
         ref, ref_greedy = _score(jax.device_put(model.params, one), *(jax.device_put(a, one) for a in
-                                                                      (tokens, targets, weights)), config=model.config)
+                                                                      (tokens, lengths, targets, weights)),
+                                 config=model.config)
         assert logprob == pytest.approx(float(ref[0]), abs=1e-4) and greedy == bool(ref_greedy[0])
