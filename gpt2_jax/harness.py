@@ -99,10 +99,13 @@ class GPT2JaxLM(TemplateLM):
             chunk = order[start:start + self.batch_size]
             length = next(s for s in buckets(self.max_length) if s >= max(len(rows[i][0]) for i in chunk))
             scored = next(s for s in sizes if s >= min(length, max(rows[i][2] for i in chunk)))
-            tokens = np.zeros((self.batch_size, length), np.int32)
-            lengths = np.ones(self.batch_size, np.int32)
-            targets = np.zeros((self.batch_size, scored), np.int32)
-            weights = np.zeros((self.batch_size, scored), np.float32)
+            # A short last batch (or few rolling windows) is padded to a power of two rows, not batch_size.
+            shards = self.mesh.devices.size
+            n_rows = min(self.batch_size, -(-max(1 << (len(chunk) - 1).bit_length(), shards) // shards) * shards)
+            tokens = np.zeros((n_rows, length), np.int32)
+            lengths = np.ones(n_rows, np.int32)
+            targets = np.zeros((n_rows, scored), np.int32)
+            weights = np.zeros((n_rows, scored), np.float32)
             for r, i in enumerate(chunk):
                 inputs, next_ids, n_cont = rows[i]
                 tokens[r, :len(inputs)], lengths[r] = inputs, len(inputs)
