@@ -465,10 +465,11 @@ def merge_lora(config: GPT2Config, params: Any) -> tuple[GPT2Config, dict]:
         return config, params
     adapters, base = split_lora(params)
     merged, scale = traverse_util.flatten_dict(base), config.lora_alpha / config.lora_rank
-    for path, a in traverse_util.flatten_dict(adapters).items():
+    flat_adapters = traverse_util.flatten_dict(adapters)
+    for path, a in flat_adapters.items():
         if path[-1] != "a":
             continue
-        b = traverse_util.flatten_dict(adapters)[path[:-1] + ("b",)]
+        b = flat_adapters[path[:-1] + ("b",)]
         kernel = path[:-2] + (path[-2].removesuffix("_lora"), "kernel")  # [..., in, out], stacked or not
         delta = jnp.einsum("...ir,...ro->...io", a.astype(jnp.float32), b.astype(jnp.float32)) * scale
         merged[kernel] = (merged[kernel].astype(jnp.float32) + delta).astype(merged[kernel].dtype)

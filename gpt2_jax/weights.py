@@ -235,6 +235,13 @@ def load_weights(model_dir: str | Path, **config_overrides) -> tuple[GPT2Config,
     raise UserError(f"{d}: not a model directory in a known layout. Known layouts: {known}")
 
 
+def _as_readable_as_other_files(path: Path) -> None:
+    """The mode a plain write gives (0666 less the umask): safetensors writes its files 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def export_transformers(config: GPT2Config, params: Params, vocab_dir: str | Path, out_dir: str | Path) -> Path:
     """Write `out_dir` in transformers' layout so GPT2LMHeadModel.from_pretrained(out_dir) loads it."""
     from safetensors.numpy import save_file
@@ -251,9 +258,7 @@ def export_transformers(config: GPT2Config, params: Params, vocab_dir: str | Pat
             value = value[key]
         tensors["transformer." + name.hf] = np.ascontiguousarray(np.asarray(value, dtype=np.float32))
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(out / "model.safetensors", 0o666 & ~umask)  # safetensors writes 0600; the other files are 0644
+    _as_readable_as_other_files(out / "model.safetensors")
     hf_config = {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
         "vocab_size": config.n_vocab, "n_positions": config.n_ctx, "n_ctx": config.n_ctx,
@@ -289,9 +294,7 @@ def export_peft(config: GPT2Config, params: Params, out_dir: str | Path, base_mo
             tensors[f"{key}.lora_A.weight"] = np.ascontiguousarray(np.asarray(adapter["a"], np.float32).T)
             tensors[f"{key}.lora_B.weight"] = np.ascontiguousarray(np.asarray(adapter["b"], np.float32).T)
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(out / "adapter_model.safetensors", 0o666 & ~umask)
+    _as_readable_as_other_files(out / "adapter_model.safetensors")
     adapter_config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
         "r": config.lora_rank, "lora_alpha": config.lora_alpha, "lora_dropout": 0.0,

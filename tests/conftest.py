@@ -130,6 +130,18 @@ def write_byte_vocab(directory: Path, n_vocab: int) -> None:
     (directory / "vocab.bpe").write_text("#version: 0.2\n")
 
 
+def tiny_hf_dir(directory: Path, seed: int = 0) -> Path:
+    """A random 300-token, 64-context GPT-2 in transformers' layout with a byte-level vocabulary (end-of-text
+    299), both as encoder.json/vocab.bpe and as transformers' tokenizer files vocab.json/merges.txt."""
+    import shutil
+
+    save_hf_model(random_hf_model(n_vocab=300, n_ctx=64, seed=seed), directory)
+    write_byte_vocab(directory, 300)
+    shutil.copyfile(directory / "encoder.json", directory / "vocab.json")
+    shutil.copyfile(directory / "vocab.bpe", directory / "merges.txt")
+    return directory
+
+
 def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
     import torch
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import random_hf_model, save_hf_model, write_byte_vocab
+from conftest import tiny_hf_dir
 from gpt2_jax import loop
 from gpt2_jax.cli import main as cli_main
 from gpt2_jax.data import read_examples, layout_examples
@@ -30,10 +30,7 @@ EXAMPLES = [{"prompt": "Q: 2+2?\nA:", "completion": " 4"}, {"prompt": "Say hi:",
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """transformers' random GPT-2 with a byte-level vocabulary (end-of-text id 299), and its weights."""
-    d = tmp_path_factory.mktemp("model")
-    save_hf_model(random_hf_model(n_vocab=300, n_ctx=64), d)
-    write_byte_vocab(d, 300)
-    return d
+    return tiny_hf_dir(tmp_path_factory.mktemp("model"))
 
 
 def _write(path, lines) -> None:

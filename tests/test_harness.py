@@ -6,11 +6,10 @@ reported metrics."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
-from conftest import random_hf_model, save_hf_model, write_byte_vocab
+from conftest import tiny_hf_dir
 from gpt2_jax.cli import main as cli_main
 
 WORDS = "the cat sat on a mat and the dog ran to the park where birds sang all day long".split()
@@ -41,12 +40,7 @@ def tasks_and_model(tmp_path_factory):
           "output_type: generate_until\ndoc_to_text: '{{prompt}}'\ndoc_to_target: '{{answer}}'\n"
           "generation_kwargs:\n  until: ['\\n', '.']\n  max_gen_toks: 8\n  do_sample: false\n"
           "metric_list:\n  - metric: exact_match\n")
-    model = tmp_path_factory.mktemp("model")
-    save_hf_model(random_hf_model(n_vocab=300, n_ctx=64, seed=3), model)
-    write_byte_vocab(model, 300)
-    shutil.copyfile(model / "encoder.json", model / "vocab.json")  # transformers' tokenizer files
-    shutil.copyfile(model / "vocab.bpe", model / "merges.txt")
-    return tasks, model
+    return tasks, tiny_hf_dir(tmp_path_factory.mktemp("model"), seed=3)
 
 
 NAMES = ["tiny_lastword", "tiny_choice", "tiny_rolling", "tiny_generate"]

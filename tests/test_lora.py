@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FIXTURES, hf_logits, random_hf_model, save_hf_model, write_byte_vocab
+from conftest import FIXTURES, hf_logits, tiny_hf_dir
 from experiments import base as base_config
 from gpt2_jax import checkpoints, loop, parallel
 from gpt2_jax.cli import main as cli_main
@@ -27,10 +27,7 @@ TOKENS = np.random.default_rng(0).integers(0, 300, (2, 24))
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("base")
-    save_hf_model(random_hf_model(n_vocab=300, n_ctx=64), d)
-    write_byte_vocab(d, 300)
-    return d
+    return tiny_hf_dir(tmp_path_factory.mktemp("base"))
 
 
 def _adapted(hf_dir, targets=LORA_TARGETS, rank=4, alpha=8.0):
