@@ -102,6 +102,7 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 
 # How causal self-attention over a whole sequence is computed (decoding with a cache always uses XLA).
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+ATTENTION_BLOCK = 256  # XLA's float32 attention: queries per block (blockwise_attention; BENCHMARKS.md)
 # The dense layers LoRA can adapt, named as peft's target_modules name them (module path suffixes).
 LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
@@ -133,7 +134,36 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, setting: str = "a
                 raise UserError(f"model.attention=cudnn: cuDNN's fused attention is not available here ({e}); "
                                 "use auto or xla") from None
             warnings.warn(f"cuDNN fused attention unavailable ({e}); using XLA's attention", stacklevel=2)
+    if q.dtype == jnp.float32:
+        return blockwise_attention(q, k, v, mask, ATTENTION_BLOCK)
+    # 16-bit: one block, as jax computes it (across blocks, the key and value gradients would be summed
+    # in 16 bits)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation="xla")
+
+
+def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None,
+                        block: int = ATTENTION_BLOCK) -> jax.Array:
+    """Causal attention in float32, as XLA computes it: q, k, v [B, T, N, H] -> [B, T, N, H].
+
+    jax.nn.dot_product_attention's arithmetic (its scale, mask value and max-subtracted softmax)
+    with less memory traffic: each block of `block` queries meets only the keys at or before its last
+    position (the fully masked blocks above the diagonal are never computed), and the softmax's
+    division is applied to the [t, H] output instead of the [t, s] probabilities.
+    """
+    T, H = q.shape[1], q.shape[-1]
+    large_negative = -0.7 * jnp.finfo(jnp.float32).max
+    outputs = []
+    for start in range(0, T, block):
+        stop = min(start + block, T)
+        logits = jnp.einsum("btnh,bsnh->bnts", q[:, start:stop], k[:, :stop]) * jnp.float32(1.0 / H**0.5)
+        allowed = jnp.arange(stop)[None, :] <= jnp.arange(start, stop)[:, None]  # [t, s]
+        if mask is not None:
+            allowed = allowed & mask[:, :, start:stop, :stop]
+        logits = jnp.where(allowed, logits, large_negative)  # [B, N, t, s]
+        unnormalised = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
+        total = jnp.sum(unnormalised, axis=-1, keepdims=True).transpose(0, 2, 1, 3)  # [B, t, N, 1]
+        outputs.append(jnp.einsum("bnts,bsnh->btnh", unnormalised, v[:, :stop]) / total)
+    return outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=1)
 
 
 def document_segments(tokens: jax.Array, eot: int) -> jax.Array:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 
 import jax
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from conftest import FIXTURES, hf_logits, random_hf_model, save_hf_model, write_byte_vocab
+from gpt2_jax import model as model_module
 from gpt2_jax.errors import UserError
 from gpt2_jax.model import (GPT2, REMAT_POLICIES, GPT2Config, attention_implementation, convert_layout, init_cache,
                             init_params, preset, tied_logits, vocab_padding)
@@ -29,8 +31,9 @@ def _our_loss(config, params, tokens: np.ndarray) -> float:
     return float(jnp.mean(cross_entropy(logits, jnp.asarray(tokens[:, 1:]))))
 
 
-@pytest.mark.parametrize("size", ["tiny", "124M"])
-def test_logits_and_loss_match_transformers(tmp_path, size):
+@pytest.mark.parametrize("size, attention_block", [("tiny", 256), ("tiny", 16), ("124M", 256)])
+def test_logits_and_loss_match_transformers(tmp_path, size, attention_block, monkeypatch):
+    monkeypatch.setattr(model_module, "ATTENTION_BLOCK", attention_block)  # 16: three blocks of queries
     shape = dict(n_vocab=300, n_ctx=64, n_embd=32, n_head=4, n_layer=2) if size == "tiny" else dict(
         n_vocab=50257, n_ctx=1024, **{k: v for k, v in preset("124M").hparams().items() if k in ("n_embd", "n_head", "n_layer")})
     hf = random_hf_model(**shape)
@@ -40,6 +43,33 @@ def test_logits_and_loss_match_transformers(tmp_path, size):
     ours = np.asarray(GPT2(config).apply(params, jnp.asarray(tokens)))
     np.testing.assert_allclose(ours, hf_logits(hf, tokens), atol=1e-4, rtol=0)
     assert abs(_our_loss(config, params, tokens) - _hf_loss(hf, tokens)) <= 1e-5
+
+
+@pytest.mark.parametrize("documents", [False, True])
+def test_blockwise_attention_equals_jax_attention_and_its_gradients(documents):
+    # Blocks of 4 queries over 11 positions: the last block is short, and each meets only the keys
+    # up to its own last position; with documents, the mask cuts across the blocks.
+    rng = np.random.default_rng(9)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, 11, 3, 8)), jnp.float32) for _ in range(3))
+    mask = None
+    if documents:
+        segments = jnp.asarray([[0] * 3 + [1] * 6 + [2] * 2, [0] * 11])
+        mask = segments[:, None, :, None] == segments[:, None, None, :]
+
+    def outputs_and_grads(attention, *qkv):
+        weighted = lambda *qkv: jnp.sum(attention(*qkv) * jnp.arange(8.0))  # noqa: E731
+        return [np.asarray(x) for x in (attention(*qkv), *jax.grad(weighted, argnums=(0, 1, 2))(*qkv))]
+
+    def ours(*qkv, block):
+        return model_module.blockwise_attention(*qkv, mask, block=block)
+
+    def jax_attention(*qkv):
+        return jax.nn.dot_product_attention(*qkv, mask=mask, is_causal=True, implementation="xla")
+
+    reference = outputs_and_grads(jax_attention, q, k, v)
+    for block in (4, 64):  # three blocks; one
+        for mine, theirs in zip(outputs_and_grads(functools.partial(ours, block=block), q, k, v), reference):
+            np.testing.assert_allclose(mine, theirs, atol=2e-6, rtol=2e-6)
 
 
 def test_pytorch_bin_layout_loads_the_same(tmp_path):
