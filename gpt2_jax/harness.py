@@ -38,6 +38,20 @@ def buckets(n_ctx: int, smallest: int = 8) -> list[int]:
     return sorted({*sizes, *range(64, n_ctx, 64), n_ctx})
 
 
+def batch_rows(total: int, batch_size: int, shards: int) -> list[int]:
+    """The rows of each batch that scores `total` requests: full batches of batch_size (a multiple of
+    shards), then the rest as power-of-two multiples of shards, largest first, so that no row is
+    padding where the devices allow and the batch shapes stay few (the last batch alone may be padded
+    up to `shards` rows)."""
+    counts = [batch_size] * (total // batch_size)
+    rest = total % batch_size
+    while rest > 0:
+        units = max(rest // shards, 1)
+        counts.append(shards << (units.bit_length() - 1))
+        rest -= counts[-1]
+    return counts
+
+
 @functools.partial(jax.jit, static_argnames="config")
 def _score(params: Any, tokens: jax.Array, lengths: jax.Array, targets: jax.Array, weights: jax.Array, *,
            config: GPT2Config) -> tuple[jax.Array, jax.Array]:
@@ -95,13 +109,12 @@ class GPT2JaxLM(TemplateLM):
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # similar lengths share a bucket
         sizes = buckets(self.max_length, smallest=1)
         out: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
-        for start in tqdm(range(0, len(order), self.batch_size), desc="scoring", unit="batch", disable=disable_tqdm):
-            chunk = order[start:start + self.batch_size]
+        counts = batch_rows(len(order), self.batch_size, self.mesh.devices.size)
+        starts = np.cumsum([0, *counts[:-1]])
+        for start, n_rows in tqdm(list(zip(starts, counts)), desc="scoring", unit="batch", disable=disable_tqdm):
+            chunk = order[start:start + n_rows]  # the last one may be short of n_rows: padded
             length = next(s for s in buckets(self.max_length) if s >= max(len(rows[i][0]) for i in chunk))
             scored = next(s for s in sizes if s >= min(length, max(rows[i][2] for i in chunk)))
-            # A short last batch (or few rolling windows) is padded to a power of two rows, not batch_size.
-            shards = self.mesh.devices.size
-            n_rows = min(self.batch_size, -(-max(1 << (len(chunk) - 1).bit_length(), shards) // shards) * shards)
             tokens = np.zeros((n_rows, length), np.int32)
             lengths = np.ones(n_rows, np.int32)
             targets = np.zeros((n_rows, scored), np.int32)

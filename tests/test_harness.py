@@ -118,3 +118,18 @@ def test_without_lm_eval_the_command_says_what_to_install(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         cli_main(["lm-eval", "--tasks", "lambada_openai"])
     assert e.value.code == 2 and 'pip install -e ".[eval]"' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("total, batch_size, shards, expected", [
+    (37, 16, 1, [16, 16, 4, 1]),  # full batches, then the rest in power-of-two pieces: no padding row
+    (6, 16, 1, [4, 2]),
+    (16, 16, 1, [16]),
+    (7, 12, 1, [4, 2, 1]),
+    (13, 16, 8, [8, 8]),  # over 8 devices, pieces are multiples of 8: only the last is padded (5 of 8 rows)
+    (3, 16, 8, [8]),
+    (0, 16, 1, []),
+])
+def test_batches_pad_no_row_the_devices_do_not_need(total, batch_size, shards, expected):
+    from gpt2_jax.harness import batch_rows
+
+    assert batch_rows(total, batch_size, shards) == expected
