@@ -55,6 +55,40 @@ def table(title: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -
     return "\n".join(lines) + "\n"
 
 
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """--size or --shape, --vocab, --optimizer and --grad_clip: the model and optimizer a benchmark trains."""
+    parser.add_argument("--size", default="124M", help="model shape: 124M, 355M, 774M, 1558M")
+    parser.add_argument("--shape", type=_shape, default=None,
+                        help="LAYERSxWIDTHxHEADS instead of --size (e.g. 4x128x4, nanoGPT's small CPU model)")
+    parser.add_argument("--vocab", type=int, default=50257, help="vocabulary size (257: bytes)")
+    parser.add_argument("--optimizer", choices=("adam", "adamw"), default="adam", help="both peers")
+    parser.add_argument("--grad_clip", type=float, default=0.0, help="clip to this global norm (0: off)")
+
+
+def _shape(text: str) -> dict[str, int]:
+    """--shape: LAYERSxWIDTHxHEADS."""
+    try:
+        n_layer, n_embd, n_head = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: use LAYERSxWIDTHxHEADS, e.g. 4x128x4") from None
+    return dict(n_layer=n_layer, n_embd=n_embd, n_head=n_head)
+
+
+def model_shape(args: argparse.Namespace) -> tuple[str, dict[str, int]]:
+    """The name and (n_layer, n_embd, n_head) of the model --size or --shape asks for."""
+    from gpt2_jax.model import PRESETS
+
+    if args.shape:
+        return "x".join(str(args.shape[k]) for k in ("n_layer", "n_embd", "n_head")), args.shape
+    return args.size, PRESETS[args.size]
+
+
+def optimizer_words(args: argparse.Namespace) -> str:
+    """'Adam', 'AdamW, clipped to 1', ... for a table's title."""
+    words = "AdamW" if args.optimizer == "adamw" else "Adam"
+    return words + (f", clipped to {args.grad_clip:g}" if args.grad_clip else "")
+
+
 def add_record_flags(parser: argparse.ArgumentParser, smoke: str = "a tiny model, to check the script runs") -> None:
     """--smoke, --no_record and --out, which every benchmark script takes."""
     parser.add_argument("--smoke", action="store_true", help=smoke)

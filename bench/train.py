@@ -1,8 +1,10 @@
 """Training throughput: this project's jitted step vs transformers' GPT2LMHeadModel + torch.optim.Adam.
 
-    python bench/train.py [--size 124M] [--batch 4] [--seq_len 256] [--dtype float32] [--smoke]
+    python bench/train.py [--size 124M | --shape LxCxN --vocab V] [--batch 4] [--seq_len 256] [--dtype float32]
+                          [--optimizer adam|adamw] [--grad_clip G] [--smoke]
 
-Same model shape, batch, sequence length, dtype and optimizer in one process; after warm-up the
+Same model shape, batch, sequence length, dtype and optimizer (Adam or AdamW, with or without clipping
+to a global norm) in one process; after warm-up the
 peers alternate (A/B) for --rounds rounds of --steps steps, and medians are reported with the ratio.
 Our step runs twice, with the blocks unrolled and scanned (model.scan_layers), each with the time
 its first step took to trace and compile.
@@ -41,7 +43,7 @@ def _layouts(text: str) -> list[str]:
 def arguments() -> argparse.ArgumentParser:
     """The command line (also parsed by tests/test_bench.py against bench/gpu.sh)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="124M", help="model shape: 124M, 355M, 774M, 1558M")
+    common.add_model_flags(parser)
     parser.add_argument("--batch", type=int, default=None, help="default 4 on CPU, 16 on GPU")
     parser.add_argument("--seq_len", type=int, default=None, help="default 256 on CPU, 1024 on GPU")
     parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: float32 on CPU, bfloat16 on GPU)")
@@ -77,7 +79,7 @@ def main() -> None:
 
     from experiments import base
     from gpt2_jax import parallel
-    from gpt2_jax.model import GPT2Config, attention_implementation, init_params, preset, vocab_padding
+    from gpt2_jax.model import GPT2Config, attention_implementation, init_params, vocab_padding
     from gpt2_jax.steps import build_steps, flops_per_token, peak_bf16_flops
 
     if args.logits_backward == "autodiff":  # measure what the custom VJP saves: the einsum differentiated by JAX
@@ -91,7 +93,9 @@ def main() -> None:
     batch = args.batch or (16 if on_gpu else 4)
     seq_len = args.seq_len or (1024 if on_gpu else 256)
     dtype = args.dtype or ("bfloat16" if on_gpu else "float32")
-    config = preset(args.size, dtype=dtype, vocab_multiple=args.vocab_multiple)
+    args.size, shape = common.model_shape(args)
+    config = GPT2Config(n_vocab=args.vocab, n_ctx=seq_len if args.shape else 1024, **shape, dtype=dtype,
+                        vocab_multiple=args.vocab_multiple)
     if args.smoke:
         config = GPT2Config(n_vocab=500, n_ctx=64, n_embd=64, n_head=4, n_layer=2, dtype=dtype,
                             vocab_multiple=args.vocab_multiple)
@@ -99,6 +103,7 @@ def main() -> None:
         args.profile = min(args.profile, 2)
     train = base.get_config().train
     train.learning_rate, train.loss_chunk, train.flat_optimizer = 1e-4, args.loss_chunk, args.flat_optimizer
+    train.optimizer, train.grad_clip = args.optimizer, args.grad_clip
 
     # A: this project's step, exactly as the loop compiles it (one-device mesh), per block layout.
     mesh = parallel.make_mesh(1, 1)
@@ -137,7 +142,8 @@ def main() -> None:
                              n_head=config.n_head, n_layer=config.n_layer, attn_implementation="sdpa")
         torch.manual_seed(0)
         model = GPT2LMHeadModel(hf_config).to(device).train()
-        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        # torch's AdamW decays every parameter; ours skips biases, LayerNorms and embeddings: the work is alike
+        opt = (torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam)(model.parameters(), lr=1e-4)
         inputs = torch.tensor(tokens[:, :-1].astype(np.int64), device=device)
         labels = torch.tensor(tokens[:, 1:].astype(np.int64), device=device)
         autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
@@ -148,6 +154,8 @@ def main() -> None:
                     logits = m(inputs).logits
                 loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
                 loss.backward()
+                if args.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(m.parameters(), args.grad_clip)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 if device == "cuda":
@@ -193,8 +201,9 @@ def main() -> None:
     chunked += ", Adam over one flat vector (train.flat_optimizer)" if args.flat_optimizer else ""
     chunked += ", JAX compilation cache on (compile s may be a load)" if jax.config.jax_compilation_cache_dir else ""
     chunked += f", XLA_FLAGS={os.environ['XLA_FLAGS']}" if os.environ.get("XLA_FLAGS") else ""
+    vocab = f", vocabulary {config.n_vocab}" if config.n_vocab != 50257 else ""
     title = (f"Training step, {args.size if not args.smoke else 'smoke'} shape, batch {batch} x {seq_len}, {dtype}, "
-             f"Adam{chunked} (torch threads {torch.get_num_threads()})")
+             f"{common.optimizer_words(args)}{vocab}{chunked} (torch threads {torch.get_num_threads()})")
     header = ["peer", "compile s + first call s", "median step ms", "tokens/s",
               "speed vs transformers" if not args.no_torch else "speed vs first row", "MFU"]
     common.report(common.table(title, header, rows), record=not args.no_record, out=args.out)

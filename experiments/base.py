@@ -79,7 +79,7 @@ def get_config() -> ConfigDict:
     c.train.lora_targets = "attn.c_attn"  # comma-separated: attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj
     c.train.early_stop_patience = 0  # stop after N validations without improvement (0 = off; needs data.val_every)
     c.train.early_stop_min_delta = 0.0  # an improvement lowers the best validation loss by more than this
-    c.train.dispatch_ahead = False  # queue step N+1 before reading step N's metrics (checks, logs, stops one step late)
+    c.train.dispatch_ahead = True  # queue step N+1 before reading step N's metrics (checks, logs, Ctrl-C one step late)
     c.train.peak_tflops = 0.0  # device peak for MFU; 0 = known accelerators in bfloat16, otherwise not shown
 
     c.sample = ConfigDict()

@@ -355,8 +355,8 @@ def _train(config: Any, run_dir: Path, on_step: Callable[[int, dict], None] | No
                 judge(metrics["val_loss"])
                 last_time = time.perf_counter()
             logs.write(n, metrics)
+            bar.set_postfix_str(_postfix(metrics), refresh=False)  # drawn by update(), at most 10 times a second
             bar.update(1)
-            bar.set_postfix_str(_postfix(metrics))
             if actions and due(n, config.sample.sample_every):
                 _sample(config, model_config, state.params, encoder, workdir, n, is_main)
                 last_time = time.perf_counter()

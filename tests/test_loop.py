@@ -118,15 +118,18 @@ def test_dispatch_ahead_trains_bitwise_alike_and_stops_after_the_step_in_flight(
     assert sorted(p.name for p in (tmp_path / "samples" / "run1").iterdir()) == ["samples-4", "samples-8"]
 
 
-def test_sigterm_saves_and_stops_cleanly(tmp_path, shakespeare):
+@pytest.mark.parametrize("dispatch_ahead, last", [(False, 2), (True, 3)])  # ahead: step 3 was in flight
+def test_sigterm_saves_and_stops_cleanly(tmp_path, shakespeare, dispatch_ahead, last):
     def terminate_at_2(step, metrics):
         if step == 2:
             signal.raise_signal(signal.SIGTERM)
 
     before = signal.getsignal(signal.SIGTERM)
-    result = loop.run(tiny_config(tmp_path, shakespeare[0], **{"train.total_steps": 50}), on_step=terminate_at_2)
-    assert result["step"] == 2
-    assert checkpoints.make_manager(tmp_path / "checkpoint" / "run1", read_only=True).all_steps() == [2]
+    result = loop.run(tiny_config(tmp_path, shakespeare[0], **{"train.total_steps": 50,
+                                                               "train.dispatch_ahead": dispatch_ahead}),
+                      on_step=terminate_at_2)
+    assert result["step"] == last
+    assert checkpoints.make_manager(tmp_path / "checkpoint" / "run1", read_only=True).all_steps() == [last]
     assert signal.getsignal(signal.SIGTERM) == before  # the loop's handler is gone again
 
 
