@@ -16,8 +16,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import jax
-
 from absl import flags
 from ml_collections import config_flags
 
@@ -114,6 +112,8 @@ def parse(argv: list[str]):
 def dry_run(config, target=None) -> None:
     """Print the resolved config, the parameter count and the compiled step's FLOPs and memory; for a
     compile target (targets.Target), compiled for it, with the line saying whether it fits."""
+    import jax
+
     from gpt2_jax import parallel
     from gpt2_jax.model import attention_implementation, vocab_padding
     from gpt2_jax.resolve import model_config_of
@@ -169,6 +169,8 @@ def dry_run(config, target=None) -> None:
 
 def run_sweep(config, spec: str) -> None:
     """--sweep: list the points (with --dry_run) or run them all and write the sweep's report."""
+    import jax
+
     from gpt2_jax import sweep
 
     axes = sweep.parse(_SWEEP.value, config)

@@ -50,7 +50,7 @@ def get_config() -> ConfigDict:
     c.data.val_split = 0.0  # hold out the last fraction of the training data for validation (never trained on)
     c.data.val_batch_size = 2  # --val_batch_size
     c.data.val_batch_count = 40  # --val_batch_count: a fixed set of batches, drawn once with a fixed seed
-    c.data.val_every = 0  # --val_every: validate every N steps (0 = never)
+    c.data.val_every = 0  # --val_every: validate every N steps, and at the last of total_steps (0 = never)
     c.data.document_mask = False  # a window's documents (split at end-of-text ids) see only themselves; positions restart
     c.data.allow_changed = False  # resume although the data differ from what the run started on (not exact then)
 

@@ -13,7 +13,6 @@ import sysconfig
 from pathlib import Path
 
 from experiments import base
-from gpt2_jax.resolve import find_vocab_dir
 
 VARIANTS = {"default": "a small GPT-2 from scratch on the stdlib's *.py files (~3.5 minutes on 2 CPU cores), "
                        "then samples of methods ('    def ...')"}
@@ -21,6 +20,8 @@ VARIANTS = {"default": "a small GPT-2 from scratch on the stdlib's *.py files (~
 
 def get_config(variant: str = "default"):
     """Small model, AdamW with warmup and cosine decay, five validations, samples at the end."""
+    from gpt2_jax.resolve import find_vocab_dir  # here, not at the top: launch.py --list imports every experiment
+
     base.check_variant("demo", variant, VARIANTS)
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     c = base.get_config()
@@ -37,12 +38,18 @@ def get_config(variant: str = "default"):
         c.sample.prompt = "    def "
     c.data.dataset = str(stdlib / "[!t-z]*.py")
     c.data.val_dataset = str(stdlib / "[t-z]*.py")
-    c.data.val_every, c.data.val_batch_size, c.data.val_batch_count = c.train.total_steps // 5, 16, 4
+    c.data.val_batch_size, c.data.val_batch_count = 16, 4
     c.train.batch_size = 8
     c.train.optimizer = "adamw"
     c.train.lr_schedule, c.train.warmup_steps = "cosine", 30
     c.train.grad_clip = 1.0
-    c.sample.sample_every, c.sample.sample_num = c.train.total_steps, 2
+    c.sample.sample_num = 2
     c.sample.temperature, c.sample.top_k = 0.6, 20
-    c.checkpoint.save_every = c.train.total_steps // 4
+    # Intervals follow train.total_steps, also when it is overridden (--config.train.total_steps=60):
+    # five validations (and one at the last step), four checkpoints, samples at the end.
+    total = c.train.get_ref("total_steps")
+    c.data.val_every = (total + 4) // 5
+    c.checkpoint.save_every = (total + 3) // 4
+    c.sample.sample_every = total
+    c.checkpoint.keep = 2  # a checkpoint holds the weights and Adam's two moments (README): the last two
     return c

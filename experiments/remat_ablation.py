@@ -7,7 +7,6 @@ Writes WORKDIR/ablation/RUN_NAME/ablation.{md,png,json}. Variants: tiny (CI-size
 from __future__ import annotations
 
 from experiments import base
-from gpt2_jax.model import PRESETS
 
 VARIANTS = {
     "tiny": "a 2-layer, 64-wide model at T=256: every policy, micro-batches 2 and 4 (runs in CI)",
@@ -20,6 +19,8 @@ VARIANTS = {
 
 def get_config(variant: str = "124M"):
     """The base config with an `ablation` section; the model is randomly initialised at the variant's shape."""
+    from gpt2_jax.model import PRESETS  # here, not at the top: launch.py --list imports every experiment
+
     base.check_variant("remat_ablation", variant, VARIANTS)
     c = base.get_config()
     c.mode = "remat_ablation"

@@ -311,8 +311,9 @@ def _train(config: Any, run_dir: Path, on_step: Callable[[int, dict], None] | No
             tqdm.write(f"[{step} | validation] val_loss={loss:.4f}")
             return loss
 
+        validated_at = None  # the last step validated
         if val_batches:  # the starting point, so the log shows how far validation loss falls
-            start_loss = validate()
+            start_loss, validated_at = validate(), step
             logs.write(step, {"val_loss": start_loss})
             if resume is None:  # a resumed step was judged when it was first validated
                 judge(start_loss)
@@ -334,7 +335,7 @@ def _train(config: Any, run_dir: Path, on_step: Callable[[int, dict], None] | No
         def record(n: int, out: dict, actions: bool) -> None:
             """Step n's metrics (waiting for it), logged; with `actions` (state is step n's): validation,
             samples and the checkpoint due at n."""
-            nonlocal avg_loss, metrics, last_time
+            nonlocal avg_loss, metrics, last_time, validated_at
             loss, grad_norm = float(out["loss"]), float(out["grad_norm"])
             now = time.perf_counter()
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -351,7 +352,7 @@ def _train(config: Any, run_dir: Path, on_step: Callable[[int, dict], None] | No
                     metrics["mfu"] = metrics["tokens_per_sec"] * flops_per_token(model_config, seq_len) / peak
             last_time = now
             if actions and val_batches and due(n, config.data.val_every):
-                metrics["val_loss"] = validate()
+                metrics["val_loss"], validated_at = validate(), n
                 judge(metrics["val_loss"])
                 last_time = time.perf_counter()
             logs.write(n, metrics)
@@ -384,6 +385,10 @@ def _train(config: Any, run_dir: Path, on_step: Callable[[int, dict], None] | No
                         record(step, out, actions=True)
                 if pending is not None:
                     record(*pending, actions=False)
+                if val_batches and total and step >= total and validated_at != step:  # a run ends validated
+                    metrics["val_loss"], validated_at = validate(), step
+                    logs.write(step, {"val_loss": metrics["val_loss"]})
+                    judge(metrics["val_loss"])
                 if stop.requested:
                     tqdm.write(f"stopped at step {step}: saving a checkpoint to {run_dir}")
                 if stopped_early():

@@ -78,3 +78,15 @@ def test_help_and_the_tokenizer_do_not_start_jax():
             "print(sorted(m for m in sys.modules if m == 'jax' or m.startswith('jax.')))")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr[-2000:]
+
+
+def test_launch_list_does_not_start_jax():
+    # `python launch.py --list` loads every experiment file: none of them imports JAX at its top.
+    import subprocess
+    import sys
+
+    code = ("import sys, launch\nprint(len(launch.list_experiments().splitlines()))\n"
+            "print(sorted(m for m in sys.modules if m == 'jax' or m.startswith('jax.')))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    lines = done.stdout.strip().splitlines()
+    assert done.returncode == 0 and int(lines[0]) > 10 and lines[-1] == "[]", done.stdout + done.stderr[-2000:]

@@ -294,20 +294,21 @@ def test_demo_on_a_fresh_machine_uses_bytes_and_continues_its_prompt(tmp_path):
     assert samples.startswith("    def ")
 
 
-def test_demo_writes_every_output(tmp_path, shared_dir):
+def test_demo_writes_every_output_at_intervals_that_follow_its_total_steps(tmp_path, shared_dir):
+    # Only total_steps is overridden: validation every ceil(7/5) = 2 steps and at the last, checkpoints
+    # every ceil(7/4) = 2 (the last two kept), samples at the end.
     env = {**os.environ, "GPT2_JAX_SHARED": str(shared_dir)}
     done = subprocess.run([sys.executable, "launch.py", "--config=experiments/demo.py", f"--workdir={tmp_path}",
-                           "--config.train.total_steps=2", "--config.train.warmup_steps=1",
+                           "--config.train.total_steps=7", "--config.train.warmup_steps=1",
                            "--config.train.batch_size=2", "--config.data.val_batch_size=2",
-                           "--config.data.val_every=2", "--config.data.val_batch_count=1",
-                           "--config.sample.sample_every=2", "--config.sample.sample_length=8"],
+                           "--config.data.val_batch_count=1", "--config.sample.sample_length=8"],
                           cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "SAMPLE 1 (model-generated text)" in done.stdout + done.stderr
-    assert "val_loss=" in done.stdout + done.stderr
     assert json.loads((tmp_path / "checkpoint" / "demo" / "hparams.json").read_text())["n_vocab"] == 50257
-    assert (tmp_path / "samples" / "demo" / "samples-2").is_file()
-    assert checkpoints.make_manager(tmp_path / "checkpoint" / "demo", read_only=True).latest_step() == 2
+    assert [m["step"] for m in read_metrics(tmp_path, "demo") if "val_loss" in m] == [0, 2, 4, 6, 7]
+    assert [p.name for p in (tmp_path / "samples" / "demo").iterdir()] == ["samples-7"]
+    assert checkpoints.make_manager(tmp_path / "checkpoint" / "demo", read_only=True).all_steps() == [6, 7]
 
 
 def test_document_mask_trains_the_masked_loss(tmp_path):
