@@ -1,8 +1,10 @@
-"""Start-up with JAX's persistent compilation cache: the first launch against a repeated one.
+"""Start-up: the quick commands against importing JAX, and JAX's persistent compilation cache.
 
     python bench/startup.py [--size 124M] [--smoke]
 
-Both commands run as a user runs them, in fresh processes, with GPT2_JAX_COMPILATION_CACHE pointing
+First the whole wall time of `gpt2-jax --help`, `python launch.py --list` and `gpt2-jax sample` of 60
+tokens (the cache warm), each the median of three fresh processes, against the interpreter alone and
+`import jax` (the floor of any command that computes). Then, with GPT2_JAX_COMPILATION_CACHE pointing
 at an empty directory: `gpt2-jax sample` of 100 tokens (wall time of the whole command) and a
 from-scratch `launch.py` training run (time from the process's start to its first logged step),
 each twice; then the same with the cache off, as the peer.
@@ -48,8 +50,12 @@ def main() -> None:
         model = save_hf_model(random_hf_model(n_vocab=n_vocab, n_ctx=n_ctx, **shape), tmp / "model")
         write_byte_vocab(model, n_vocab)
         base_env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-        sample = [sys.executable, "-m", "gpt2_jax", "sample", "--model_dir", str(model), "--length", "100",
-                  "--top_k", "1", "--seed", "0", "--json"]
+
+        def sample_command(length: int) -> list[str]:
+            return [sys.executable, "-m", "gpt2_jax", "sample", "--model_dir", str(model), "--length", str(length),
+                    "--top_k", "1", "--seed", "0", "--json"]
+
+        sample = sample_command(100)
 
         def launch(workdir: Path) -> list[str]:
             return [sys.executable, "launch.py", "--config=experiments/finetune.py", f"--workdir={workdir}",
@@ -58,6 +64,27 @@ def main() -> None:
                     f"--config.data.dataset={common.REPO / 'gpt2_jax'}", "--config.data.seq_len=64",
                     "--config.train.batch_size=2", "--config.train.total_steps=1", "--config.sample.sample_every=0",
                     "--config.checkpoint.save_every=0", "--config.checkpoint.async_save=False"]
+
+        # The quick commands, each in fresh processes (median of three), against the interpreter and `import jax`.
+        env = {**base_env, "GPT2_JAX_COMPILATION_CACHE": str(tmp / "quick_cache")}
+        quick = {"python -c pass": [sys.executable, "-c", "pass"],
+                 "python -c 'import jax'": [sys.executable, "-c", "import jax"],
+                 "gpt2-jax --help": [sys.executable, "-m", "gpt2_jax", "--help"],
+                 "python launch.py --list": [sys.executable, "launch.py", "--list"],
+                 "gpt2-jax sample (60 tokens, cache warm)": sample_command(60)}
+        subprocess.run(quick["gpt2-jax sample (60 tokens, cache warm)"], env=env, cwd=common.REPO, check=True,
+                       capture_output=True)  # fills the cache
+        seconds = {}
+        for what, command in quick.items():
+            seconds[what] = common.median_seconds(
+                lambda: subprocess.run(command, env=env, cwd=common.REPO, check=True, capture_output=True),
+                repeat=1 if args.smoke else 3, warmup=0)
+        floor = seconds["python -c 'import jax'"]
+        quick_rows = [(what, f"{s:.2f}", f"{s / floor:.2f}") for what, s in seconds.items()]
+        common.report(common.table(f"Start-up of the quick commands, {args.size if not args.smoke else 'smoke'} "
+                                   "shape for sample, median of 3 fresh processes",
+                                   ["command", "wall s", "vs import jax"], quick_rows),
+                      record=not args.no_record, out=args.out)
 
         # --smoke: launch.py once, cache on (the script's own path; tests/test_sampling.py runs sample with the cache)
         for cache in ("on",) if args.smoke else ("on", "off"):

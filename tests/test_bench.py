@@ -27,6 +27,8 @@ from conftest import FAST_COMPILE_FLAG, REPO
     ("parallel.py", ["--devices", "2"]),
     ("scaling.py", ["--png", "{tmp}/scaling.png"]),
     ("targets.py", []),
+    ("harness.py", []),
+    ("lora.py", []),
 ])
 def test_bench_smoke(script, extra, tmp_path, shared_dir):
     extra = [e.replace("{tmp}", str(tmp_path)) for e in extra]
