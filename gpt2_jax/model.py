@@ -402,7 +402,10 @@ def _float32_logits_bwd(saved: tuple, d_logits: jax.Array) -> tuple[jax.Array, j
     hidden, w = saved
     d_logits = d_logits.astype(hidden.dtype)
     d_hidden = jnp.einsum("...v,vc->...c", d_logits, w, preferred_element_type=jnp.float32)
-    d_w = jnp.einsum("...v,...c->vc", d_logits, hidden, preferred_element_type=jnp.float32)
+    if hidden.dtype == jnp.float32:  # XLA:CPU transposed the [..., V] cotangent for [V, C]: transpose [C, V] instead
+        d_w = jnp.einsum("...c,...v->cv", hidden, d_logits).T
+    else:  # (XLA:CPU runs no 16-bit dot in that orientation; GPUs lay out either alike)
+        d_w = jnp.einsum("...v,...c->vc", d_logits, hidden, preferred_element_type=jnp.float32)
     return d_hidden.astype(hidden.dtype), d_w.astype(w.dtype)
 
 
