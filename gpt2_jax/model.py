@@ -398,7 +398,7 @@ def _float32_logits_bwd(saved: tuple, d_logits: jax.Array) -> tuple[jax.Array, j
     # Autodiff would run both backward matmuls as float32 [..., V] x bf16 -> float32, off the bf16
     # tensor cores (the GPU profile in BENCHMARKS.md shows their cost). Rounding the cotangent to the
     # compute dtype first makes them bf16 x bf16 with float32 accumulation, as under torch autocast;
-    # in float32 this is exactly autodiff's computation.
+    # in float32 this is autodiff's computation (the weight gradient's dot in another orientation).
     hidden, w = saved
     d_logits = d_logits.astype(hidden.dtype)
     d_hidden = jnp.einsum("...v,vc->...c", d_logits, w, preferred_element_type=jnp.float32)
