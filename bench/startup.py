@@ -75,15 +75,15 @@ def main() -> None:
         if not args.smoke:  # fills the cache
             subprocess.run(quick["gpt2-jax sample (60 tokens, cache warm)"], env=env, cwd=common.REPO, check=True,
                            capture_output=True)
-        seconds = {}
+        seconds, repeat = {}, 1 if args.smoke else 3
         for what, command in quick.items():
             seconds[what] = common.median_seconds(
                 lambda: subprocess.run(command, env=env, cwd=common.REPO, check=True, capture_output=True),
-                repeat=1 if args.smoke else 3, warmup=0)
+                repeat=repeat, warmup=0)
         floor = seconds["python -c 'import jax'"]
         quick_rows = [(what, f"{s:.2f}", f"{s / floor:.2f}") for what, s in seconds.items()]
         common.report(common.table(f"Start-up of the quick commands, {args.size if not args.smoke else 'smoke'} "
-                                   "shape for sample, median of 3 fresh processes",
+                                   f"shape for sample, median of {repeat} fresh processes",
                                    ["command", "wall s", "vs import jax"], quick_rows),
                       record=not args.no_record, out=args.out)
 
