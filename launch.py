@@ -67,13 +67,22 @@ def list_experiments() -> str:
     return "\n".join(lines)
 
 
+def resolve_spec(spec: str) -> str:
+    """`PATH[:VARIANT]` with PATH made absolute: a file as given, else the project's experiments/ file of
+    that name (`experiments/finetune.py`, `finetune.py` or `finetune` from any directory)."""
+    path, sep, variant = spec.partition(":")
+    name = Path(path).name if path.endswith(".py") else f"{Path(path).name}.py"
+    candidates = [Path(path), EXPERIMENTS.parent / path, EXPERIMENTS / name]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        raise UserError(f"--config={spec}: no experiment file {path} here ({Path.cwd()}) nor {name} in "
+                        f"{EXPERIMENTS}; the experiments are: {', '.join(experiments())} (python launch.py --list)")
+    return f"{found.resolve()}{sep}{variant}"
+
+
 def load_experiment(spec: str):
-    """The config of `experiments/NAME.py[:VARIANT]`, loaded directly (for error messages)."""
+    """The config of `experiments/NAME.py[:VARIANT]` (spec resolved), loaded directly (for error messages)."""
     path, _, variant = spec.partition(":")
-    if not Path(path).is_file():
-        names = ", ".join(experiments())
-        raise UserError(f"--config={spec}: no experiment file {path}; the experiments are: {names} "
-                        "(python launch.py --list)")
     module = _module(Path(path))
     try:
         return module.get_config(variant) if variant else module.get_config()
@@ -86,7 +95,9 @@ def parse(argv: list[str]):
     spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
     if spec is None:
         raise UserError("--config=experiments/NAME.py[:VARIANT] is required")
-    valid = _valid_keys(load_experiment(spec))  # a bad file or variant is reported here, plainly
+    resolved = resolve_spec(spec)
+    argv = [f"--config={resolved}" if a == f"--config={spec}" else a for a in argv]
+    valid = _valid_keys(load_experiment(resolved))  # a bad file or variant is reported here, plainly
     try:
         flags.FLAGS(argv)
     except Exception as e:  # noqa: BLE001 - absl and ml_collections raise several types; explain them here

@@ -244,7 +244,8 @@ def read_merges(path: Path) -> list[tuple[str, str]]:
             continue
         pair = line.split()
         if len(pair) != 2:
-            raise UserError(f"{path}: line {n} is not a merge pair: {line!r}")
+            raise UserError(f"{path}: line {n} is not a merge pair: {line!r}; the file is truncated or damaged: "
+                            "download it again")
         merges.append((pair[0], pair[1]))
     return merges
 
@@ -273,7 +274,23 @@ def get_encoder(model_dir: str | os.PathLike) -> Encoder:
         raise UserError(f"{ids_path}: not valid JSON ({e}); the vocabulary is damaged: download it again") from None
     if not isinstance(encoder, dict):
         raise UserError(f"{ids_path}: not a JSON object of token ids; the vocabulary is damaged: download it again")
-    return Encoder(encoder, read_merges(merges_path))
+    merges = read_merges(merges_path)
+    _check_merges(encoder, merges, ids_path, merges_path)
+    return Encoder(encoder, merges)
+
+
+def _check_merges(encoder: dict[str, int], merges: list[tuple[str, str]], ids_path: Path, merges_path: Path) -> None:
+    """Each merge makes a token of the vocabulary, and each token that is neither a byte nor a special
+    `<|...|>` one is made by a merge: a truncated merges file (fewer merges, other tokens) is caught here."""
+    for n, (a, b) in enumerate(merges, start=2):
+        if a + b not in encoder:
+            raise UserError(f"{merges_path}: the merge on line {n} ({a} {b}) makes a token that is not in {ids_path}; "
+                            "the two files are damaged or from different vocabularies: download them again")
+    byte_symbols = set(bytes_to_unicode().values())
+    merged = sum(1 for token in encoder if token not in byte_symbols and not (token.startswith("<|") and token.endswith("|>")))
+    if merged != len(merges):
+        raise UserError(f"{merges_path}: {len(merges)} merges, but {ids_path} has {merged} merged tokens; the merges "
+                        "file is truncated or damaged: download it again")
 
 
 def byte_level_encoder() -> Encoder:

@@ -53,6 +53,17 @@ def shared_path() -> Path:
     return Path(os.environ.get("GPT2_JAX_SHARED", REPO.parent / "shared"))
 
 
+def needs_module(module: str, extra: str) -> None:
+    """Skip (fail under CI, which installs every extra) when an optional extra's module is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        message = f"{module} is not installed (pip install -e '.[{extra}]')"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     path = shared_path()

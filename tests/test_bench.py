@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST_COMPILE_FLAG, REPO
+from conftest import FAST_COMPILE_FLAG, REPO, needs_module
 
 
 @pytest.mark.parametrize("script, extra", [
@@ -31,6 +31,9 @@ from conftest import FAST_COMPILE_FLAG, REPO
     ("lora.py", []),
 ])
 def test_bench_smoke(script, extra, tmp_path, shared_dir):
+    # the deviceless compiles: one TPU and one GPU target (targets.py), a GPU target (lora.py)
+    for module in {"targets.py": ["libtpu", "jax_cuda12_plugin"], "lora.py": ["jax_cuda12_plugin"]}.get(script, []):
+        needs_module(module, "tpu-aot,gpu-aot")
     extra = [e.replace("{tmp}", str(tmp_path)) for e in extra]
     # benchmarks compile as users do: without the tests' fast-compile flag and shared compilation cache
     # (conftest.py; a profile of an executable loaded from that cache names fewer of its ops)

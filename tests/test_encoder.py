@@ -162,3 +162,23 @@ def test_missing_or_broken_vocabulary_is_a_clear_error(tmp_path):
     (tmp_path / "vocab.bpe").write_text("#version: 0.2\n")
     with pytest.raises(UserError, match="encoder.json: not valid JSON"):
         get_encoder(tmp_path)
+
+
+@pytest.mark.parametrize("cut", ["lines", "mid-line"])
+def test_a_truncated_merges_file_is_one_line_naming_it(gpt2_vocab_dir, tmp_path, cut, capsys):
+    import shutil
+
+    from gpt2_jax.cli import main as cli_main
+
+    shutil.copyfile(gpt2_vocab_dir / "encoder.json", tmp_path / "encoder.json")
+    text = (gpt2_vocab_dir / "vocab.bpe").read_text(encoding="utf-8")
+    end = text.index("\n", len(text) // 2) + 1
+    (tmp_path / "vocab.bpe").write_text(text[:end] if cut == "lines" else text[:end + 3], encoding="utf-8")
+    with pytest.raises(UserError, match=f"^{tmp_path / 'vocab.bpe'}: .*download (it|them) again"):
+        get_encoder(tmp_path)
+    (tmp_path / "a.txt").write_text("hello")
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["encode", str(tmp_path / "a.txt"), str(tmp_path / "a.npz"), "--model_dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and f"{tmp_path / 'vocab.bpe'}:" in err, err
+    assert not (tmp_path / "a.npz").exists()

@@ -278,6 +278,21 @@ def test_launch_rejects_a_mistyped_key_with_the_valid_ones():
     assert done.returncode == 2 and "use one of 124M, 355M, 774M, 1558M" in done.stderr
 
 
+def test_an_experiment_name_resolves_from_any_directory_or_says_where_it_looked(tmp_path):
+    parse = ("import sys; sys.path.insert(0, sys.argv[1]); import launch; "
+             "c = launch.parse(sys.argv[1:]); print(c.model.name, c.train.learning_rate)")
+    for spec in ("experiments/finetune.py:355M", "finetune.py:355M", "finetune:355M"):
+        done = subprocess.run([sys.executable, "-c", parse, str(REPO), f"--config={spec}",
+                               "--config.train.learning_rate=0.001"], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0 and done.stdout.split() == ["355M", "0.001"], (spec, done.stderr[-2000:])
+    done = subprocess.run([sys.executable, str(REPO / "launch.py"), "--config=experiments/finetun.py"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    line = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 2 and f"here ({tmp_path}) nor finetun.py in {REPO / 'experiments'}" in line, line
+    assert "finetune.py" in line and "Traceback" not in done.stderr
+
+
 def test_demo_on_a_fresh_machine_uses_bytes_and_continues_its_prompt(tmp_path):
     # no ../shared beside the working directory, no models/, GPT2_JAX_SHARED empty: the byte-level vocabulary
     (tmp_path / "empty").mkdir()

@@ -7,9 +7,7 @@ without them on a developer's machine and fail instead under CI (CI=true).
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import re
 import subprocess
 import sys
@@ -18,7 +16,7 @@ import pytest
 
 from gpt2_jax import targets
 from gpt2_jax.errors import UserError
-from tests.conftest import REPO
+from tests.conftest import REPO, needs_module
 
 LINE = re.compile(r"^target (\S+): (\d+) devices, mesh data=(\d+) fsdp=(\d+), peak (\d+\.\d{3}) GiB of "
                   r"(\d+\.\d{3}) GiB per device, (fits|does not fit)$", re.M)
@@ -29,11 +27,7 @@ TINY = ["--config=experiments/demo.py", "--config.model.vocab=bytes", "--config.
 
 
 def _needs(module: str) -> None:
-    if importlib.util.find_spec(module) is None:
-        message = f"{module} is not installed (pip install -e '.[tpu-aot,gpu-aot]')"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    needs_module(module, "tpu-aot,gpu-aot")
 
 
 def _launch(*args: str, tmp_path) -> subprocess.CompletedProcess:
