@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
-import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -228,8 +227,8 @@ def main(argv: list[str]) -> None:
 
             if not supervisor.is_supervised_child():  # JAX's C++ abort on a lost peer becomes one line
                 p = config.parallel
-                log = Path(config.workdir) / "logs" / config.run_name / \
-                    f"jax-{p.process_id if p.distributed == 'explicit' else socket.gethostname()}.log"
+                log = f"{config.workdir.rstrip('/')}/logs/{config.run_name}/jax-" \
+                      f"{p.process_id if p.distributed == 'explicit' else supervisor.process_name()}.log"
                 job = f"{p.num_processes}-process job" if p.distributed == "explicit" else "multi-process job"
                 sys.exit(supervisor.supervise(argv, log, job))
         from gpt2_jax.steps import enable_compilation_cache

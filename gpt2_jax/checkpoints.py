@@ -25,9 +25,9 @@ import fcntl
 import json
 import logging
 import os
-import shutil
 import socket
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from gpt2_jax import storage
 from gpt2_jax.errors import StorageError, UserError, reason
 from gpt2_jax.model import GPT2Config, convert_layout, merge_lora, param_shapes
 
@@ -53,17 +54,124 @@ def run_lock(run_dir: Path) -> Path:
     return run_dir.with_name(run_dir.name + LOCK_SUFFIX)
 
 
+def _holder() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(),
+            "since": datetime.datetime.now().isoformat(timespec="seconds")}
+
+
+def _busy(run_dir: Path, who: str, more: str = "") -> UserError:
+    return UserError(f"{run_dir} is being trained by another job ({who}); stop that job first, or train under another "
+                     f"run_name{more} (nothing was written)")
+
+
+class RunLease:
+    """The lock of a run in Google Cloud Storage, where there is no flock: an object created only if absent
+    (generation precondition 0), rewritten every lease/3 seconds by a thread of process 0 while it trains
+    (each rewrite conditional on the generation it wrote last), and deleted at the end. A lock object
+    not rewritten for `lease_s` is stale (its job was killed) and is taken over, so kill -9 locks a run
+    out for no longer than the lease. Losing the lock (another job took it over after this one stalled for
+    longer than the lease) is raised by check()."""
+
+    def __init__(self, url: Any, run_dir: Any, lease_s: float):
+        from google.cloud import storage as gcs
+
+        bucket, _, name = str(url).split("://", 1)[1].partition("/")
+        self.blob = gcs.Client().bucket(bucket).blob(name)
+        self.run_dir, self.lease_s, self.lost = run_dir, lease_s, False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._refresh_until_stopped, daemon=True)
+
+    def acquire(self) -> None:
+        """Create the lock object, taking over a stale one; a fresh one held by another job: UserError."""
+        from google.api_core.exceptions import NotFound, PreconditionFailed
+
+        for _ in range(3):
+            try:
+                self.blob.upload_from_string(json.dumps({**_holder(), "lease_s": self.lease_s}),
+                                             if_generation_match=0)
+                self._thread.start()
+                return
+            except PreconditionFailed:
+                held = self.blob.bucket.get_blob(self.blob.name)
+                if held is None:  # released meanwhile
+                    continue
+                age = (datetime.datetime.now(datetime.timezone.utc) - held.updated).total_seconds()
+                try:
+                    who = json.loads(held.download_as_text())
+                    who = f"host {who['host']}, process id {who['pid']}, since {who['since']}"
+                except Exception:  # noqa: BLE001 - unreadable or deleted meanwhile: say what is known
+                    who = "a job that did not say who it is"
+                if age <= self.lease_s:
+                    raise _busy(self.run_dir, f"{who}, its lock {self.blob.name} renewed {age:.0f} s ago",
+                                f"; a job that was killed holds it for at most checkpoint.lock_lease_s="
+                                f"{self.lease_s:g} s") from None
+                _warn(f"taking over the lock of {self.run_dir} from {who}: not renewed for {age:.0f} s, longer "
+                      f"than checkpoint.lock_lease_s={self.lease_s:g} (its job was killed)")
+                try:
+                    held.delete(if_generation_match=held.generation)
+                except (NotFound, PreconditionFailed):
+                    pass  # another launch took it over first: the next attempt finds out whose it is
+        raise _busy(self.run_dir, "another launch is taking it over at this moment")
+
+    def _refresh_until_stopped(self) -> None:
+        from google.api_core.exceptions import PreconditionFailed
+
+        while not self._stop.wait(self.lease_s / 3):
+            try:  # no retries: the next renewal is the retry
+                self.blob.upload_from_string(json.dumps({**_holder(), "lease_s": self.lease_s}),
+                                             if_generation_match=self.blob.generation, retry=None,
+                                             timeout=self.lease_s / 3)
+            except PreconditionFailed:
+                self.lost = True
+                return
+            except Exception:  # noqa: BLE001 - a passing store failure: the next renewal tries again
+                continue
+
+    def check(self) -> None:
+        """Raise when another job has taken the lock over (this one stalled for longer than the lease)."""
+        if self.lost:
+            raise UserError(f"another job took over the lock of {self.run_dir} after this one did not renew it for "
+                            f"checkpoint.lock_lease_s={self.lease_s:g} s; stopping without saving so that one job "
+                            "writes the run")
+
+    def release(self) -> None:
+        """Stop renewing and delete the lock object, if it is still this job's."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=self.lease_s / 3)
+        if not self.lost:
+            try:
+                self.blob.delete(if_generation_match=self.blob.generation, retry=None, timeout=10)
+            except Exception:  # noqa: BLE001 - already gone, or the store is failing: it goes stale
+                pass
+
+
 @contextlib.contextmanager
-def claim_run(run_dir: Path, is_main: bool = True):
-    """Hold the run directory for this job while it trains: process 0 takes an exclusive flock on its
-    run_lock file (naming this host and process id), which the operating system releases when the
-    process ends however it ends (kill -9 leaves nothing stale). A second job on the same run
-    directory is refused in one line, exit 2. On a filesystem without working locks (some network
-    filesystems) the run goes on, with a warning."""
+def claim_run(run_dir: Path, is_main: bool = True, lease_s: float = 60.0):
+    """Hold the run directory for this job while it trains; yields a RunLease in Cloud Storage, else None.
+
+    On a disk: process 0 takes an exclusive flock on its run_lock file (naming this host and process id),
+    which the operating system releases when the process ends however it ends (kill -9 leaves nothing
+    stale). In gs://: a RunLease. A second job on the same run directory is refused in one line, exit 2.
+    Where neither works (a network filesystem without locks, another store) the run goes on, with a warning.
+    """
     if not is_main:
-        yield
+        yield None
         return
     lock = run_lock(run_dir)
+    if storage.is_url(lock):
+        if not str(lock).startswith("gs://"):
+            _warn(f"cannot lock {lock} (runs are locked on disks and in gs:// only): a second launch on this run "
+                  "would not be refused; make sure only one job trains in it")
+            yield None
+            return
+        lease = RunLease(lock, run_dir, lease_s)
+        lease.acquire()
+        try:
+            yield lease
+        finally:
+            lease.release()
+        return
     lock.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -76,16 +184,14 @@ def claim_run(run_dir: Path, is_main: bool = True):
                 who = f"host {who['host']}, process id {who['pid']}, since {who['since']}"
             except (ValueError, KeyError, TypeError):
                 who = "a process that has not yet written its name"
-            raise UserError(f"{run_dir} is being trained by another job ({who}); stop that job first, or train "
-                            "under another run_name (nothing was written)") from None
+            raise _busy(run_dir, who) from None
         except OSError as e:
             _warn(f"cannot lock {lock} ({reason(e)}): a second launch on this run would not "
                   "be refused; make sure only one job trains in it")
         else:
             os.ftruncate(fd, 0)
-            since = datetime.datetime.now().isoformat(timespec="seconds")
-            os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": since}).encode(), 0)
-        yield
+            os.pwrite(fd, json.dumps(_holder()).encode(), 0)
+        yield None
     finally:
         os.close(fd)  # releases the lock
 
@@ -128,11 +234,16 @@ def make_manager(run_dir: Path, *, keep: int = 5, keep_every_hours: float = 0.0,
         save_interval_steps=0 if read_only else 1,
         keep_time_interval=datetime.timedelta(hours=keep_every_hours) if keep_every_hours > 0 else None,
         enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=not read_only,  # remove what a killed save left behind
+        # In a store, the step's directories are made before save() returns: a store that fails then fails
+        # the save at once, instead of leaving orbax's writer threads waiting for them until its timeout.
+        async_options=ocp.AsyncOptions(create_directories_asynchronously=not storage.is_url(run_dir)),
+        # Remove what a killed save left behind. Not in a store, where orbax takes every folder without its
+        # commit file for a partial step (damaged/, superseded/, best/): CheckpointWriter removes those there.
+        cleanup_tmp_directories=not read_only and not storage.is_url(run_dir),
         create=not read_only,
         read_only=read_only,
     )
-    return ocp.CheckpointManager(Path(run_dir).absolute(), options=options,
+    return ocp.CheckpointManager(storage.absolute(run_dir), options=options,
                                  item_names=("params", "opt_state", "meta"))
 
 
@@ -180,16 +291,17 @@ def _verify(tree: Any, recorded: dict[str, str], item: str) -> None:
 
 # --- Saving ----------------------------------------------------------------------------------------
 
-def _directory_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
 class CheckpointWriter:
     """Saves steps through an orbax manager with checksums, a free-space check before each save, and
     every write failure (synchronous or asynchronous) turned into one StorageError line."""
 
     def __init__(self, run_dir: Path, *, keep: int = 5, keep_every_hours: float = 0.0, async_save: bool = True):
-        self.run_dir = Path(run_dir).absolute()
+        self.run_dir = storage.absolute(run_dir)
+        if storage.is_url(self.run_dir) and jax.process_index() == 0 and self.run_dir.is_dir():
+            for child in self.run_dir.iterdir():  # before any save: no process writes a step yet
+                if child.name.isdigit():
+                    for partial in _partial_steps(self.run_dir, int(child.name)):
+                        storage.rmtree(partial)
         self.manager = make_manager(self.run_dir, keep=keep, keep_every_hours=keep_every_hours,
                                     async_save=async_save)
         self._saving: tuple[int, int] | None = None  # (step, bytes it needs) of the save in flight
@@ -203,15 +315,15 @@ class CheckpointWriter:
         """The newest checkpoint's size on disk, else (first save) the bytes of its arrays."""
         latest = self.manager.latest_step()
         if latest is not None and (self.run_dir / str(latest)).is_dir():
-            return _directory_bytes(self.run_dir / str(latest))
+            return storage.tree_bytes(self.run_dir / str(latest))
         return sum(x.nbytes for x in jax.tree.leaves((params, opt_state)))
 
     def save(self, step: int, params: Any, opt_state: Any, meta: dict) -> None:
         """Start saving one step (in the background when async), after checking it fits on the disk."""
         self.wait()  # a failure of the previous (background) save is reported as that step's
         needed = self._needed_bytes(params, opt_state)
-        free = shutil.disk_usage(self.run_dir).free
-        if not _all_agree(needed <= free):  # every process stops, or none (the save is collective)
+        free = storage.free_bytes(self.run_dir)  # None in a store, which has no free space to ask for
+        if not _all_agree(free is None or needed <= free):  # every process stops, or none (the save is collective)
             raise StorageError(f"not saving step {step} to {self.run_dir}: a checkpoint needs about "
                                f"{_size(needed)} but only {_size(free)} is free on that disk; nothing was written and "
                                f"{self.intact()}")
@@ -267,14 +379,33 @@ class CheckpointWriter:
             self.manager.wait_until_finished()  # let orbax's threads end before the files go
         except Exception:  # noqa: BLE001 - the same failure, already in hand
             pass
+        # In a store that may itself be what failed, an unfinished step that cannot be seen now is removed when
+        # the run resumes (CheckpointWriter), and said so.
+        removed = "the partial step was removed" if not storage.is_url(self.run_dir) else \
+            "an unfinished step is removed when the run resumes"
         if jax.process_index() == 0 and step is not None:
-            for partial in self.run_dir.glob(f"{step}.orbax-checkpoint-tmp*"):
-                shutil.rmtree(partial, ignore_errors=True)
+            try:
+                partials = _partial_steps(self.run_dir, step)
+                for partial in partials:
+                    storage.rmtree(partial)
+                if partials:
+                    removed = "the partial step was removed"
+            except Exception:  # noqa: BLE001 - the store itself is failing
+                removed = "an unfinished step is removed when the run resumes"
         cause = reason(error)
-        free = shutil.disk_usage(self.run_dir).free
-        raise StorageError(f"could not write checkpoint step {step} to {self.run_dir}: {cause}; a checkpoint needs "
-                           f"about {_size(needed)} and {_size(free)} is free; the partial step was removed, "
+        free = storage.free_bytes(self.run_dir)
+        space = f"; a checkpoint needs about {_size(needed)} and {_size(free)} is free" if free is not None else ""
+        raise StorageError(f"could not write checkpoint step {step} to {self.run_dir}: {cause}{space}; {removed}, "
                            f"{self.intact()}") from None
+
+
+def _partial_steps(run_dir: Path, step: int) -> list:
+    """The directories an unfinished save of `step` left: on a disk under orbax's temporary name; in a store
+    the step's own directory, which orbax marks complete only with a commit_success.txt written last."""
+    if not storage.is_url(run_dir):
+        return list(run_dir.glob(f"{step}.orbax-checkpoint-tmp*"))
+    d = run_dir / str(step)
+    return [d] if d.is_dir() and not (d / "commit_success.txt").exists() else []
 
 
 def _size(n: float) -> str:
@@ -365,7 +496,7 @@ def restore_newest(run_dir: Path, steps: list[int], params: Any, opt_state: Any 
     they never count towards `keep`). After a fallback, one line names the step used. When none
     verifies: a UserError ending in `advice`, and nothing is moved.
     """
-    run_dir = Path(run_dir).absolute()
+    run_dir = storage.absolute(run_dir)
     failed = []
     for step in sorted(steps, reverse=True):
         try:
@@ -378,8 +509,8 @@ def restore_newest(run_dir: Path, steps: list[int], params: Any, opt_state: Any 
         if set_aside and failed and jax.process_index() == 0:
             stamp = time.strftime("%Y%m%dT%H%M%S")
             for bad, _ in failed:
-                (run_dir / DAMAGED).mkdir(exist_ok=True)
-                (run_dir / str(bad)).rename(run_dir / DAMAGED / f"{bad}.{stamp}")
+                storage.mkdir(run_dir / DAMAGED)
+                storage.move(run_dir / str(bad), run_dir / DAMAGED / f"{bad}.{stamp}")
                 _warn(f"moved the damaged step {bad} to {run_dir / DAMAGED / f'{bad}.{stamp}'}")
         if set_aside and failed and jax.process_count() > 1:
             from jax.experimental import multihost_utils
@@ -416,7 +547,7 @@ def steps_of(run_dir: Path) -> list[int]:
 
 def resolve_checkpoint(path: Path) -> tuple[Path, int]:
     """(run directory, step) of a path naming a run directory (its latest step) or one step directory."""
-    path = Path(path).absolute()
+    path = storage.absolute(path)
     if path.name.isdigit() and path.parent.is_dir() and (path / "params").exists():
         return path.parent, int(path.name)
     if not path.is_dir():
@@ -430,7 +561,7 @@ def resolve_checkpoint(path: Path) -> tuple[Path, int]:
 def saved_scan_layers(run_dir: Path) -> bool:
     """Whether a run directory's checkpoints hold the blocks stacked (model.scan_layers when it trained)."""
     try:
-        return bool(json.loads((Path(run_dir) / RUN_CONFIG).read_text()).get("model", {}).get("scan_layers", False))
+        return bool(json.loads((storage.path(run_dir) / RUN_CONFIG).read_text()).get("model", {}).get("scan_layers", False))
     except (OSError, ValueError, AttributeError):  # unreadable, not JSON or not UTF-8: as saved unstacked
         return False
 
@@ -438,7 +569,7 @@ def saved_scan_layers(run_dir: Path) -> bool:
 def saved_lora(run_dir: Path) -> dict:
     """A run's LoRA settings as GPT2Config fields (train.lora_*), or {} when it trained every weight."""
     try:
-        train = json.loads((Path(run_dir) / RUN_CONFIG).read_text()).get("train", {})
+        train = json.loads((storage.path(run_dir) / RUN_CONFIG).read_text()).get("train", {})
         if not int(train.get("lora_rank") or 0):
             return {}
         return {"lora_rank": int(train["lora_rank"]), "lora_alpha": float(train.get("lora_alpha", 16.0)),
@@ -452,7 +583,7 @@ def load_run_params(run_dir: Path, *, keep_adapters: bool = False, **overrides) 
     """Config and params of a run directory's newest checkpoint that verifies, or of one step directory
     (the optimizer state is not read). A LoRA run's adapters are merged into the weights (a plain GPT-2)
     unless keep_adapters."""
-    path = Path(run_dir).absolute()
+    path = storage.absolute(run_dir)
     run_dir, step = resolve_checkpoint(path)
     try:
         hparams = json.loads((run_dir / "hparams.json").read_text(encoding="utf-8"))

@@ -169,14 +169,15 @@ def _cmd_lm_eval(args: argparse.Namespace) -> None:
 
 
 def _cmd_compare(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
+    from gpt2_jax import storage
     from gpt2_jax.report import compare
 
     if len(args.runs) < 2:
         raise UserError("compare needs at least two runs (WORKDIR/logs/RUN directories or run names)")
-    dirs = [Path(r) if (Path(r) / "metrics.jsonl").is_file() else Path(args.workdir) / "logs" / r for r in args.runs]
-    out = compare(dirs, Path(args.out or Path(args.workdir) / "compare"))
+    workdir = storage.path(args.workdir)
+    dirs = [storage.path(r) if (storage.path(r) / "metrics.jsonl").is_file() else workdir / "logs" / r
+            for r in args.runs]
+    out = compare(dirs, storage.path(args.out) if args.out else workdir / "compare")
     print((out / "compare.md").read_text(), end="")
     print(f"wrote {out}/compare.md, compare.png and compare.json")
 

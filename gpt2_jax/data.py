@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import codecs
 import collections
-import glob as globlib
 import hashlib
 import itertools
 import json
@@ -17,20 +16,18 @@ import numpy as np
 from tqdm import tqdm
 
 from gpt2_jax import encoder as encoder_module
+from gpt2_jax import storage
 from gpt2_jax.encoder import Encoder, last_safe_cut
-from gpt2_jax.errors import UserError
+from gpt2_jax.errors import UserError, reason
 
 
 def resolve_paths(spec: str | os.PathLike) -> list[Path]:
-    """The files named by a path, a directory (walked recursively, sorted) or a glob pattern."""
+    """The files named by a path, a directory (walked recursively, sorted) or a glob pattern; local or a URL."""
     spec = str(spec)
-    path = Path(spec)
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-    else:
-        files = sorted(Path(p) for p in globlib.glob(spec, recursive=True) if Path(p).is_file())
+    try:
+        files = storage.files_of(spec)
+    except OSError as e:  # a store that cannot be listed (no credentials, no such bucket...)
+        raise UserError(f"dataset {spec!r}: cannot be listed ({reason(e)})") from None
     if not files:
         raise UserError(f"dataset {spec!r}: no file matches (give a file, a directory or a glob such as 'texts/*.txt')")
     return files
@@ -44,7 +41,7 @@ def token_dtype(n_vocab: int) -> np.dtype:
 def load_npz(path: Path, n_vocab: int) -> list[np.ndarray]:
     """Token chunks of a pre-encoded .npz (one array per chunk), checked against the vocabulary size."""
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        with storage.path(path).open("rb") as f, np.load(f, allow_pickle=False) as npz:
             chunks = [np.asarray(npz[name]).reshape(-1) for name in npz.files]
     except (ValueError, OSError) as e:
         raise UserError(f"{path}: not a readable .npz of token arrays ({e})") from None
@@ -57,11 +54,13 @@ def load_npz(path: Path, n_vocab: int) -> list[np.ndarray]:
 
 
 def load_flat(path: Path, n_vocab: int) -> list[np.ndarray]:
-    """Token chunks of a flat .bin file (memory-mapped, never read whole), split as its .json sidecar says."""
-    meta_path = Path(str(path) + ".json")
+    """Token chunks of a flat .bin file (memory-mapped, never read whole; a URL's is read into memory), split as
+    its .json sidecar says."""
+    meta_path = storage.path(str(path) + ".json")
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     dtype = np.dtype(meta.get("dtype", "uint16"))
-    tokens = np.memmap(path, dtype=dtype, mode="r")
+    tokens = np.memmap(path, dtype=dtype, mode="r") if not storage.is_url(path) else \
+        np.frombuffer(storage.path(path).read_bytes(), dtype)
     if meta.get("n_vocab", n_vocab) > n_vocab:
         raise UserError(f"{path}: encoded with a vocabulary of {meta['n_vocab']} ids but the model has {n_vocab}; "
                         "encode it again with this model's vocabulary")
@@ -86,7 +85,7 @@ def read_blocks(path: Path, encoding: str = "utf-8", errors: str = "strict", blo
     except LookupError:
         raise UserError(f"encoding={encoding!r} is not a known text encoding") from None
     carry, carry_bytes, offset = "", 0, 0
-    with open(path, "rb") as f:
+    with storage.path(path).open("rb") as f:
         while True:
             raw = f.read(block_chars)
             buffered = len(decoder.getstate()[0])
@@ -111,7 +110,7 @@ def _encoded_files(files: list[Path], encoder: Encoder, encoding: str, encoding_
     after the first starts with the end-of-text id. Blocks are encoded across cores when the files
     hold at least encoder.PARALLEL_MIN_CHARS bytes, a bounded number at a time."""
     dtype = token_dtype(encoder.n_vocab)
-    total = sum(p.stat().st_size for p in files)
+    total = sum(storage.size(p) for p in files)
     workers = (os.cpu_count() or 1) if total >= encoder_module.PARALLEL_MIN_CHARS else 1
     bar = tqdm(total=total, desc="encoding", unit="B", unit_scale=True, disable=not progress or total < 1 << 24)
     blocks: collections.deque = collections.deque()  # (starts a file after the first, chars, ends its file)
@@ -175,9 +174,28 @@ def encode_to_file(spec: str | os.PathLike, out: str | os.PathLike, encoder: Enc
     blocks are encoded (across cores), so memory stays bounded whatever the corpus size; its .bin.json
     sidecar records the dtype, vocabulary size, token count and chunk starts. A .npz holds every
     chunk in memory before writing it. Either is written under a temporary name and renamed when
-    complete: an interrupted encode leaves no file under the final name.
+    complete: an interrupted encode leaves no file under the final name. A URL's output is encoded to a
+    local temporary file, then uploaded (the sidecar first): an object appears only once it is whole.
     """
-    out = Path(out)
+    if storage.is_url(out):
+        import tempfile
+
+        out = storage.path(out)
+        if out.suffix not in (".npz", ".bin"):
+            raise UserError(f"{out}: the output must end in .npz (chunks, as the original) or .bin (flat tokens)")
+        with tempfile.TemporaryDirectory(prefix="gpt2_jax_encode_") as tmp:
+            local = _encode_locally(spec, Path(tmp) / out.name, encoder, combine, encoding, encoding_errors,
+                                    progress, exclude={str(out), f"{out}.json"})
+            if Path(f"{local}.json").is_file():
+                storage.upload(f"{local}.json", storage.path(f"{out}.json"))
+            storage.upload(local, out)
+        return out
+    return _encode_locally(spec, Path(out), encoder, combine, encoding, encoding_errors, progress)
+
+
+def _encode_locally(spec: str | os.PathLike, out: Path, encoder: Encoder, combine: int, encoding: str,
+                    encoding_errors: str, progress: bool, exclude: frozenset[str] = frozenset()) -> Path:
+    """encode_to_file to a local `out`, never reading the inputs named in `exclude` (the output's URLs)."""
     if out.suffix not in (".npz", ".bin"):
         raise UserError(f"{out}: the output must end in .npz (chunks, as the original) or .bin (flat tokens)")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -195,7 +213,8 @@ def encode_to_file(spec: str | os.PathLike, out: str | os.PathLike, encoder: Enc
     dtype = token_dtype(encoder.n_vocab)
     sidecar = Path(str(out) + ".json")
     ours = {p.resolve() for p in (out, tmp, sidecar)}
-    files = [p for p in resolve_paths(spec) if p.resolve() not in ours]
+    files = [p for p in resolve_paths(spec) if str(p) not in exclude and
+             (storage.is_url(p) or p.resolve() not in ours)]
     chunk_starts, written, chars = [0], 0, 0
     try:
         with open(tmp, "wb") as f:
@@ -225,7 +244,7 @@ def fingerprint(spec: str | os.PathLike, chunks: list[np.ndarray]) -> dict:
         digest.update(np.int64(len(chunk)).tobytes())
         for start in range(0, len(chunk), 1 << 24):  # memory-mapped chunks are hashed a slice at a time
             digest.update(np.ascontiguousarray(chunk[start:start + (1 << 24)], dtype="<u4").tobytes())
-    files = [{"path": str(p.absolute()), "bytes": p.stat().st_size} for p in resolve_paths(spec)]
+    files = [{"path": str(storage.absolute(p)), "bytes": storage.size(p)} for p in resolve_paths(spec)]
     return {"files": files, "chunks": len(chunks), "tokens": int(sum(len(c) for c in chunks)),
             "blake2b": digest.hexdigest()}
 
@@ -308,12 +327,12 @@ def read_examples(path: str | os.PathLike, encoder: Encoder) -> list[tuple[list[
     completion's (each encoded on its own, so the boundary is where the user put it), then the
     end-of-text id, the loss on the completion and that end only; {"text"} is the text's ids and the
     end, all targets. A bad line is one error naming the file and line."""
-    path = Path(path)
+    path = storage.path(path)
     if not path.is_file():
         raise UserError(f"dataset {str(path)!r}: no such file")
     examples = []
     usage = 'each line must be a JSON object with "prompt" and "completion" strings, or a "text" string'
-    with open(path, encoding="utf-8") as f:
+    with path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue

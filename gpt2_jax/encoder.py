@@ -19,6 +19,7 @@ from typing import Collection, Iterable, Iterator, Literal
 import numpy as np
 import regex
 
+from gpt2_jax import storage
 from gpt2_jax.errors import UserError
 
 EOT = "<|endoftext|>"
@@ -143,7 +144,7 @@ class Encoder:
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write encoder.json and vocab.bpe (OpenAI's file names and formats) into `directory`."""
-        directory = Path(directory)
+        directory = storage.path(directory)
         (directory / "encoder.json").write_text(json.dumps(self.encoder, ensure_ascii=False), encoding="utf-8")
         merges = "".join(f"{a} {b}\n" for a, b in self._merges)
         (directory / "vocab.bpe").write_text("#version: 0.2\n" + merges, encoding="utf-8")
@@ -233,7 +234,7 @@ def _worker_encode(text: str, dtype: np.dtype) -> np.ndarray:
 def read_merges(path: Path) -> list[tuple[str, str]]:
     """Merge pairs from a vocab.bpe / merges.txt file (first line is a '#version' header)."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").split("\n")
+        lines = storage.path(path).read_text(encoding="utf-8").split("\n")
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text ({e}); the vocabulary is damaged: download it again") from None
     if lines and lines[0].startswith("#version"):
@@ -255,15 +256,16 @@ VOCAB_FILES = (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt"))
 
 def find_vocab(model_dir: Path) -> tuple[Path, Path] | None:
     """(ids file, merges file) in a model directory, in OpenAI's or transformers' naming."""
+    model_dir = storage.path(model_dir)
     for ids_name, merges_name in VOCAB_FILES:
-        if (Path(model_dir) / ids_name).is_file() and (Path(model_dir) / merges_name).is_file():
-            return Path(model_dir) / ids_name, Path(model_dir) / merges_name
+        if (model_dir / ids_name).is_file() and (model_dir / merges_name).is_file():
+            return model_dir / ids_name, model_dir / merges_name
     return None
 
 
 def get_encoder(model_dir: str | os.PathLike) -> Encoder:
     """The tokenizer of a model directory (encoder.json + vocab.bpe, or vocab.json + merges.txt)."""
-    found = find_vocab(Path(model_dir))
+    found = find_vocab(model_dir)
     if found is None:
         names = " or ".join(" + ".join(pair) for pair in VOCAB_FILES)
         raise UserError(f"{model_dir}: no vocabulary found; it needs {names} (gpt2-jax download fetches them)")

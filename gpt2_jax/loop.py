@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from gpt2_jax import autoremat, checkpoints, parallel, report
+from gpt2_jax import autoremat, checkpoints, parallel, report, storage
 from gpt2_jax.data import (ExampleSampler, Examples, WindowSampler, describe_change, fingerprint, is_examples,
                            layout_examples, load_dataset, read_examples, split_tail)
 from gpt2_jax.encoder import Encoder
@@ -71,12 +71,19 @@ class _BackgroundFailures:
     """While training, background writers' failures become the loop's one line instead of tracebacks.
 
     An exception in a background thread (TensorBoard's event writer) is kept for `check()` to raise;
-    orbax's logged copies of the save errors that CheckpointWriter raises, and the unraisable
-    leftovers of the coroutines an aborted save abandons ("Event loop is closed"), are dropped.
+    orbax's logged copies of the save errors that CheckpointWriter raises, the errors a store's client
+    logs before it raises them to its caller (gcsfs, fsspec), and the unraisable leftovers of the
+    coroutines an aborted save abandons ("Event loop is closed"), are dropped.
     """
+
+    STORE_CLIENTS = ("gcsfs", "fsspec", "aiohttp", "google", "s3fs", "adlfs")
 
     def __init__(self):
         self.errors: list[BaseException] = []
+
+    def _handlers(self) -> list[logging.Handler]:
+        """Where records of every logger end (a filter on a logger misses its children's records)."""
+        return [*logging.getLogger().handlers, *([logging.lastResort] if logging.lastResort else [])]
 
     def __enter__(self):
         self._hooks = threading.excepthook, sys.unraisablehook
@@ -84,6 +91,9 @@ class _BackgroundFailures:
         sys.unraisablehook = self._unraisable
         for name in ("absl", "asyncio"):
             logging.getLogger(name).addFilter(self._filter)
+        self._filtered = self._handlers()
+        for handler in self._filtered:
+            handler.addFilter(self._filter)
         return self
 
     def __exit__(self, *exc):
@@ -91,6 +101,8 @@ class _BackgroundFailures:
         threading.excepthook, sys.unraisablehook = self._hooks
         for name in ("absl", "asyncio"):
             logging.getLogger(name).removeFilter(self._filter)
+        for handler in self._filtered:
+            handler.removeFilter(self._filter)
 
     @staticmethod
     def _from_checkpointing(error: BaseException | None) -> bool:
@@ -105,7 +117,8 @@ class _BackgroundFailures:
     def _filter(record: logging.LogRecord) -> bool:
         if record.levelno < logging.ERROR:
             return True
-        return "orbax" not in record.pathname and "exception was never retrieved" not in record.getMessage()
+        return ("orbax" not in record.pathname and "exception was never retrieved" not in record.getMessage()
+                and record.name.split(".")[0] not in _BackgroundFailures.STORE_CLIENTS)
 
     def check(self, intact: str) -> None:
         """Raise the first background failure as one line."""
@@ -115,10 +128,11 @@ class _BackgroundFailures:
 
 @contextlib.contextmanager
 def _write_errors_as_one_line(workdir: Path, intact: Callable[[], str]):
-    """An OSError (disk full, permissions) from writing logs, samples or run files as a StorageError."""
+    """An OSError (disk full, permissions) or a store's error from writing logs, samples or run files as a
+    StorageError."""
     try:
         yield
-    except OSError as e:
+    except (OSError, *storage.store_errors()) as e:
         raise StorageError(f"a write under {workdir} failed: {reason(e)}; {intact()}") from None
 
 
@@ -129,12 +143,10 @@ class _Logs:
     def __init__(self, log_dir: Path, enabled: bool, config: Any):
         self.log_dir, self.enabled = log_dir, enabled
         if enabled:
-            from tensorboardX import SummaryWriter
-
-            log_dir.mkdir(parents=True, exist_ok=True)
+            storage.mkdir(log_dir)
             (log_dir / checkpoints.RUN_CONFIG).write_text(config.to_json_best_effort(indent=2))
-            self.jsonl = open(log_dir / "metrics.jsonl", "a", encoding="utf-8")
-            self.tb = SummaryWriter(str(log_dir))
+            self.jsonl = storage.AppendLog(log_dir / "metrics.jsonl")
+            self.tb = storage.tensorboard_writer(log_dir)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -144,12 +156,26 @@ class _Logs:
         for key, value in metrics.items():
             self.tb.add_scalar(key, value, step)
 
-    def close(self, title: str) -> None:
-        """Close the files and draw curves.png (loss, validation loss, learning rate) from metrics.jsonl."""
+    def close(self, title: str, failing: BaseException | None = None) -> None:
+        """Close the files and draw curves.png (loss, validation loss, learning rate) from metrics.jsonl.
+        While the run is `failing` (already ending with its one line), a write that fails here is a warning;
+        when the store holding the logs is what failed, nothing more is written to it."""
         if not self.enabled:
             return
-        self.jsonl.close()
-        self.tb.close()
+        if isinstance(failing, (StorageError, OSError, *storage.store_errors())) and storage.is_url(self.log_dir):
+            storage.abandon_uploads(self.log_dir)
+            return
+        errors = []
+        for close in (self.jsonl.close, self.tb.close):  # each tried: a writer that failed writes no more
+            try:
+                close()
+            except (OSError, *storage.store_errors()) as e:
+                errors.append(e)
+        if errors:
+            if not failing:
+                raise errors[0]
+            tqdm.write(f"warning: could not finish writing the logs in {self.log_dir}: {reason(errors[0])}")
+            return
         try:
             report.plot_run(report.read_metrics(self.log_dir), self.log_dir / "curves.png", title)
         except Exception as e:  # noqa: BLE001 - a picture is not worth failing (or masking) the run's end for
@@ -164,7 +190,7 @@ def _peak_flops(config: Any) -> float | None:
 
 def _write_run_files(run_dir: Path, model_config: GPT2Config, encoder: Encoder, config: Any, data_record: dict
                      ) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
+    storage.mkdir(run_dir)
     (run_dir / DATA_RECORD).write_text(json.dumps(data_record, indent=2))
     (run_dir / "hparams.json").write_text(json.dumps(model_config.hparams(), indent=2))
     encoder.save(run_dir)
@@ -174,15 +200,32 @@ def _write_run_files(run_dir: Path, model_config: GPT2Config, encoder: Encoder, 
 def run(config: Any, on_step: Callable[[int, dict], None] | None = None) -> dict:
     """Train as the config says; returns the last step's metrics. `on_step(step, metrics)` is for tests."""
     parallel.init_distributed(config.parallel)  # before anything touches a device
-    run_dir = (Path(config.workdir) / "checkpoint" / config.run_name).absolute()
-    with parallel.peer_loss_ends_the_job(), checkpoints.claim_run(run_dir, jax.process_index() == 0):
-        return _train(config, run_dir, on_step)  # the claim: one job per run, taken before anything is written
+    workdir = storage.path(config.workdir)
+    storage.check_writable(workdir, "--workdir")  # a bucket that is missing or read-only: one line, exit 2
+    if storage.is_url(workdir):
+        storage.bound_retries(config.checkpoint.store_timeout_s)
+    run_dir = storage.absolute(workdir / "checkpoint" / config.run_name)
+    # The claim: one job per run, taken before anything is written. A stop asked for while the run starts
+    # (a preemption during compilation) is acted on at the first step.
+    with parallel.peer_loss_ends_the_job(), checkpoints.claim_run(run_dir, jax.process_index() == 0,
+                                                                  config.checkpoint.lock_lease_s) as lease, \
+            _StopRequest() as stop:
+        return _train(config, run_dir, on_step, lease, stop)
 
 
-def _train(config: Any, run_dir: Path, on_step: Callable[[int, dict], None] | None) -> dict:
-    """run(), in a run directory this job holds."""
+def _stop_agreement(mesh: Any) -> Callable[[bool], jax.Array]:
+    """A function of this process's stop flag giving whether any process's is set: a [devices] array of the
+    processes' flags reduced by a jitted max (an all-reduce of one scalar, dispatched asynchronously)."""
+    sharding, n = parallel.batch_sharding(mesh), mesh.devices.size
+    reduce = jax.jit(lambda flags: flags.max(), out_shardings=parallel.replicated(mesh))
+    return lambda flag: reduce(parallel.global_batch(np.full((n,), int(flag), np.int32), sharding))
+
+
+def _train(config: Any, run_dir: Path, on_step: Callable[[int, dict], None] | None,
+           lease: checkpoints.RunLease | None, stop: _StopRequest) -> dict:
+    """run(), in a run directory this job holds (through `lease` in Cloud Storage)."""
     is_main = jax.process_index() == 0
-    workdir = Path(config.workdir)
+    workdir = storage.path(config.workdir)
     resume = decide_resume(config.checkpoint.restore_from, run_dir)
 
     # A resumed run keeps the seed it started with: batches and noise continue exactly.
@@ -242,9 +285,9 @@ def _train(config: Any, run_dir: Path, on_step: Callable[[int, dict], None] | No
             newer = after(run_dir) if resume.run_dir == best_dir else []
             newer += after(best_dir) if best_dir.is_dir() else []
             for where, s in newer:
-                (run_dir / checkpoints.SUPERSEDED).mkdir(exist_ok=True)
+                storage.mkdir(run_dir / checkpoints.SUPERSEDED)
                 aside = run_dir / checkpoints.SUPERSEDED / f"{where.name}-{s}.{time.strftime('%Y%m%dT%H%M%S')}"
-                (where / str(s)).rename(aside)
+                storage.move(where / str(s), aside)
                 tqdm.write(f"set aside {where / str(s)}, which is after the restored step, as {aside}")
     # From here on, a failed write (checkpoints, logs, samples; in the background or not) ends the run
     # with one line saying what failed and what is intact.
@@ -337,6 +380,8 @@ def _train(config: Any, run_dir: Path, on_step: Callable[[int, dict], None] | No
             samples and the checkpoint due at n."""
             nonlocal avg_loss, metrics, last_time, validated_at
             loss, grad_norm = float(out["loss"]), float(out["grad_norm"])
+            if "stop" in out:
+                agreed_stop[0] = agreed_stop[0] or bool(out["stop"])
             now = time.perf_counter()
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", grad_norm)
@@ -365,48 +410,60 @@ def _train(config: Any, run_dir: Path, on_step: Callable[[int, dict], None] | No
                 save_now()
             writer.check()  # a background save that failed stops the run now, not at the end
             background.check(intact())
+            if lease is not None:
+                lease.check()
             if on_step is not None:
                 on_step(n, metrics)
+
+        # SIGTERM or Ctrl-C to any one process of a multi-process job stops every process after the same step:
+        # each step carries the processes' stop flags, combined by a tiny collective read with its metrics.
+        agree = _stop_agreement(steps.mesh) if jax.process_count() > 1 else None
+        agreed_stop = [False]
+
+        def stopping() -> bool:
+            return agreed_stop[0] if agree is not None else stop.requested
 
         next_batch = parallel.global_batch(sampler.batch(step, rows), batch_sh)
         pending: tuple[int, dict] | None = None  # (step, metrics on the device) not yet read: dispatch_ahead
         try:
-            with _StopRequest() as stop:
-                while not (total and step >= total) and not stop.requested and not stopped_early():
-                    state, out = train_step(state, next_batch, step_key(step))  # dispatched, runs asynchronously
-                    step += 1
-                    next_batch = parallel.global_batch(sampler.batch(step, rows), batch_sh)  # meanwhile, on the host
-                    if pending is not None:  # the previous step's metrics, read while this one runs
-                        record(*pending, actions=False)
-                        pending = None
-                    if train.dispatch_ahead and not actions_due(step):
-                        pending = (step, out)
-                    else:
-                        record(step, out, actions=True)
-                if pending is not None:
+            while not (total and step >= total) and not stopping() and not stopped_early():
+                state, out = train_step(state, next_batch, step_key(step))  # dispatched, runs asynchronously
+                if agree is not None:  # every process's stop flag, combined on the devices after this step
+                    out = {**out, "stop": agree(stop.requested)}
+                step += 1
+                next_batch = parallel.global_batch(sampler.batch(step, rows), batch_sh)  # meanwhile, on the host
+                if pending is not None:  # the previous step's metrics, read while this one runs
                     record(*pending, actions=False)
-                if val_batches and total and step >= total and validated_at != step:  # a run ends validated
-                    metrics["val_loss"], validated_at = validate(), step
-                    logs.write(step, {"val_loss": metrics["val_loss"]})
-                    judge(metrics["val_loss"])
-                if stop.requested:
-                    tqdm.write(f"stopped at step {step}: saving a checkpoint to {run_dir}")
-                if stopped_early():
-                    kept = f", kept in {run_dir / checkpoints.BEST}" if best_writer is not None else ""
-                    tqdm.write(f"early stop at step {step}: validation loss has not improved by more than "
-                               f"train.early_stop_min_delta={min_delta:g} for {best['stale']} validations "
-                               f"(train.early_stop_patience={patience}); the best, {best['val_loss']:.4f}, was at "
-                               f"step {best['step']}{kept}")
-                save_now()
-                writer.wait()
-                if best_writer is not None:
-                    best_writer.wait()
+                    pending = None
+                if train.dispatch_ahead and not actions_due(step):
+                    pending = (step, out)
+                else:
+                    record(step, out, actions=True)
+            if pending is not None:
+                record(*pending, actions=False)
+            if val_batches and total and step >= total and validated_at != step:  # a run ends validated
+                metrics["val_loss"], validated_at = validate(), step
+                logs.write(step, {"val_loss": metrics["val_loss"]})
+                judge(metrics["val_loss"])
+            if stopping():
+                tqdm.write(f"stopped at step {step}: saving a checkpoint to {run_dir}")
+            if stopped_early():
+                kept = f", kept in {run_dir / checkpoints.BEST}" if best_writer is not None else ""
+                tqdm.write(f"early stop at step {step}: validation loss has not improved by more than "
+                           f"train.early_stop_min_delta={min_delta:g} for {best['stale']} validations "
+                           f"(train.early_stop_patience={patience}); the best, {best['val_loss']:.4f}, was at "
+                           f"step {best['step']}{kept}")
+            save_now()
+            writer.wait()
+            if best_writer is not None:
+                best_writer.wait()
         finally:
+            failing = sys.exc_info()[1]
             bar.close()
             writer.close()
             if best_writer is not None:
                 best_writer.close()
-            logs.close(config.run_name)
+            logs.close(config.run_name, failing)
         return {"step": step, "run_dir": str(run_dir), **metrics}
 
 
@@ -553,5 +610,5 @@ def _sample(config: Any, model_config: GPT2Config, params: Any, encoder: Encoder
              enumerate(zip(out.tokens, out.lengths))]
     tqdm.write("\n".join(texts))
     directory = workdir / "samples" / config.run_name
-    directory.mkdir(parents=True, exist_ok=True)
+    storage.mkdir(directory)
     (directory / f"samples-{step}").write_text("\n".join(texts) + "\n", encoding="utf-8")

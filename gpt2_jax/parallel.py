@@ -55,10 +55,22 @@ def init_distributed(parallel: Any) -> None:
     try:
         jax.distributed.initialize(**kwargs)
     except Exception as e:  # noqa: BLE001 - jax raises several types; all mean "could not join"
+        if mode == "auto" and "coordinator_address should be defined" in str(e):
+            raise UserError("parallel.distributed=auto found no cluster to join (SLURM's srun, a TPU VM slice, a "
+                            "Kubernetes indexed job); start every process through one, or use "
+                            "distributed=explicit") from None
         where = parallel.coordinator_address or "the auto-detected coordinator"
         raise UserError(f"could not join the distributed job at {where} within {parallel.timeout_s}s "
                         f"({str(e).splitlines()[0][:200]}); check parallel.coordinator_address, num_processes "
                         "and process_id, and that process 0 is running") from None
+    found = "explicit" if mode == "explicit" else \
+        next((name for name, v in CLUSTER_VARIABLES.items() if os.environ.get(v)), "a TPU VM slice")
+    print(f"distributed: process {jax.process_index()} of {jax.process_count()} ({found}), "
+          f"{jax.local_device_count()} local device{'s' * (jax.local_device_count() != 1)}", flush=True)
+
+
+# How JAX's auto-detection found the job, for the start-up line (a TPU VM slice is found through its metadata).
+CLUSTER_VARIABLES = {"SLURM": "SLURM_JOB_ID", "Kubernetes": "KUBERNETES_SERVICE_HOST", "Open MPI": "OMPI_MCA_orte_hnp_uri"}
 
 
 def peer_lost(who: str, detail: str) -> NoReturn:

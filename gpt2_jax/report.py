@@ -11,6 +11,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from gpt2_jax import storage
 from gpt2_jax.errors import UserError
 
 IGNORED_FIELDS = ("run_name", "workdir")  # never what tells runs apart
@@ -18,7 +19,7 @@ IGNORED_FIELDS = ("run_name", "workdir")  # never what tells runs apart
 
 def read_metrics(log_dir: Path) -> list[dict]:
     """The records of a run's metrics.jsonl, in order (a line cut short by a kill is skipped)."""
-    path = Path(log_dir) / "metrics.jsonl"
+    path = storage.path(log_dir) / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"{log_dir}: no metrics.jsonl (give a WORKDIR/logs/RUN directory or a run name)")
     records = []
@@ -32,7 +33,7 @@ def read_metrics(log_dir: Path) -> list[dict]:
 
 def read_run_config(log_dir: Path) -> dict:
     """The resolved config a run recorded (logs/RUN/run_config.json, else checkpoint/RUN/run_config.json)."""
-    log_dir = Path(log_dir)
+    log_dir = storage.path(log_dir)
     for path in (log_dir / "run_config.json", log_dir.parent.parent / "checkpoint" / log_dir.name / "run_config.json"):
         if path.is_file():
             return json.loads(path.read_text(encoding="utf-8"))
@@ -86,6 +87,15 @@ def _pyplot():
     return plt
 
 
+def _save_figure(fig: Any, path: Path) -> None:
+    """A matplotlib figure as a PNG file (written whole, so that a store's object is too)."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    storage.path(path).write_bytes(buffer.getvalue())
+
+
 def plot_run(records: list[dict], path: Path, title: str) -> None:
     """curves.png of one run: training loss (raw and smoothed), validation loss and the learning rate, by step."""
     plt = _pyplot()
@@ -109,7 +119,7 @@ def plot_run(records: list[dict], path: Path, title: str) -> None:
     ax_lr.set_xlabel("step")
     ax_lr.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save_figure(fig, path)
     plt.close(fig)
 
 
@@ -119,7 +129,7 @@ def _label(overrides: dict[str, Any]) -> str:
 
 def write_comparison(runs: list[dict], out_dir: Path, title: str, stem: str) -> None:
     """STEM.md, STEM.png and STEM.json for runs given as {run_name, overrides, records}."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    storage.mkdir(out_dir)
     rows = [{"run_name": r["run_name"], "overrides": r["overrides"], **summarize(r["records"])} for r in runs]
     (out_dir / f"{stem}.json").write_text(json.dumps({"runs": rows}, indent=2))
     fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
@@ -149,7 +159,7 @@ def write_comparison(runs: list[dict], out_dir: Path, title: str, stem: str) -> 
             axis.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(out_dir / f"{stem}.png", dpi=110)
+    _save_figure(fig, out_dir / f"{stem}.png")
     plt.close(fig)
 
 
@@ -158,7 +168,7 @@ def compare(log_dirs: list[Path], out_dir: Path) -> Path:
     configs = [read_run_config(d) for d in log_dirs]
     fields = differing_fields(configs)
     flat = [_flatten(c) for c in configs]
-    runs = [{"run_name": Path(d).name, "overrides": {k: f.get(k) for k in fields}, "records": read_metrics(d)}
+    runs = [{"run_name": storage.path(d).name, "overrides": {k: f.get(k) for k in fields}, "records": read_metrics(d)}
             for d, f in zip(log_dirs, flat)]
     write_comparison(runs, out_dir, f"{len(runs)} runs compared", "compare")
     return out_dir

@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 import jax
 
-from gpt2_jax import checkpoints
+from gpt2_jax import checkpoints, storage
 from gpt2_jax.encoder import Encoder, byte_level_encoder, get_encoder
 from gpt2_jax.errors import UserError
 from gpt2_jax.model import PRESETS, GPT2Config, add_lora, init_params, preset
@@ -21,7 +21,7 @@ from gpt2_jax.weights import find_model_dir, load_weights, read_config
 def find_vocab_dir(config: Any) -> Path | None:
     """For training from scratch: the configured vocabulary, else a GPT-2 vocabulary found locally."""
     if config.model.vocab:
-        return None if config.model.vocab == "bytes" else Path(config.model.vocab)
+        return None if config.model.vocab == "bytes" else storage.path(config.model.vocab)
     candidates = sorted(Path(config.model.models_dir).glob("*/encoder.json"))
     shared = os.environ.get("GPT2_JAX_SHARED")
     candidates += [Path(shared) / "gpt2" / "encoder.json"] if shared else []
@@ -34,7 +34,7 @@ def model_dir_of(config: Any) -> Path:
     Hugging Face hub id in the local hub cache."""
     name = config.model.name
     if name in PRESETS and not Path(name).is_dir():
-        path = Path(config.model.models_dir) / name
+        path = storage.path(config.model.models_dir) / name
         if not path.is_dir():
             raise UserError(f"model.name={name!r}: no model directory at {path}; run "
                             f"`gpt2-jax download {name} --models_dir {config.model.models_dir}`")
@@ -71,7 +71,7 @@ def model_config_of(config: Any) -> GPT2Config:
     if config.model.from_scratch:
         return _scratch_config(config, _scratch_encoder(config).n_vocab)
     name = config.model.name
-    if name in PRESETS and not (Path(config.model.models_dir) / name).is_dir() and not Path(name).is_dir():
+    if name in PRESETS and not (storage.path(config.model.models_dir) / name).is_dir() and not Path(name).is_dir():
         return preset(name, **_compute_settings(config))  # the released shape, before it is downloaded
     return read_config(model_dir_of(config), **_compute_settings(config))
 
@@ -114,7 +114,7 @@ def decide_resume(restore_from: str, run_dir: Path) -> Resume | None:
     directory (its newest step) or step directory, refusing to write its continuation into another
     run's directory.
     """
-    run_dir = Path(run_dir).absolute()
+    run_dir = storage.absolute(run_dir)
     existing = checkpoints.make_manager(run_dir, read_only=True).latest_step() if run_dir.is_dir() else None
     if restore_from == "best":
         best = run_dir / checkpoints.BEST
@@ -131,7 +131,7 @@ def decide_resume(restore_from: str, run_dir: Path) -> Resume | None:
                             f"{existing}; pick another run_name, or restore_from=latest to resume "
                             "(nothing was deleted)")
         return None
-    resume = Resume(*checkpoints.resolve_checkpoint(Path(restore_from)))
+    resume = Resume(*checkpoints.resolve_checkpoint(storage.path(restore_from)))
     if existing is not None and resume.run_dir != run_dir:
         raise UserError(f"{run_dir} already holds checkpoints; restore {restore_from} under a new run_name")
     return resume

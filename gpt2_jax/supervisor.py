@@ -14,9 +14,12 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import BinaryIO, Sequence
@@ -29,6 +32,15 @@ _CPP_LOG = re.compile(rb"^(?:([IWEF])\d{4} [\d:.]+ +\d+ [^ \]]+:\d+\] ?(.*)|WARN
 _CRASH = re.compile(rb"^(\*\*\* |PC: @|\s+@ +0x|Fatal Python error|Check failed)")
 _STATUS = re.compile(rb"absl::Status: ([^.]*)")
 _TASK = re.compile(rb"/job:[\w-]+/replica:\d+/task:(\d+)|stopped sending heartbeats\):\s*(\d+)")
+
+
+def process_name() -> str:
+    """This process's number in a job started by a cluster (SLURM, a TPU VM slice, a Kubernetes indexed job),
+    for its log's name; else host and process id."""
+    for variable in ("SLURM_PROCID", "TPU_WORKER_ID", "JOB_COMPLETION_INDEX", "CLOUD_TPU_TASK_ID"):
+        if os.environ.get(variable, "").isdigit():
+            return os.environ[variable]
+    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 def is_supervised_child() -> bool:
@@ -105,9 +117,26 @@ class _StderrFilter:
         return who, reason.decode(errors="replace")[:160]
 
 
-def supervise(argv: Sequence[str], log_path: Path, job: str) -> int:
+def supervise(argv: Sequence[str], log: str, job: str) -> int:
     """Run this command line again as a child and return the exit code this process should end with
-    (`job` says which job it is in the one line: "2-process job")."""
+    (`job` says which job it is in the one line: "2-process job"). JAX's log goes to `log`; in a store
+    (a URL), to a local file first, uploaded when the child ends."""
+    from gpt2_jax import storage
+
+    local = Path(tempfile.mkdtemp(prefix="gpt2_jax_log_")) / Path(log).name if storage.is_url(log) else Path(log)
+    try:
+        return _supervise(argv, local, log, job)
+    finally:
+        if storage.is_url(log) and local.is_file():
+            try:
+                storage.upload(local, storage.path(log))
+            except Exception as e:  # noqa: BLE001 - the store failing: the log stays on this host
+                print(f"warning: could not upload JAX's log to {log} ({e}); it is kept at {local}", file=sys.stderr)
+            else:
+                shutil.rmtree(local.parent, ignore_errors=True)
+
+
+def _supervise(argv: Sequence[str], log_path: Path, log_name: str, job: str) -> int:
     child = subprocess.Popen([sys.executable, *argv], env={**os.environ, CHILD_ENV: "1"}, stderr=subprocess.PIPE,
                              preexec_fn=_die_with_parent)
     filtered = _StderrFilter(child.stderr, log_path)
@@ -129,8 +158,8 @@ def supervise(argv: Sequence[str], log_path: Path, job: str) -> int:
         who, detail = lost
         print(f"{Path(argv[0]).name}: error: lost {who} of this {job} (JAX's coordination "
               f"service: {detail}); restart every process with the same command: it resumes from the last complete "
-              f"checkpoint (JAX's log: {log_path})", file=sys.stderr, flush=True)
+              f"checkpoint (JAX's log: {log_name})", file=sys.stderr, flush=True)
         return PEER_LOST_EXIT
-    where = f" (JAX's log: {log_path})" if filtered.crashed else ""
+    where = f" (JAX's log: {log_name})" if filtered.crashed else ""
     print(f"{Path(argv[0]).name}: error: the training process ended by {name}{where}", file=sys.stderr, flush=True)
     return 128 - code

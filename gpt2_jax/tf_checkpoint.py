@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gpt2_jax import storage
 from gpt2_jax.errors import UserError
 
 _TABLE_MAGIC = 0xDB4775248B80FB57
@@ -106,8 +107,8 @@ def _shape(shape_proto: bytes) -> tuple[int, ...]:
 
 def read_checkpoint(prefix: str | Path) -> dict[str, np.ndarray]:
     """All variables of the checkpoint at `prefix` (e.g. models/124M/model.ckpt), by name."""
-    prefix = Path(prefix)
-    index_path = Path(str(prefix) + ".index")
+    prefix = storage.path(prefix)
+    index_path = storage.path(str(prefix) + ".index")
     if not index_path.is_file():
         raise UserError(f"{index_path}: no such checkpoint index")
     table = _read_index(index_path)
@@ -125,12 +126,13 @@ def read_checkpoint(prefix: str | Path) -> dict[str, np.ndarray]:
         shape = _shape(entry.get(2, b""))
         shard, offset, size = entry.get(3, 0), entry.get(4, 0), entry.get(5, 0)
         if shard not in shards:
-            data_path = Path(f"{prefix}.data-{shard:05d}-of-{num_shards:05d}")
+            data_path = storage.path(f"{prefix}.data-{shard:05d}-of-{num_shards:05d}")
             if not data_path.is_file():
                 raise UserError(f"{data_path}: missing checkpoint data file; download it again")
-            if data_path.stat().st_size == 0:  # np.memmap cannot map an empty file
+            if storage.size(data_path) == 0:  # np.memmap cannot map an empty file
                 raise UserError(f"{data_path}: the checkpoint data file is empty; download it again")
-            shards[shard] = np.memmap(data_path, dtype=np.uint8, mode="r")
+            shards[shard] = np.memmap(data_path, dtype=np.uint8, mode="r") if not storage.is_url(data_path) else \
+                np.frombuffer(data_path.read_bytes(), np.uint8)  # a URL's is read into memory
         raw = shards[shard]
         expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
         if size != expected or offset + size > raw.shape[0]:
@@ -144,10 +146,10 @@ def checkpoint_prefix(model_dir: Path) -> Path | None:
     """The checkpoint prefix of a directory: from its `checkpoint` file, else model.ckpt if present."""
     state = model_dir / "checkpoint"
     if state.is_file():
-        for line in state.read_text(errors="replace").splitlines():  # a damaged one falls back to model.ckpt
+        for line in state.read_bytes().decode("utf-8", "replace").splitlines():  # a damaged one falls back to model.ckpt
             if line.startswith("model_checkpoint_path:"):
                 name = Path(line.split(":", 1)[1].strip().strip('"')).name
-                if Path(f"{model_dir / name}.index").is_file():
+                if storage.path(f"{model_dir / name}.index").is_file():
                     return model_dir / name
     if (model_dir / "model.ckpt.index").is_file():
         return model_dir / "model.ckpt"

@@ -11,13 +11,13 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
 import jax
 import numpy as np
 
+from gpt2_jax import storage
 from gpt2_jax.checkpoints import is_run_dir, load_run_params
 from gpt2_jax.encoder import find_vocab, get_encoder
 from gpt2_jax.errors import UserError
@@ -124,12 +124,13 @@ def _hf_state_dict(model_dir: Path) -> tuple[dict[str, np.ndarray], str]:
         except ImportError:
             raise UserError(f"{bin_path}: reading PyTorch weights needs torch installed; or save the model "
                             "as model.safetensors") from None
-        state = torch.load(bin_path, map_location="cpu", weights_only=True)
+        with storage.local_copy(bin_path) as local:
+            state = torch.load(local, map_location="cpu", weights_only=True)
         return {k.removeprefix("transformer."): v.float().numpy() for k, v in state.items()}, str(bin_path)
     tensors = {}
     for f in files:
         try:
-            with safe_open(str(f), framework="flax") as st:
+            with storage.local_copy(f) as local, safe_open(str(local), framework="flax") as st:
                 for key in st.keys():
                     tensors[key.removeprefix("transformer.")] = np.asarray(st.get_tensor(key).astype("float32"))
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error type, and OSError
@@ -165,7 +166,7 @@ LAYOUTS: list[tuple[str, Callable[[Path], bool], Callable[..., tuple[GPT2Config,
 
 def read_config(model_dir: str | Path, **overrides) -> GPT2Config:
     """The config of a model directory in any supported layout, without reading its weights."""
-    d = Path(model_dir)
+    d = storage.path(model_dir)
     if (d / "hparams.json").is_file():  # OpenAI's layout and training runs
         return _config_from(_read_json(d / "hparams.json"), d / "hparams.json", **overrides)
     if (d / "config.json").is_file():
@@ -209,10 +210,12 @@ def from_hub_cache(name: str) -> Path | None:
 
 
 def find_model_dir(name: str | os.PathLike) -> Path:
-    """A model directory given as a path, or as a hub id found in the local hub cache (never the network)."""
-    path = Path(name)
+    """A model directory given as a path or URL, or as a hub id found in the local hub cache (never the network)."""
+    path = storage.path(name)
     if path.is_dir():
         return path
+    if storage.is_url(path):
+        raise UserError(f"model directory {path} does not exist")
     snapshot = from_hub_cache(str(name))
     if snapshot is not None:
         return snapshot
@@ -247,7 +250,7 @@ def export_transformers(config: GPT2Config, params: Params, vocab_dir: str | Pat
     from safetensors.numpy import save_file
 
     get_encoder(vocab_dir)  # the vocabulary parses (or one line naming its file) before anything is written
-    vocab = find_vocab(Path(vocab_dir))
+    vocab = find_vocab(vocab_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     p = convert_layout(params, False)["params"]
@@ -269,8 +272,8 @@ def export_transformers(config: GPT2Config, params: Params, vocab_dir: str | Pat
         "tie_word_embeddings": True, "torch_dtype": "float32",
     }
     (out / "config.json").write_text(json.dumps(hf_config, indent=2))
-    shutil.copyfile(vocab[0], out / "vocab.json")
-    shutil.copyfile(vocab[1], out / "merges.txt")
+    (out / "vocab.json").write_bytes(vocab[0].read_bytes())
+    (out / "merges.txt").write_bytes(vocab[1].read_bytes())
     return out
 
 

@@ -6,9 +6,11 @@ so they never skip silently there.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +64,92 @@ def needs_module(module: str, extra: str) -> None:
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class GCS:
+    """A local Google Cloud Storage (tests/gcs_emulator.py): `bucket`, the `env` that points orbax, tensorstore,
+    gcsfs and google-cloud-storage at it, and stop()/start() (with `data`, what it holds survives a stop)."""
+
+    BUCKET = "gpt2-jax-test"
+
+    def __init__(self, data: Path | None = None):
+        self.port, self.data, self.bucket, self.proc = free_port(), data, self.BUCKET, None
+        url = f"http://127.0.0.1:{self.port}"
+        # gcsfs asks a new bucket's type over gRPC, which the emulator cannot answer (60 s per file system).
+        self.env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
+                    "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+        self.start()
+
+    def start(self) -> None:
+        import subprocess
+        import sys
+
+        extra = ["--data", str(self.data)] if self.data is not None else []
+        for _ in range(20):  # a restart may find the port not yet free
+            with tempfile.TemporaryFile() as err:
+                self.proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "gcs_emulator.py"), str(self.port),
+                                              self.bucket, *extra], stdout=subprocess.PIPE, stderr=err)
+                if self.proc.stdout.readline().strip() == b"ready":
+                    return
+                self.proc.wait()
+                err.seek(0)
+                error = err.read().decode(errors="replace")
+            time.sleep(0.5)
+        raise AssertionError(f"the GCS emulator did not start: {error[-2000:]}")
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+    @contextlib.contextmanager
+    def active(self):
+        """This emulator in this process's environment for a while (gcsfs's cached file systems forgotten on the
+        way in and out: each keeps the address it was made with)."""
+        import gcsfs
+
+        previous = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+        gcsfs.GCSFileSystem.clear_instance_cache()
+        try:
+            yield self
+        finally:
+            for key, value in previous.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+            gcsfs.GCSFileSystem.clear_instance_cache()
+
+    def url(self, *parts: str) -> str:
+        """gs://BUCKET/PART/..."""
+        return "/".join([f"gs://{self.bucket}", *parts])
+
+
+@pytest.fixture(scope="session")
+def gcs():
+    """The emulator for the whole session, its address in this process's environment (and so in every
+    process a test starts)."""
+    needs_module("gcp_storage_emulator", "test")
+    needs_module("gcsfs", "gcs")
+    store = GCS()
+    previous = {k: os.environ.get(k) for k in store.env}
+    os.environ.update(store.env)
+    yield store
+    store.stop()
+    for key, value in previous.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(scope="session")

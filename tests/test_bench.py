@@ -29,6 +29,7 @@ from conftest import FAST_COMPILE_FLAG, REPO, needs_module
     ("targets.py", []),
     ("harness.py", []),
     ("lora.py", []),
+    ("preemption.py", []),
 ])
 def test_bench_smoke(script, extra, tmp_path, shared_dir):
     # the deviceless compiles: one TPU and one GPU target (targets.py), a GPU target (lora.py)

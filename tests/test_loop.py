@@ -133,6 +133,18 @@ def test_sigterm_saves_and_stops_cleanly(tmp_path, shakespeare, dispatch_ahead, 
     assert signal.getsignal(signal.SIGTERM) == before  # the loop's handler is gone again
 
 
+def test_a_second_ctrl_c_aborts_at_once_without_saving(tmp_path, shakespeare):
+    def interrupt_twice_at_2(step, metrics):
+        if step == 2:
+            signal.raise_signal(signal.SIGINT)  # asks for a checkpoint after this step...
+            signal.raise_signal(signal.SIGINT)  # ... and the second aborts before it is written
+
+    with pytest.raises(KeyboardInterrupt):
+        loop.run(tiny_config(tmp_path, shakespeare[0], **{"train.total_steps": 50, "train.dispatch_ahead": False}),
+                 on_step=interrupt_twice_at_2)
+    assert checkpoints.make_manager(tmp_path / "checkpoint" / "run1", read_only=True).all_steps() == []
+
+
 def test_run_directory_is_a_model_directory(straight_run, tmp_path, capsys):
     from transformers import GPT2LMHeadModel
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -37,10 +38,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train_cmd(workdir, *extra: str) -> list[str]:
-    return [sys.executable, "launch.py", "--config=experiments/finetune.py", f"--workdir={workdir}",
-            f"--config.model.name={FIXTURES / 'openai_tiny'}",
-            f"--config.data.dataset={FIXTURES / 'make_openai_checkpoint.py'}", "--config.data.seq_len=16",
+def _train_cmd(workdir, *extra: str, model: str = str(FIXTURES / "openai_tiny"),
+               dataset: str = str(FIXTURES / "make_openai_checkpoint.py")) -> list[str]:
+    return [sys.executable, str(REPO / "launch.py"), "--config=experiments/finetune.py", f"--workdir={workdir}",
+            f"--config.model.name={model}", f"--config.data.dataset={dataset}", "--config.data.seq_len=16",
             "--config.train.batch_size=4", "--config.train.optimizer=sgd", "--config.train.learning_rate=0.05",
             "--config.train.momentum=0.9", "--config.sample.sample_every=0",
             "--config.train.total_steps=3", *extra]
@@ -49,18 +50,25 @@ def _train_cmd(workdir, *extra: str) -> list[str]:
 ENV = os.environ | {"XLA_FLAGS": FAST_COMPILE_FLAG, "JAX_PLATFORMS": "cpu"}  # one CPU device each
 
 
-def _start_pair(workdir, *extra: str) -> list[subprocess.Popen]:
-    """Processes 0 and 1 of a two-process job on 127.0.0.1; each one's stderr goes to a file beside workdir."""
+def _start_pair(workdir, *extra: str, logs: Path | None = None, hosts: Path | None = None, env: dict = ENV,
+                **cmd) -> list[subprocess.Popen]:
+    """Processes 0 and 1 of a two-process job on 127.0.0.1; each one's output goes to a file beside workdir
+    (or in `logs`). With `hosts`, each process runs in a directory of its own, hosts/0 and hosts/1, as on
+    machines that share no disk."""
     port = _free_port()
+    logs = Path(logs or Path(workdir).parent)
+    name = Path(str(workdir)).name
     procs = []
     for i in range(2):
-        err = Path(f"{workdir}-{len(list(Path(workdir).parent.glob(f'{Path(workdir).name}-*.err')))}.err")
+        err = logs / f"{name}-{len(list(logs.glob(f'{name}-*.err')))}.err"
+        cwd = REPO if hosts is None else hosts / str(i)
+        cwd.mkdir(parents=True, exist_ok=True)
         procs.append(subprocess.Popen(_train_cmd(workdir, "--config.parallel.distributed=explicit",
                                                  f"--config.parallel.coordinator_address=127.0.0.1:{port}",
                                                  "--config.parallel.num_processes=2",
                                                  f"--config.parallel.process_id={i}", "--config.parallel.timeout_s=60",
-                                                 *extra),
-                                      cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=err.open("w")))
+                                                 *extra, **cmd),
+                                      cwd=cwd, env=env, stdout=err.open("w"), stderr=subprocess.STDOUT))
         procs[-1].err_path = err
     return procs
 
@@ -144,3 +152,93 @@ def test_a_coordinator_that_does_not_answer_is_a_clear_error_in_bounded_time(tmp
     assert "could not join the distributed job at 127.0.0.1:" in done.stderr
     assert time.monotonic() - start < 200
 
+
+def _lines_after_metrics(procs: list[subprocess.Popen], metrics: Path, count: int) -> None:
+    """Wait until process 0 has logged `count` steps (every process still running)."""
+    deadline = time.monotonic() + 240
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= count) and time.monotonic() < deadline:
+        assert all(p.poll() is None for p in procs), _finish(procs)
+        time.sleep(0.02)
+
+
+def _stopped_at(err: str) -> int:
+    return int(next(line for line in err.splitlines() if "stopped at step" in line).split("stopped at step ")[1]
+               .split(":")[0])
+
+
+@pytest.mark.parametrize("who", ["process 1 alone", "both, a second apart"])
+def test_a_stop_sent_to_any_process_saves_the_same_step_on_every_process_and_resumes_bitwise(pair_run, tmp_path, who):
+    workdir = tmp_path / "w"
+    procs = _start_pair(workdir, *LONG)
+    _lines_after_metrics(procs, workdir / "logs" / "run1" / "metrics.jsonl", 25)
+    procs[1].send_signal(signal.SIGTERM)  # a spot VM's notice reaches one host (the supervisor forwards it)
+    if who.startswith("both"):
+        time.sleep(1.0)
+        procs[0].send_signal(signal.SIGTERM)
+    start = time.monotonic()
+    errors = _finish(procs, timeout=120)
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(e[-3000:] for e in errors)
+    assert time.monotonic() - start < 60
+    steps = [_stopped_at(e) for e in errors]
+    assert steps[0] == steps[1] < 60, steps  # the same step on both, before the end
+    assert checkpoints.steps_of(workdir / "checkpoint" / "run1")[-1] == steps[0]
+    if who.startswith("process 1"):
+        return  # its restart is tested in a bucket, below
+    restarted = _start_pair(workdir, *LONG)
+    errors = _finish(restarted)
+    assert [p.returncode for p in restarted] == [0, 0], "\n".join(e[-3000:] for e in errors)
+    _, params = checkpoints.load_run_params(workdir / "checkpoint" / "run1")
+    _, reference = checkpoints.load_run_params(pair_run / "checkpoint" / "run1")
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, reference)
+
+
+def test_a_job_whose_hosts_share_no_disk_keeps_its_run_in_a_bucket_and_survives_a_preempted_host(pair_run, gcs,
+                                                                                                 tmp_path):
+    from test_gcs import upload
+
+    from gpt2_jax import storage
+
+    model = upload(FIXTURES / "openai_tiny", gcs.url("pair", "openai_tiny"))
+    data = upload(FIXTURES / "make_openai_checkpoint.py", gcs.url("pair", "data.py"))
+    workdir, env = gcs.url("pair", "w"), {**ENV, **gcs.env}
+    pair = dict(logs=tmp_path, hosts=tmp_path / "hosts", env=env, model=model, dataset=data)
+    procs = _start_pair(workdir, *LONG, **pair)
+    run_dir = storage.path(workdir) / "checkpoint" / "run1"
+    deadline = time.monotonic() + 240
+    while not checkpoints.steps_of(run_dir) and time.monotonic() < deadline:  # step 10 saved: well under way
+        assert all(p.poll() is None for p in procs), _finish(procs)
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    errors = _finish(procs, timeout=120)
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(e[-3000:] for e in errors)
+    assert _stopped_at(errors[0]) == _stopped_at(errors[1]) < 60
+    restarted = _start_pair(workdir, *LONG, **pair)
+    errors = _finish(restarted)
+    assert [p.returncode for p in restarted] == [0, 0], "\n".join(e[-3000:] for e in errors)
+    _, params = checkpoints.load_run_params(run_dir)
+    _, reference = checkpoints.load_run_params(pair_run / "checkpoint" / "run1")
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, reference)
+    assert [p for p in (tmp_path / "hosts").rglob("*") if p.is_file()] == []  # nothing of the run on a host's disk
+    assert (storage.path(workdir) / "logs" / "run1" / "metrics.jsonl").read_text().count("\n") >= 60
+    sample = subprocess.run([sys.executable, "-m", "gpt2_jax", "sample", "--model_dir", str(run_dir), "--length", "3",
+                             "--seed", "0"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert sample.returncode == 0 and "SAMPLE 1" in sample.stdout, sample.stderr[-2000:]
+
+
+def test_distributed_auto_joins_a_slurm_job_from_the_variables_srun_sets(tmp_path):
+    job_id = 61440 + (_free_port() % 4096)  # JAX puts the coordinator on port 61440 + job id % 4096
+    procs = []
+    for i in range(2):
+        slurm = {"SLURM_JOB_ID": str(job_id), "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": "2",
+                 "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i), "SLURM_STEP_NUM_NODES": "1"}
+        log = tmp_path / f"{i}.out"
+        procs.append(subprocess.Popen(_train_cmd(tmp_path / "w", "--config.parallel.distributed=auto",
+                                                 "--config.parallel.timeout_s=60"),
+                                      cwd=REPO, env={**ENV, **slurm}, stdout=log.open("w"), stderr=subprocess.STDOUT))
+        procs[-1].err_path = log
+    outputs = _finish(procs)
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    for i, out in enumerate(outputs):
+        assert f"distributed: process {i} of 2 (SLURM), 1 local device" in out, out[-2000:]
+    assert checkpoints.steps_of(tmp_path / "w" / "checkpoint" / "run1") == [3]
+    assert (tmp_path / "w" / "logs" / "run1" / "metrics.jsonl").read_text().count("\n") == 3  # process 0's only

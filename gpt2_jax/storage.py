@@ -1,0 +1,311 @@
+"""Where files live: a local path, or a URL (gs://, s3://, az://) read and written through etils.epath,
+the path layer orbax uses for the arrays, so that a run whose hosts share no disk keeps everything in
+one bucket.
+
+`path()` gives a `pathlib.Path` for a local path (every local behaviour unchanged) and an
+`epath.Path` for a URL; the rest of the project uses the operations both share (`/`, `name`, `parent`,
+`exists`, `is_file`, `is_dir`, `iterdir`, `read_text`, `write_text`, `read_bytes`, `open`) and the
+helpers here for what differs: object stores have no directories to create, no rename (a folder is
+moved object by object), no appending, no free space to ask for and no file locks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob as globlib
+import importlib
+import importlib.util
+import io
+import os
+import shutil
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import IO, Any, Iterator, Union
+
+from gpt2_jax.errors import UserError, reason
+
+AnyPath = Union[Path, Any]  # pathlib.Path, or etils.epath.Path for a URL
+# The fsspec file system each URL scheme needs (etils.epath reads and writes through it).
+_BACKENDS = {"gs": ("gcsfs", "gcs"), "s3": ("s3fs", "s3"), "az": ("adlfs", "az")}
+
+
+def is_url(p: Any) -> bool:
+    """Whether p names an object in a store (scheme://...) rather than a local file."""
+    return "://" in str(p)
+
+
+def path(p: str | os.PathLike) -> AnyPath:
+    """A local path as pathlib.Path, a URL as etils.epath.Path (its scheme's file system checked)."""
+    if not is_url(p):
+        return p if isinstance(p, Path) else Path(p)
+    text = str(p)
+    scheme = text.split("://", 1)[0]
+    if scheme not in _BACKENDS:
+        raise UserError(f"{text}: the scheme {scheme}:// is not supported; use a local path or gs://, s3:// or az://")
+    module, extra = _BACKENDS[scheme]
+    if importlib.util.find_spec(module) is None:
+        raise UserError(f"{text}: {scheme}:// paths need {module}, which is not installed: pip install "
+                        f"'gpt2-jax[{extra}]'")
+    _no_stale_listings()
+    from etils import epath
+
+    return epath.Path(text)
+
+
+def _no_stale_listings() -> None:
+    """fsspec file systems (gcsfs, s3fs) list each time instead of caching listings: a cached listing does not
+    see what another process (or orbax, through another path) wrote or deleted since."""
+    import fsspec
+
+    for scheme in _BACKENDS:
+        fsspec.config.conf.setdefault(scheme, {}).setdefault("use_listings_cache", False)
+
+
+def absolute(p: str | os.PathLike) -> AnyPath:
+    """p made absolute (a URL already is)."""
+    p = path(p)
+    return p if is_url(p) else p.absolute()
+
+
+def _fs(p: AnyPath) -> tuple[Any, str]:
+    """(fsspec file system, path within it) of a URL."""
+    import fsspec
+
+    return fsspec.core.url_to_fs(str(p))
+
+
+def store_errors() -> tuple[type[BaseException], ...]:
+    """The exception types a store's client raises beside OSError (those of the clients installed)."""
+    found: list[type[BaseException]] = []
+    for module, name in (("gcsfs.retry", "HttpError"), ("aiohttp", "ClientError"),
+                         ("google.api_core.exceptions", "GoogleAPIError")):
+        if importlib.util.find_spec(module.split(".")[0]) is not None:
+            try:
+                found.append(getattr(importlib.import_module(module), name))
+            except (ImportError, AttributeError):
+                continue
+    return tuple(found)
+
+
+def bound_retries(seconds: float) -> None:
+    """Make tensorstore (orbax's array I/O) give up on a failing store after about `seconds` of retries
+    instead of its default of 32 retries (a quarter of an hour): a save then fails in bounded time, with
+    its one line. Acts on the contexts orbax makes for each save and restore (after this call)."""
+    from orbax.checkpoint._src.serialization import tensorstore_utils
+
+    delay = max(1.0, min(32.0, seconds / 4))
+    retries = {"max_retries": max(1, int(seconds // delay)), "initial_delay": "1s", "max_delay": f"{delay:g}s"}
+    for name in ("_DEFAULT_OCDBT_TS_CONTEXT", "_BASE_TS_CONTEXT"):
+        context = getattr(tensorstore_utils, name, None)
+        if isinstance(context, dict):
+            context["gcs_request_retries"] = retries
+            context["s3_request_retries"] = retries
+
+
+def mkdir(p: AnyPath) -> None:
+    """Create a local directory and its parents; nothing for a URL (an object store has no directories, and
+    creating one could create its bucket)."""
+    if not is_url(p):
+        Path(p).mkdir(parents=True, exist_ok=True)
+
+
+def size(p: AnyPath) -> int:
+    """A file's size in bytes."""
+    return Path(p).stat().st_size if not is_url(p) else int(path(p).stat().length)
+
+
+def tree_bytes(p: AnyPath) -> int:
+    """The bytes of every file under a directory."""
+    if not is_url(p):
+        return sum(f.stat().st_size for f in Path(p).rglob("*") if f.is_file())
+    fs, inner = _fs(p)
+    return int(fs.du(inner, total=True))
+
+
+def free_bytes(p: AnyPath) -> int | None:
+    """The free space of the disk holding a local directory; None for a store, which reports none."""
+    return None if is_url(p) else shutil.disk_usage(p).free
+
+
+def files_of(spec: str | os.PathLike) -> list[AnyPath]:
+    """The files a path, a directory (walked recursively, sorted, hidden files skipped) or a glob names."""
+    p = path(spec)
+    if not is_url(p):
+        if p.is_file():
+            return [p]
+        if p.is_dir():
+            return sorted(x for x in p.rglob("*") if x.is_file() and not x.name.startswith("."))
+        return sorted(Path(x) for x in globlib.glob(str(spec), recursive=True) if Path(x).is_file())
+    fs, inner = _fs(p)
+    scheme = str(p).split("://", 1)[0]
+    if globlib.has_magic(inner):
+        found = fs.glob(inner)
+    elif fs.isfile(inner):
+        return [p]
+    else:
+        found = fs.find(inner)
+    names = sorted(f for f in found if not Path(f).name.startswith(".") and fs.isfile(f))
+    return [path(f"{scheme}://{f}") for f in names]
+
+
+def move(src: AnyPath, dst: AnyPath) -> None:
+    """Move a file or directory (dst must not exist): a rename on a disk; in a store, a server-side copy of
+    each object, then the originals removed (stores have no rename of a folder)."""
+    if not is_url(src):
+        Path(src).rename(dst)
+        return
+    fs, inner = _fs(src)
+    _, target = _fs(dst)
+    if fs.isfile(inner):
+        fs.copy(inner, target)
+    else:
+        for f in fs.find(inner):
+            fs.copy(f, target + f[len(inner.rstrip("/")):])
+    fs.rm(inner, recursive=True)
+
+
+def rmtree(p: AnyPath) -> None:
+    """Remove a directory and everything under it (missing: nothing to do)."""
+    if not is_url(p):
+        shutil.rmtree(p, ignore_errors=True)
+        return
+    fs, inner = _fs(p)
+    if fs.exists(inner):
+        fs.rm(inner, recursive=True)
+
+
+def upload(local: str | os.PathLike, dst: AnyPath) -> None:
+    """Copy a local file to dst (a URL's object appears whole when its upload completes)."""
+    if not is_url(dst):
+        shutil.copyfile(local, dst)
+        return
+    with open(local, "rb") as source, path(dst).open("wb") as out:
+        shutil.copyfileobj(source, out, 1 << 22)
+
+
+def check_writable(directory: AnyPath, what: str) -> None:
+    """A URL's bucket exists and takes writes (a probe object written and removed), else one line, exit 2."""
+    if not is_url(directory):
+        return
+    probe = path(directory) / f".write-probe-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    bucket = str(directory).split("://", 1)[1].split("/", 1)[0]
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except Exception as e:  # noqa: BLE001 - a missing bucket, no credentials or no permission, in many types
+        why = f"the bucket {bucket} does not exist" if isinstance(e, FileNotFoundError) else reason(e)
+        raise UserError(f"{what} {directory}: cannot write there ({why}); check that the bucket {bucket} "
+                        "exists and that these credentials may write to it (nothing was written)") from None
+
+
+class AppendLog:
+    """A text file written line by line (metrics.jsonl). On a disk: appended and flushed as today. In a store,
+    which cannot append: the whole object rewritten with what the file held before plus the new lines, at
+    most every `upload_every_s` seconds and at close()."""
+
+    def __init__(self, p: AnyPath, upload_every_s: float = 10.0):
+        self.path, self.upload_every_s = path(p), upload_every_s
+        if not is_url(self.path):
+            self._file: IO[str] | None = open(self.path, "a", encoding="utf-8")
+            return
+        self._file = None
+        self._text = self.path.read_text(encoding="utf-8") if self.path.exists() else ""
+        self._uploaded = 0.0
+
+    def write(self, text: str) -> None:
+        """Add text (whole lines)."""
+        if self._file is not None:
+            self._file.write(text)
+        else:
+            self._text += text
+
+    def flush(self, force: bool = False) -> None:
+        """Make what was written durable: now on a disk; in a store, if the last upload is old enough (or force)."""
+        if self._file is not None:
+            self._file.flush()
+        elif force or time.monotonic() - self._uploaded >= self.upload_every_s:
+            self.path.write_text(self._text, encoding="utf-8")
+            self._uploaded = time.monotonic()
+
+    def close(self) -> None:
+        """Flush and close."""
+        if self._file is not None:
+            self._file.close()
+        else:
+            self.flush(force=True)
+
+
+class _RewrittenObject:
+    """A binary file in a store for TensorBoard's event writer: buffered, the object rewritten on flush."""
+
+    def __init__(self, url: str):
+        self.path, self.buffer, self.lock = path(url), io.BytesIO(), threading.Lock()
+        self.failed = False  # a failed upload is raised once; after it, nothing more is written
+
+    def write(self, data: bytes) -> None:
+        with self.lock:
+            self.buffer.write(data)
+
+    def flush(self) -> None:
+        with self.lock:
+            data = self.buffer.getvalue()
+        if self.failed:
+            return
+        try:
+            self.path.write_bytes(data)
+        except BaseException:
+            self.failed = True
+            raise
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _RewrittenObjectFactory:
+    def __init__(self):
+        self.opened: list[_RewrittenObject] = []
+
+    def open(self, url: str) -> _RewrittenObject:
+        self.opened.append(_RewrittenObject(url))
+        return self.opened[-1]
+
+    def directory_check(self, url: str) -> None:
+        pass  # a store has no directories to create
+
+
+def tensorboard_writer(log_dir: AnyPath) -> Any:
+    """tensorboardX's SummaryWriter for a local directory or a URL (events written through this module)."""
+    from tensorboardX import SummaryWriter, record_writer
+
+    if is_url(log_dir):
+        record_writer.register_writer_factory(str(log_dir).split("://", 1)[0], _FACTORY)
+    return SummaryWriter(str(log_dir))
+
+
+def abandon_uploads(log_dir: AnyPath) -> None:
+    """Write nothing more to the TensorBoard event objects under log_dir (their store is failing: their
+    writer's later flushes, at exit too, would each wait out the client's retries again)."""
+    for obj in _FACTORY.opened:
+        if str(obj.path).startswith(str(log_dir)):
+            obj.failed = True
+
+
+_FACTORY = _RewrittenObjectFactory()
+
+
+@contextlib.contextmanager
+def local_copy(p: AnyPath) -> Iterator[Path]:
+    """A local file to read p from: p itself on a disk, a temporary download of a URL (removed after)."""
+    if not is_url(p):
+        yield Path(p)
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="gpt2_jax_") as tmp:
+        local = Path(tmp) / path(p).name
+        with path(p).open("rb") as source, open(local, "wb") as out:
+            shutil.copyfileobj(source, out, 1 << 22)
+        yield local
