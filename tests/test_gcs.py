@@ -59,16 +59,27 @@ def local_reference(tmp_path_factory) -> Path:
     return workdir / "checkpoint" / "run1"
 
 
-def test_a_run_in_a_bucket_keeps_everything_there_resumes_bitwise_and_is_read_from_it(gcs, inputs, local_reference,
-                                                                                      tmp_path, capsys):
+def test_a_run_in_a_bucket_keeps_everything_there_sets_a_damaged_step_aside_within_it_resumes_bitwise_and_is_read(
+        gcs, inputs, local_reference, tmp_path, capfd):
     model, data = inputs
     workdir = gcs.url("run-a")
-    for total in (4, 6):  # stopped at 4 (the run's end then), resumed to 6
-        loop.run(tiny_config(workdir, data, **RUN, **{"model.name": model, "train.total_steps": total}))
     run_dir = storage.path(workdir) / "checkpoint" / "run1"
+    loop.run(tiny_config(workdir, data, **RUN, **{"model.name": model, "train.total_steps": 4}))
+    assert checkpoints.steps_of(run_dir) == [2, 4]
+    arrays = [p for p in storage.files_of(run_dir / "4" / "params") if "/d/" in str(p)]
+    largest = max(arrays, key=storage.size)  # one bit flipped in step 4's largest array object
+    damaged = bytearray(largest.read_bytes())
+    damaged[len(damaged) // 2] ^= 0x10
+    largest.write_bytes(bytes(damaged))
+    capfd.readouterr()
+    loop.run(tiny_config(workdir, data, **RUN, **{"model.name": model, "train.total_steps": 6}))  # resumes from 2
+    err = capfd.readouterr().err
+    assert "checkpoint step 4" in err and "do not match their checksums" in err, err[-2000:]
+    aside = [p.name for p in (run_dir / checkpoints.DAMAGED).iterdir()]
+    assert len(aside) == 1 and aside[0].startswith("4."), aside  # moved within the bucket, never deleted
     same_params(run_dir, local_reference)
     assert checkpoints.steps_of(run_dir) == [4, 6]  # checkpoint.keep=2, in the bucket too
-    assert checkpoints.steps_of(run_dir / checkpoints.BEST) != []  # keep_best's run directory
+    assert checkpoints.steps_of(run_dir / checkpoints.BEST) != []  # keep_best's run directory survived
     names = {str(p)[len(workdir) + 1:] for p in storage.files_of(workdir)}
     for name in ("checkpoint/run1/hparams.json", "checkpoint/run1/encoder.json", "checkpoint/run1/run_config.json",
                  "checkpoint/run1/dataset.json", "logs/run1/metrics.jsonl", "logs/run1/curves.png",
@@ -76,41 +87,20 @@ def test_a_run_in_a_bucket_keeps_everything_there_resumes_bitwise_and_is_read_fr
         assert name in names, name
     assert any(n.startswith("logs/run1/events.out.tfevents") for n in names)
     records = [json.loads(line) for line in (storage.path(workdir) / "logs/run1/metrics.jsonl").read_text().splitlines()]
-    assert sorted({r["step"] for r in records if "loss" in r}) == [1, 2, 3, 4, 5, 6]  # both runs' lines, appended
+    assert {r["step"] for r in records if "loss" in r} == {1, 2, 3, 4, 5, 6}  # both runs' lines, appended
     assert not (run_dir.parent / "run1.lock").exists()  # released at the end
 
-    capsys.readouterr()
+    capfd.readouterr()
     cli_main(["sample", "--model_dir", str(run_dir), "--length", "3", "--seed", "0"])
     cli_main(["evaluate", "--model_dir", str(run_dir), "--dataset", data, "--window", "16", "--json"])
-    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    evaluated = json.loads(capfd.readouterr().out.strip().splitlines()[-1])
     assert evaluated["tokens"] > 0 and np.isfinite(evaluated["loss"])
     cli_main(["export", "--model_dir", str(run_dir), "--out", str(tmp_path / "exported")])
     assert (tmp_path / "exported" / "model.safetensors").is_file()
     cli_main(["encode", data, gcs.url("encoded", "data.bin"), "--model_dir", str(run_dir)])
     cli_main(["evaluate", "--model_dir", str(run_dir), "--dataset", gcs.url("encoded", "data.bin"), "--window", "16",
               "--json"])
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == evaluated
-
-
-def test_a_damaged_step_in_a_bucket_is_set_aside_within_it_and_the_run_ends_bitwise(gcs, inputs, local_reference,
-                                                                                    capfd):
-    model, data = inputs
-    workdir = gcs.url("run-damaged")
-    settings = {**RUN, "model.name": model, "checkpoint.keep": 5}
-    loop.run(tiny_config(workdir, data, **settings, **{"train.total_steps": 4}))
-    run_dir = storage.path(workdir) / "checkpoint" / "run1"
-    arrays = [p for p in storage.files_of(run_dir / "4" / "params") if "/d/" in str(p)]
-    largest = max(arrays, key=storage.size)
-    damaged = bytearray(largest.read_bytes())
-    damaged[len(damaged) // 2] ^= 0x10
-    largest.write_bytes(bytes(damaged))
-    capfd.readouterr()
-    loop.run(tiny_config(workdir, data, **settings, **{"train.total_steps": 6}))
-    err = capfd.readouterr().err
-    assert "checkpoint step 4" in err and "do not match their checksums" in err, err[-2000:]
-    aside = [p.name for p in (run_dir / checkpoints.DAMAGED).iterdir()]
-    assert len(aside) == 1 and aside[0].startswith("4."), aside  # moved within the bucket, never deleted
-    same_params(run_dir, local_reference)
+    assert json.loads(capfd.readouterr().out.strip().splitlines()[-1]) == evaluated
 
 
 def test_changed_data_in_a_bucket_is_one_line(gcs, inputs):

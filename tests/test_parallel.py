@@ -167,7 +167,7 @@ def _stopped_at(err: str) -> int:
 
 
 @pytest.mark.parametrize("who", ["process 1 alone", "both, a second apart"])
-def test_a_stop_sent_to_any_process_saves_the_same_step_on_every_process_and_resumes_bitwise(pair_run, tmp_path, who):
+def test_a_stop_sent_to_any_process_saves_the_same_step_on_every_process(tmp_path, who):
     workdir = tmp_path / "w"
     procs = _start_pair(workdir, *LONG)
     _lines_after_metrics(procs, workdir / "logs" / "run1" / "metrics.jsonl", 25)
@@ -182,14 +182,7 @@ def test_a_stop_sent_to_any_process_saves_the_same_step_on_every_process_and_res
     steps = [_stopped_at(e) for e in errors]
     assert steps[0] == steps[1] < 60, steps  # the same step on both, before the end
     assert checkpoints.steps_of(workdir / "checkpoint" / "run1")[-1] == steps[0]
-    if who.startswith("process 1"):
-        return  # its restart is tested in a bucket, below
-    restarted = _start_pair(workdir, *LONG)
-    errors = _finish(restarted)
-    assert [p.returncode for p in restarted] == [0, 0], "\n".join(e[-3000:] for e in errors)
-    _, params = checkpoints.load_run_params(workdir / "checkpoint" / "run1")
-    _, reference = checkpoints.load_run_params(pair_run / "checkpoint" / "run1")
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, reference)
+    # Resuming such a stop bitwise: the job in a bucket, below.
 
 
 def test_a_job_whose_hosts_share_no_disk_keeps_its_run_in_a_bucket_and_survives_a_preempted_host(pair_run, gcs,
