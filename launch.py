@@ -125,11 +125,13 @@ def dry_run(config, target=None) -> None:
     import jax
 
     from gpt2_jax import parallel
+    from gpt2_jax.dpo import settings_of as dpo_settings_of
     from gpt2_jax.model import attention_implementation, vocab_padding
     from gpt2_jax.resolve import model_config_of
     from gpt2_jax.steps import build_steps, compile_falling_back_to_xla_attention, compile_with_stats, flops_per_token
 
     model_config = model_config_of(config)
+    dpo = dpo_settings_of(config)  # the DPO step takes pairs (two sequences each), and maybe a frozen reference
     if target is None:
         parallel.init_distributed(config.parallel)
         mesh, backend = parallel.make_mesh(config.mesh.data, config.mesh.fsdp), jax.default_backend()
@@ -150,12 +152,13 @@ def dry_run(config, target=None) -> None:
         model_config, train, _ = autoremat.resolve(config, model_config, mesh, seq_len, target=target)
     if config.model.attention == "auto":  # auto may give way to XLA's where cuDNN's does not partition
         model_config, stats, why = compile_falling_back_to_xla_attention(model_config, train, mesh, rows, seq_len,
-                                                                          document_eot)
+                                                                          document_eot, dpo)
         if why:
             print(f"attention: cuDNN's fused attention does not partition on this mesh ({why}); compiled with "
                   "XLA's attention: train with --config.model.attention=xla", flush=True)
     else:
-        _, stats = compile_with_stats(build_steps(model_config, train, mesh, document_eot=document_eot), rows, seq_len)
+        _, stats = compile_with_stats(build_steps(model_config, train, mesh, document_eot=document_eot, dpo=dpo), rows,
+                                      seq_len)
     print(config)
     print(f"model: {model_config.hparams()} dtype={model_config.dtype} remat={model_config.remat} "
           f"scan_layers={model_config.scan_layers} "
@@ -167,14 +170,22 @@ def dry_run(config, target=None) -> None:
     if stats["flops"] is not None:
         flops = f"{stats['flops'] / 1e9:,.1f} GFLOP per device"
     else:  # XLA's GPU compiler reports no FLOPs without a device: the formula's, remat's recompute not counted
-        flops = f"{flops_per_token(model_config, seq_len) * rows * seq_len / mesh.devices.size / 1e9:,.1f} GFLOP " \
-                "per device (6N + attention formula; the compiler reports none)"
-    print(f"compiled step ({rows} windows of {seq_len} tokens): {flops}, "
+        sequences = rows * (2 if dpo else 1)  # a pair is two sequences
+        flops = f"{flops_per_token(model_config, seq_len) * sequences * seq_len / mesh.devices.size / 1e9:,.1f} " \
+                "GFLOP per device (6N + attention formula; the compiler reports none)"
+    batch = f"{rows} windows of {seq_len} tokens" if dpo is None else \
+        f"{rows} DPO pairs of 2 x {seq_len} tokens, reference: {REFERENCE_WORDS[dpo.reference]}"
+    print(f"compiled step ({batch}): {flops}, "
           f"peak memory {stats['peak_bytes'] / 2**30:.3f} GiB per device "
           f"(arguments {stats['argument_bytes'] / 2**30:.3f}, temporaries {stats['temp_bytes'] / 2**30:.3f})"
           + ("; the compiler refused it: out of memory" if stats.get("refused") else ""))
     if target is not None:
         print(targets.fit_line(target, mesh, stats["peak_bytes"], target.budget_bytes(config.model.memory_budget_gb)))
+
+
+# How a DPO step finds its reference, for the dry run's line.
+REFERENCE_WORDS = {"batch": "precomputed log-probs", "params": "a frozen copy of the weights",
+                   "adapters_off": "the LoRA base, adapters off"}
 
 
 def run_sweep(config, spec: str) -> None:

@@ -125,8 +125,8 @@ def main() -> None:
     nothing = medians[WAYS[0]]
     rows = [(way, f"{seconds * 1e3:.2f}", f"{(seconds - nothing) * 1e3:+.2f}", f"{seconds / nothing:.3f}")
             for way, seconds in medians.items()]
-    text = common.table(f"Agreeing on a stop: {args.processes} processes x {args.devices} CPU devices, L={args.n_layer}, "
-                        f"C={args.n_embd}, T={args.seq_len}, batch {2 * args.processes * args.devices}, Adam; median "
+    text = common.table(f"Agreeing on a stop: {args.processes} processes x {args.devices} CPU devices, "
+                        f"L={args.n_layer}, C={args.n_embd}, T={args.seq_len}, batch {2 * args.processes * args.devices}, Adam; median "
                         f"of {args.repeat} x {args.steps} steps", ["after each step", "ms per step", "cost ms",
                                                                     "vs nothing"], rows)
     common.report(text, record=not args.no_record, out=args.out)

@@ -55,7 +55,8 @@ def get_config() -> ConfigDict:
     c.data.allow_changed = False  # resume although the data differ from what the run started on (not exact then)
 
     c.train = ConfigDict()
-    c.train.batch_size = 1  # --batch_size: windows per micro-batch (the global batch across devices)
+    c.train.objective = "lm"  # lm: next-token loss; dpo: preference pairs, the dpo section (README, "Preference")
+    c.train.batch_size = 1  # --batch_size: windows (dpo: pairs) per micro-batch (the global batch across devices)
     c.train.accumulate_gradients = 1  # --accumulate_gradients: micro-batches summed into one update
     c.train.learning_rate = 2e-5  # --learning_rate: peak learning rate
     c.train.optimizer = "adam"  # --optimizer: adam, adamw or sgd
@@ -81,6 +82,14 @@ def get_config() -> ConfigDict:
     c.train.early_stop_min_delta = 0.0  # an improvement lowers the best validation loss by more than this
     c.train.dispatch_ahead = True  # queue step N+1 before reading step N's metrics (checks, logs, Ctrl-C one step late)
     c.train.peak_tflops = 0.0  # device peak for MFU; 0 = known accelerators in bfloat16, otherwise not shown
+
+    c.dpo = ConfigDict()  # train.objective=dpo: data.dataset is a .jsonl of {"prompt", "chosen", "rejected"}
+    c.dpo.beta = 0.1  # how far the policy may move from the reference (the rewards are beta x log-ratios)
+    c.dpo.loss_type = "sigmoid"  # sigmoid (DPO), ipo, hinge or robust, as trl's DPOTrainer defines them
+    c.dpo.label_smoothing = 0.0  # robust only: the assumed fraction of flipped preferences, in [0, 0.5)
+    c.dpo.reference = ""  # "" = the weights the run starts from (LoRA: the base, adapters off); or a model dir/hub id
+    c.dpo.precompute_reference = True  # reference log-probs computed once, kept with the run; False: every step
+    c.dpo.tokenize = "apart"  # apart: after an end-of-text, each text encoded on its own (as SFT); trl: as trl does
 
     c.sample = ConfigDict()
     c.sample.sample_every = 100  # --sample_every: unconditional samples every N steps (0 = never)

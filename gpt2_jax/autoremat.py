@@ -24,8 +24,10 @@ import jax
 import numpy as np
 
 from gpt2_jax import parallel
+from gpt2_jax.dpo import DPOSettings
+from gpt2_jax.dpo import settings_of as dpo_settings_of
 from gpt2_jax.errors import UserError
-from gpt2_jax.model import GPT2Config, init_params
+from gpt2_jax.model import GPT2Config, init_params, split_lora
 from gpt2_jax.steps import build_steps, compile_with_stats
 from gpt2_jax.targets import HEADROOM  # the default budget leaves this fraction of the device's memory free
 
@@ -61,8 +63,10 @@ def _splits(global_batch: int, shards: int) -> list[int]:
 
 
 def choose(model_config: GPT2Config, train: Any, mesh: Any, seq_len: int, budget_bytes: float, *,
-           timed_steps: int = 3, max_compiles: int = 24, seed: int = 0) -> tuple[Candidate, list[Candidate]]:
-    """(the chosen candidate, every candidate tried) for the global batch train.batch_size x accumulate_gradients."""
+           timed_steps: int = 3, max_compiles: int = 24, seed: int = 0, dpo: DPOSettings | None = None
+           ) -> tuple[Candidate, list[Candidate]]:
+    """(the chosen candidate, every candidate tried) for the global batch train.batch_size x accumulate_gradients
+    (of windows, or with `dpo` of preference pairs)."""
     global_batch = train.batch_size * train.accumulate_gradients
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     splits = _splits(global_batch, shards)
@@ -74,7 +78,7 @@ def choose(model_config: GPT2Config, train: Any, mesh: Any, seq_len: int, budget
             if len(tried) >= max_compiles:
                 raise _OutOfCompiles
             steps = build_steps(dataclasses.replace(model_config, remat=policy), split_train(train, m, global_batch),
-                                mesh)
+                                mesh, dpo=dpo)
             exe, stats = compile_with_stats(steps, global_batch, seq_len)
             peak = stats["peak_bytes"] if exe is not None else max(stats["peak_bytes"], budget_bytes + 1)
             tried[policy, m] = Candidate(policy, m, global_batch // m, peak, peak <= budget_bytes)
@@ -137,17 +141,23 @@ def split_train(train: Any, micro_batch: int, global_batch: int) -> Any:
 
 
 def _time_steps(steps: Any, exe: Any, model_config: GPT2Config, rows: int, seq_len: int, n: int, seed: int) -> float:
-    """Median seconds of n steps of a compiled candidate, after one warm-up, on random tokens."""
-    state = steps.init_state(init_params(model_config, jax.random.key(seed)))
-    tokens = np.random.default_rng(seed).integers(0, model_config.n_vocab, (rows, seq_len + 1), dtype=np.int32)
-    batch = parallel.global_batch(tokens, steps.batch_sharding)
+    """Median seconds of n steps of a compiled candidate, after one warm-up, on random tokens (every target
+    counted), with the step's frozen reference, if it takes one, at the starting weights."""
+    params = init_params(model_config, jax.random.key(seed))
+    state = steps.init_state(params)
+    rng = np.random.default_rng(seed)
+    batch = jax.tree.map(lambda a: parallel.global_batch(
+        rng.integers(0, model_config.n_vocab, a.shape, dtype=np.int32) if a.dtype == np.int32
+        else np.ones(a.shape, a.dtype), steps.batch_sharding), steps.abstract_batch(rows, seq_len))
     key = jax.device_put(jax.random.key(seed), parallel.replicated(steps.mesh))
-    state, metrics = exe(state, batch, key)
+    reference = () if steps.reference is None else \
+        (parallel.put_tree(split_lora(params)[1], jax.tree.map(lambda a: a.sharding, steps.reference)),)
+    state, metrics = exe(state, batch, key, *reference)
     float(metrics["loss"])
     times = []
     for _ in range(n):
         t0 = time.perf_counter()
-        state, metrics = exe(state, batch, key)
+        state, metrics = exe(state, batch, key, *reference)
         float(metrics["loss"])
         times.append(time.perf_counter() - t0)
     return float(np.median(times))
@@ -198,7 +208,7 @@ def resolve(config: Any, model_config: GPT2Config, mesh: Any, seq_len: int, run_
         budget = config.model.memory_budget_gb * GiB if config.model.memory_budget_gb > 0 else default_budget_bytes()
         timed_steps = config.model.remat_auto_steps
     chosen, candidates = choose(model_config, config.train, mesh, seq_len, budget, timed_steps=timed_steps,
-                                seed=config.seed)
+                                seed=config.seed, dpo=dpo_settings_of(config))
     text, line = table(candidates, budget), summary(chosen, budget)
     print(text + "\n" + line, flush=True)
     if jax.process_index() == 0:

@@ -101,10 +101,12 @@ def _cmd_sample(args: argparse.Namespace) -> None:
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     from gpt2_jax.api import load
-    from gpt2_jax.data import is_examples, layout_examples, load_dataset, read_examples
+    from gpt2_jax.data import is_examples, is_pairs, layout_examples, load_dataset, read_examples
     from gpt2_jax.evaluate import evaluate, evaluate_examples
 
     model = load(args.model_dir, dtype=args.dtype)
+    if is_pairs(args.dataset):  # preference pairs: the DPO loss and metrics against a reference
+        return _evaluate_pairs(args, model)
     if is_examples(args.dataset):  # prompt/completion examples: each on its own, the loss on the completions
         window = args.window or model.config.n_ctx
         rows = layout_examples(read_examples(args.dataset, model.encoder), window + 1, model.encoder.eot_token,
@@ -119,6 +121,54 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         print(json.dumps(result._asdict()))
     else:
         print(f"loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  over {result.tokens} tokens")
+
+
+def _evaluate_pairs(args: argparse.Namespace, model) -> None:
+    """gpt2-jax evaluate on preference pairs: the reference is --reference_model, else the weights the run
+    (--model_dir) started from; beta, loss type, label smoothing and tokenization default to the run's."""
+    import ml_collections
+
+    from gpt2_jax import dpo, storage
+    from gpt2_jax.api import load
+    from gpt2_jax.data import layout_pairs, read_pairs
+    from gpt2_jax.evaluate import evaluate_pairs
+    from gpt2_jax.resolve import initial_model
+    from gpt2_jax.weights import find_model_dir
+
+    run_config = storage.path(find_model_dir(args.model_dir)) / "run_config.json"
+    run = json.loads(run_config.read_text()) if run_config.is_file() else {}
+    trained = run.get("dpo", {}) if run.get("train", {}).get("objective") == "dpo" else {}
+    pick = lambda given, name, default: given if given is not None else trained.get(name, default)  # noqa: E731
+    settings = dpo.DPOSettings(beta=float(pick(args.beta, "beta", 0.1)), loss_type=pick(args.loss_type, "loss_type",
+                               "sigmoid"), label_smoothing=float(pick(args.label_smoothing, "label_smoothing", 0.0)))
+    dpo.check(settings.beta, settings.loss_type, settings.label_smoothing)
+    if args.reference_model:
+        reference = load(args.reference_model, dtype=args.dtype)
+        reference_config, reference_params = reference.config, reference.params
+    elif run:  # the weights the run started from (a LoRA run: its base, adapters off)
+        start = ml_collections.ConfigDict(run)
+        start.model.dtype, start.model.remat = args.dtype, "none"
+        if trained.get("reference"):
+            reference = load(trained["reference"], dtype=args.dtype)
+            reference_config, reference_params = reference.config, reference.params
+        else:
+            reference_config, reference_params, _ = initial_model(start, None)
+            if reference_config.lora_rank:
+                reference_config, reference_params = dpo.base_of(reference_config, reference_params)
+    else:
+        raise UserError(f"--reference_model is required: {args.model_dir} is not a training run, so the weights it "
+                        "started from are not known")
+    tokenize = trained.get("tokenize", "apart")
+    window = args.window or model.config.n_ctx
+    pairs = layout_pairs(read_pairs(args.dataset, model.encoder, tokenize), window + 1, model.encoder.eot_token,
+                         start_with_eot=tokenize == "apart")
+    result = evaluate_pairs(model.config, model.params, reference_config, reference_params, pairs, settings,
+                            batch_size=args.batch_size, progress=not args.json)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"DPO loss {result['loss']:.4f} ({settings.loss_type}, beta {settings.beta:g}) over {result['pairs']} "
+              "pairs; " + "  ".join(f"{k} {result[k]:.4f}" for k in dpo.METRICS))
 
 
 def _cmd_encode(args: argparse.Namespace) -> None:
@@ -218,15 +268,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="mean next-token loss and perplexity on a dataset")
     p.add_argument("--model_dir", default="models/124M", help="a model or run directory, or a cached hub id (gpt2, ...)")
     p.add_argument("--dataset", required=True, help="text file, directory, glob or .npz; or .jsonl "
-                   "prompt/completion examples (the loss on the completions)")
+                   "prompt/completion examples (the loss on the completions), or prompt/chosen/rejected pairs (DPO)")
     p.add_argument("--window", type=int, default=None, help="tokens per window (default n_ctx)")
     p.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: the window, "
                    "no overlap); smaller: each token scored with at least window - stride tokens before it")
     p.add_argument("--batch_size", type=int, default=8, help="windows per batch")
     p.add_argument("--combine", type=int, default=50000, help="characters per chunk when encoding text")
     p.add_argument("--encoding", default="utf-8", help="text encoding of the dataset files")
-    p.add_argument("--json", action="store_true", help='print {"loss", "perplexity", "tokens"} as JSON')
+    p.add_argument("--json", action="store_true", help='print {"loss", "perplexity", "tokens"} (pairs: the DPO loss '
+                   "and metrics) as JSON")
     p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
+    p.add_argument("--reference_model", default=None, help="pairs: the DPO reference (default: the weights the run "
+                   "in --model_dir started from)")
+    p.add_argument("--beta", type=float, default=None, help="pairs: DPO's beta (default: the run's, else 0.1)")
+    p.add_argument("--loss_type", default=None, help="pairs: sigmoid, ipo, hinge or robust (default: the run's, else "
+                   "sigmoid)")
+    p.add_argument("--label_smoothing", type=float, default=None, help="pairs, robust loss: the flipped fraction "
+                   "(default: the run's, else 0)")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("lm-eval", help="benchmark tasks through EleutherAI's lm-evaluation-harness (pip install -e "

@@ -405,3 +405,123 @@ class ExampleSampler:
         """Batch number `index`: tokens [batch_size, window] and their target weights."""
         rows = np.random.default_rng([self.seed, index]).integers(0, len(self.examples.tokens), batch_size)
         return self.examples.tokens[rows], self.examples.weights[rows]
+
+
+# --- Preference pairs (.jsonl of prompt/chosen/rejected), for train.objective=dpo -------------------
+
+def is_pairs(spec: str | os.PathLike) -> bool:
+    """A .jsonl whose first example is a preference pair (has "chosen"), not a prompt/completion example."""
+    if not is_examples(spec):
+        return False
+    path = storage.path(spec)
+    if not path.is_file():
+        return False
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    first = json.loads(line)
+                except json.JSONDecodeError:
+                    return False
+                return isinstance(first, dict) and "chosen" in first
+    return False
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def encode_pair(encoder: Encoder, prompt: str, chosen: str, rejected: str, tokenize: str = "apart"
+                ) -> tuple[list[int], list[int], list[int]]:
+    """(prompt ids, chosen ids, rejected ids), each completion ending in the end-of-text id.
+
+    "apart", as prompt/completion examples: each text encoded on its own. "trl", as trl's DPOTrainer:
+    prompt + completion encoded as one text, the completion starting where the prompt's own ids stop
+    matching (a token that straddles the boundary goes to the completions), the prompt cut to what both
+    completions share.
+    """
+    eot = encoder.eot_token
+    if tokenize == "apart":
+        return encoder.encode(prompt), encoder.encode(chosen) + [eot], encoder.encode(rejected) + [eot]
+    p = encoder.encode(prompt)
+    with_chosen, with_rejected = encoder.encode(prompt + chosen) + [eot], encoder.encode(prompt + rejected) + [eot]
+    cut = min(_common_prefix(p, with_chosen), _common_prefix(p, with_rejected))
+    return p[:cut], with_chosen[cut:], with_rejected[cut:]
+
+
+def read_pairs(path: str | os.PathLike, encoder: Encoder, tokenize: str = "apart"
+               ) -> list[tuple[list[int], list[int], list[int]]]:
+    """Each line's encode_pair; a bad line (not JSON, a missing or non-string field) is one error naming the
+    file and line."""
+    path = storage.path(path)
+    if not path.is_file():
+        raise UserError(f"dataset {str(path)!r}: no such file")
+    usage = 'each line must be a JSON object with "prompt", "chosen" and "rejected" strings'
+    pairs = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                pair = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{number}: not JSON ({e.msg} at column {e.colno}); {usage}") from None
+            if not isinstance(pair, dict):
+                raise UserError(f"{path}:{number}: a JSON {type(pair).__name__}, not an object; {usage}")
+            bad = [f'"{k}" is {"missing" if k not in pair else "not a string"}'
+                   for k in ("prompt", "chosen", "rejected") if not isinstance(pair.get(k), str)]
+            if bad:
+                raise UserError(f"{path}:{number}: {' and '.join(bad)}; {usage}")
+            pairs.append(encode_pair(encoder, pair["prompt"], pair["chosen"], pair["rejected"], tokenize))
+    if not pairs:
+        raise UserError(f"dataset {str(path)!r} is empty: it holds no pairs")
+    return pairs
+
+
+class Pairs(NamedTuple):
+    """Preference pairs laid out as two rows each, chosen then rejected."""
+
+    tokens: np.ndarray  # [pairs, 2, window] int32; padding is the end-of-text id
+    weights: np.ndarray  # [pairs, 2, window] float32: 1 at the completion's tokens and its end
+    count: int  # pairs
+    truncated: int  # pairs longer than a row, cut from the prompt's left (then the completions' ends)
+
+
+def layout_pairs(pairs: list[tuple[list[int], list[int], list[int]]], window: int, eot: int,
+                 start_with_eot: bool = True) -> Pairs:
+    """Each pair's two sequences in rows of `window` tokens, opened by an end-of-text id when start_with_eot
+    (as prompt/completion examples are), padded with it. A pair longer than a row loses the same tokens from
+    its prompt's left in both rows, then, if a completion alone is too long, that completion's end."""
+    start = [eot] if start_with_eot else []
+    tokens = np.full((len(pairs), 2, window), eot, np.int32)
+    weights = np.zeros((len(pairs), 2, window), np.float32)
+    truncated = 0
+    for i, (prompt, chosen, rejected) in enumerate(pairs):
+        room = window - len(start)
+        longest = len(prompt) + max(len(chosen), len(rejected))
+        if longest > room:
+            truncated += 1
+            prompt = prompt[min(longest - room, len(prompt)):]
+        for j, completion in enumerate((chosen, rejected)):
+            completion = completion[:room - len(prompt)]
+            row = start + prompt + completion
+            tokens[i, j, :len(row)] = row
+            weights[i, j, len(row) - len(completion):len(row)] = 1.0
+    return Pairs(tokens, weights, len(pairs), truncated)
+
+
+class PairSampler:
+    """Batches of pairs drawn uniformly with replacement, with their reference log-probabilities [pairs, 2]
+    (zeros when the step computes them itself): batch k a pure function of (seed, k)."""
+
+    def __init__(self, pairs: Pairs, seed: int, reference: np.ndarray | None = None):
+        self.pairs, self.seed = pairs, seed
+        self.reference = reference if reference is not None else np.zeros((pairs.count, 2), np.float32)
+
+    def batch(self, index: int, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Batch number `index`: tokens and weights [batch_size, 2, window], reference log-probs [batch_size, 2]."""
+        rows = np.random.default_rng([self.seed, index]).integers(0, self.pairs.count, batch_size)
+        return self.pairs.tokens[rows], self.pairs.weights[rows], self.reference[rows]

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from gpt2_jax.data import Examples
+from gpt2_jax import dpo
+from gpt2_jax.data import Examples, Pairs
 from gpt2_jax.errors import UserError
 from gpt2_jax.model import GPT2, GPT2Config
 from gpt2_jax.train import cross_entropy
@@ -94,3 +95,24 @@ def _weighted_loss(config: GPT2Config, params: dict, inputs: np.ndarray, targets
         raise UserError("the dataset has no target tokens to score (every example's completion is empty)")
     loss = total / count
     return Evaluation(loss, math.exp(loss), count)
+
+
+def evaluate_pairs(config: GPT2Config, params: dict, reference_config: GPT2Config, reference_params: dict,
+                   pairs: Pairs, settings: dpo.DPOSettings, *, batch_size: int = 8, progress: bool = True) -> dict:
+    """The DPO loss and trl's metrics (dpo.METRICS) of a policy against its reference over every pair
+    (data.layout_pairs), the log-probs in float32 on the devices, the loss and metrics in float64: a policy
+    equal to its reference scores ln 2 (sigmoid) exactly."""
+    _check_window(config, pairs.tokens.shape[-1] - 1)
+    logps = jax.jit(dpo.pair_logps, static_argnums=1)
+    pad = (-pairs.count) % batch_size  # one shape compiled once
+    tokens = np.concatenate([pairs.tokens, np.repeat(pairs.tokens[:1], pad, 0)])
+    weights = np.concatenate([pairs.weights, np.repeat(pairs.weights[:1], pad, 0)])
+    policy, reference, counts = [], [], []
+    for start in tqdm(range(0, len(tokens), batch_size), desc="evaluating", unit="batch", disable=not progress):
+        t, w = tokens[start:start + batch_size], weights[start:start + batch_size]
+        p, c = logps(params, config, t, w)
+        policy.append(np.asarray(p)), counts.append(np.asarray(c))
+        reference.append(np.asarray(logps(reference_params, reference_config, t, w)[0]))
+    as64 = lambda parts: np.concatenate(parts)[:pairs.count].astype(np.float64)  # noqa: E731
+    loss, metrics = dpo.preference_loss(settings, as64(policy), as64(reference), as64(counts), xp=np)
+    return {"loss": float(loss), **{k: float(v) for k, v in metrics.items()}, "pairs": pairs.count}

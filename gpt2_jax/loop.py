@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import io
 import json
 import logging
 import math
@@ -24,19 +25,22 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
 from gpt2_jax import autoremat, checkpoints, parallel, report, storage
-from gpt2_jax.data import (ExampleSampler, Examples, WindowSampler, describe_change, fingerprint, is_examples,
-                           layout_examples, load_dataset, read_examples, split_tail)
+from gpt2_jax import dpo as dpo_module
+from gpt2_jax.data import (ExampleSampler, Examples, PairSampler, Pairs, WindowSampler, describe_change, fingerprint,
+                           is_examples, layout_examples, layout_pairs, load_dataset, read_examples, read_pairs,
+                           split_tail)
 from gpt2_jax.encoder import Encoder
 from gpt2_jax.errors import StorageError, UserError, reason
 from gpt2_jax.model import GPT2Config, convert_layout
 from gpt2_jax.optim import learning_rate_schedule
-from gpt2_jax.resolve import Resume, check_resumable, decide_resume, initial_model
+from gpt2_jax.resolve import Resume, check_resumable, compute_settings, decide_resume, initial_model
 from gpt2_jax.sampling import SAMPLE_HEADER, check_settings, generate
-from gpt2_jax.steps import Steps, abstract_state, build_steps, flops_per_token, peak_bf16_flops
+from gpt2_jax.steps import Steps, abstract_state, build_steps, flops_per_token, peak_bf16_flops, reference_shapes
 from gpt2_jax.train import TrainState
 
 
@@ -237,6 +241,7 @@ def _train(config: Any, run_dir: Path, on_step: Callable[[int, dict], None] | No
             raise UserError(f"no checkpoint of {resume.run_dir} (steps {resume.candidates()}) has readable metadata; "
                             "nothing was deleted. Restore another run with checkpoint.restore_from=PATH")
     model_config, params, encoder = initial_model(config, resume.run_dir if resume else None)
+    dpo = dpo_module.settings_of(config)  # None: the next-token loss
     seq_len = config.data.seq_len or model_config.n_ctx
     if not 1 <= seq_len <= model_config.n_ctx:
         raise UserError(f"data.seq_len={seq_len}: must be between 1 and the model's n_ctx={model_config.n_ctx}")
@@ -261,7 +266,10 @@ def _train(config: Any, run_dir: Path, on_step: Callable[[int, dict], None] | No
                         "set data.val_every > 0 (and data.val_dataset or data.val_split)")
 
     # Data first: every bad-input error comes before anything compiles.
-    sampler, val_batches, data_record = _datasets(config, encoder, seq_len, seed, is_main)
+    if dpo is None:
+        sampler, val_batches, data_record = _datasets(config, encoder, seq_len, seed, is_main)
+    else:  # the pairs' batches carry their reference log-probs, known once the reference has run
+        pairs, val_pairs, data_record = _pair_datasets(config, encoder, seq_len)
     if resume and resume.run_dir in (run_dir, run_dir / checkpoints.BEST):
         _check_same_data(run_dir, data_record, config.data.allow_changed)
 
@@ -269,7 +277,8 @@ def _train(config: Any, run_dir: Path, on_step: Callable[[int, dict], None] | No
         model_config, train, line = autoremat.resolve(config, model_config, mesh, seq_len, run_dir,
                                                       workdir / "logs" / config.run_name)
         tqdm.write(line)
-    steps = build_steps(model_config, train, mesh, document_eot=encoder.eot_token if config.data.document_mask else None)
+    document_eot = encoder.eot_token if config.data.document_mask else None
+    steps = build_steps(model_config, train, mesh, document_eot=document_eot, dpo=dpo)
     repl = parallel.replicated(mesh)
     if resume is None:
         state = steps.init_state(params)
@@ -289,6 +298,11 @@ def _train(config: Any, run_dir: Path, on_step: Callable[[int, dict], None] | No
                 aside = run_dir / checkpoints.SUPERSEDED / f"{where.name}-{s}.{time.strftime('%Y%m%dT%H%M%S')}"
                 storage.move(where / str(s), aside)
                 tqdm.write(f"set aside {where / str(s)}, which is after the restored step, as {aside}")
+    reference_params = None  # dpo.reference "params": the frozen reference, given to every step
+    if dpo is not None:
+        sampler, val_batches, reference_params = _preference_batches(
+            config, dpo, model_config, steps, state.params if resume is None else None, pairs, val_pairs, seed,
+            run_dir, data_record, is_main)
     # From here on, a failed write (checkpoints, logs, samples; in the background or not) ends the run
     # with one line saying what failed and what is intact.
     writer: checkpoints.CheckpointWriter | None = None
@@ -307,8 +321,12 @@ def _train(config: Any, run_dir: Path, on_step: Callable[[int, dict], None] | No
                                                        async_save=config.checkpoint.async_save)
 
         train_step, eval_step, batch_sh = steps.train_step, steps.eval_step, steps.batch_sharding
+        if reference_params is not None:
+            train_step = lambda s, b, k: steps.train_step(s, b, k, reference_params)  # noqa: E731
+            eval_step = lambda p, b: steps.eval_step(p, b, reference_params)  # noqa: E731
         step_key = jax.jit(lambda s: jax.random.fold_in(jax.random.key(seed), s), out_shardings=repl)
-        tokens_per_step = train.batch_size * train.accumulate_gradients * seq_len
+        # tokens a step trains on: a pair's chosen and rejected sequences both
+        tokens_per_step = train.batch_size * train.accumulate_gradients * seq_len * (2 if dpo else 1)
         peak = _peak_flops(config)
         logs = _Logs(workdir / "logs" / config.run_name, is_main, config)
 
@@ -344,22 +362,27 @@ def _train(config: Any, run_dir: Path, on_step: Callable[[int, dict], None] | No
         def stopped_early() -> bool:
             return bool(patience) and best["stale"] >= patience
 
-        # Each validation batch's mean counts by its targets: all its tokens, or the weighted ones of examples.
-        val_counts = [float(np.sum(b[1][:, 1:])) if isinstance(b, tuple) else 1.0 for b in val_batches]
+        # Each validation batch's mean counts by its targets: all its tokens, or the weighted ones of examples
+        # (pairs: every batch alike).
+        val_counts = [float(np.sum(b[1][:, 1:])) if isinstance(b, tuple) and dpo is None else 1.0 for b in val_batches]
         val_batches = [parallel.global_batch(b, batch_sh) for b in val_batches]
 
-        def validate() -> float:
-            losses = [float(eval_step(state.params, b)) for b in val_batches]
-            loss = float(np.sum(np.multiply(losses, val_counts)) / max(np.sum(val_counts), 1.0))
-            tqdm.write(f"[{step} | validation] val_loss={loss:.4f}")
-            return loss
+        def validate() -> dict[str, float]:
+            """val_loss (and with DPO val_ and each metric) over the validation batches."""
+            outs = [eval_step(state.params, b) for b in val_batches]
+            outs = [{k: float(v) for k, v in o.items()} if isinstance(o, dict) else {"loss": float(o)} for o in outs]
+            total = max(np.sum(val_counts), 1.0)
+            names = ["loss", *(k for k in dpo_module.METRICS if k in outs[0])]
+            result = {f"val_{k}": float(np.sum([o[k] * c for o, c in zip(outs, val_counts)]) / total) for k in names}
+            tqdm.write(f"[{step} | validation] " + " ".join(f"{k}={v:.4f}" for k, v in result.items()))
+            return result
 
         validated_at = None  # the last step validated
         if val_batches:  # the starting point, so the log shows how far validation loss falls
-            start_loss, validated_at = validate(), step
-            logs.write(step, {"val_loss": start_loss})
+            start, validated_at = validate(), step
+            logs.write(step, start)
             if resume is None:  # a resumed step was judged when it was first validated
-                judge(start_loss)
+                judge(start["val_loss"])
         total = train.total_steps
         bar = tqdm(total=total or None, initial=step, desc=config.run_name, unit="step", disable=not is_main,
                    dynamic_ncols=True)
@@ -390,14 +413,16 @@ def _train(config: Any, run_dir: Path, on_step: Callable[[int, dict], None] | No
                                 "train.learning_rate or set train.grad_clip")
             avg_loss = (avg_loss[0] * 0.99 + loss, avg_loss[1] * 0.99 + 1)
             metrics = {"loss": loss, "avg_loss": avg_loss[0] / avg_loss[1],
-                       "learning_rate": float(out["learning_rate"]), "grad_norm": grad_norm}
+                       "learning_rate": float(out["learning_rate"]), "grad_norm": grad_norm,
+                       **{k: float(out[k]) for k in dpo_module.METRICS if k in out}}
             if last_time is not None:  # the first step's time is mostly compilation
                 metrics["tokens_per_sec"] = tokens_per_step / (now - last_time)
                 if peak:
                     metrics["mfu"] = metrics["tokens_per_sec"] * flops_per_token(model_config, seq_len) / peak
             last_time = now
             if actions and val_batches and due(n, config.data.val_every):
-                metrics["val_loss"], validated_at = validate(), n
+                metrics.update(validate())
+                validated_at = n
                 judge(metrics["val_loss"])
                 last_time = time.perf_counter()
             logs.write(n, metrics)
@@ -442,8 +467,10 @@ def _train(config: Any, run_dir: Path, on_step: Callable[[int, dict], None] | No
             if pending is not None:
                 record(*pending, actions=False)
             if val_batches and total and step >= total and validated_at != step:  # a run ends validated
-                metrics["val_loss"], validated_at = validate(), step
-                logs.write(step, {"val_loss": metrics["val_loss"]})
+                last = validate()
+                metrics.update(last)
+                validated_at = step
+                logs.write(step, last)
                 judge(metrics["val_loss"])
             if stopping():
                 tqdm.write(f"stopped at step {step}: saving a checkpoint to {run_dir}")
@@ -550,6 +577,123 @@ def _example_datasets(config: Any, encoder: Encoder, seq_len: int, seed: int
                                                 for i in range(data.val_batch_count)], record)
 
 
+def _pair_datasets(config: Any, encoder: Encoder, seq_len: int) -> tuple[Pairs, Pairs | None, dict]:
+    """The training pairs, the validation pairs (None when data.val_every is 0) and their fingerprints:
+    data.val_dataset, else the last data.val_split of the file, else, with a warning, the training pairs."""
+    data, tokenize = config.data, config.dpo.tokenize
+    if not is_examples(data.dataset):
+        raise UserError(f"data.dataset={data.dataset!r}: train.objective=dpo trains on preference pairs, a .jsonl of "
+                        '{"prompt", "chosen", "rejected"} lines')
+    pairs = read_pairs(data.dataset, encoder, tokenize)
+    val_pairs, val_name = pairs, f"the training pairs {data.dataset!r}"
+    if data.val_split:
+        cut = len(pairs) - math.ceil(len(pairs) * data.val_split)
+        if cut < 1:
+            raise UserError(f"data.val_split={data.val_split} of {len(pairs)} pairs leaves none to train on")
+        pairs, val_pairs = pairs[:cut], pairs[cut:]
+        val_name = f"the last {len(val_pairs)} pairs of {data.dataset!r}"
+    elif data.val_dataset:
+        val_pairs, val_name = read_pairs(data.val_dataset, encoder, tokenize), repr(data.val_dataset)
+
+    def rows_of(these: list) -> Pairs:
+        return layout_pairs(these, seq_len + 1, encoder.eot_token, start_with_eot=tokenize == "apart")
+
+    def record_of(spec: str, rows: Pairs) -> dict:
+        return fingerprint(spec, [rows.tokens.ravel(), rows.weights.ravel().astype(np.uint8)])
+
+    train_rows = rows_of(pairs)
+    tqdm.write(f"pairs: {train_rows.count}, each as two rows of {seq_len + 1} tokens (dpo.tokenize={tokenize}), "
+               f"{int(train_rows.weights.sum())} completion tokens; {train_rows.truncated} longer than a row, cut "
+               "from the prompt's left")
+    record = {"train": record_of(data.dataset, train_rows), "validation": None}
+    if data.val_every <= 0:
+        return train_rows, None, record
+    if val_pairs is pairs:
+        tqdm.write("validation: neither data.val_dataset nor data.val_split is set, validating on the training pairs")
+    val_rows = rows_of(val_pairs)
+    record["validation"] = record_of(data.val_dataset or data.dataset, val_rows)
+    tqdm.write(f"validation: {val_rows.count} pairs ({val_name})")
+    return train_rows, val_rows, record
+
+
+REFERENCE_LOGPS = "reference_logps.npz"  # in the run directory: dpo.precompute_reference's log-probs
+
+
+def _reference_model(config: Any, model_config: GPT2Config, steps: Steps) -> Any:
+    """The params of the DPO reference as a plain GPT-2 on the mesh, sharded as the policy's: dpo.reference's
+    model, else the weights the run started from (loaded again: the policy has trained since)."""
+    from gpt2_jax.weights import load_weights
+
+    plain = {k: v for k, v in compute_settings(config).items() if not k.startswith("lora")}
+    if config.dpo.reference:
+        reference_config, params = load_weights(config.dpo.reference, **plain)
+        shape = ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")
+        if [getattr(reference_config, k) for k in shape] != [getattr(model_config, k) for k in shape]:
+            raise UserError(f"dpo.reference={config.dpo.reference!r}: a {reference_config.hparams()} model, but the "
+                            f"policy is {model_config.hparams()}; the reference must be the same shape")
+    else:
+        start = initial_model(config, None)
+        params = start[1] if not model_config.lora_rank else dpo_module.base_of(start[0], start[1])[1]
+    shapes = steps.reference if steps.reference is not None else reference_shapes(model_config, steps.mesh)
+    return parallel.put_tree(params, jax.tree.map(lambda a: a.sharding, shapes))
+
+
+def _preference_batches(config: Any, dpo: dpo_module.DPOSettings, model_config: GPT2Config, steps: Steps,
+                        start_params: Any, pairs: Pairs, val_pairs: Pairs | None, seed: int, run_dir: Path,
+                        data_record: dict, is_main: bool) -> tuple[PairSampler, list, Any]:
+    """The DPO sampler and validation batches, carrying the reference's log-probs when they are precomputed
+    (read from the run directory when it holds those of this data and reference, else computed once and
+    kept there), and the frozen reference's params when every step computes them (dpo.reference "params").
+    `start_params`: the policy's params at step 0 (None when resuming)."""
+    d, train = config.dpo, config.train
+    if dpo.reference == "params":
+        reference = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=jax.tree.map(
+            lambda a: a.sharding, steps.reference))(start_params) if start_params is not None and not d.reference \
+            else _reference_model(config, model_config, steps)
+        return _pair_batches(config, pairs, val_pairs, seed, None, None) + (reference,)
+    if dpo.reference == "adapters_off":
+        return _pair_batches(config, pairs, val_pairs, seed, None, None) + (None,)
+    key = json.dumps({"data": data_record, "reference": d.reference or config.model.name, "tokenize": d.tokenize,
+                      "seq_len": int(pairs.tokens.shape[-1])}, sort_keys=True)
+    path = run_dir / REFERENCE_LOGPS
+    if path.is_file():
+        with path.open("rb") as f, np.load(f) as stored:
+            if str(stored["key"]) == key:
+                tqdm.write(f"reference: the log-probs of {pairs.count} pairs, computed when the run started, "
+                           f"from {path}")
+                return _pair_batches(config, pairs, val_pairs, seed, stored["train"], stored["validation"]) + (None,)
+    if start_params is not None and not d.reference:  # the policy at step 0 is the reference
+        params, reference_config = start_params, model_config
+    else:
+        params, reference_config = _reference_model(config, model_config, steps), dataclasses.replace(model_config,
+                                                                                                        lora_rank=0)
+    batch = train.batch_size * train.accumulate_gradients
+    started = time.perf_counter()
+    logps = dpo_module.reference_logps(params, reference_config, pairs.tokens, pairs.weights, steps.mesh, batch)
+    val_logps = dpo_module.reference_logps(params, reference_config, val_pairs.tokens, val_pairs.weights, steps.mesh,
+                                           batch) if val_pairs is not None else np.zeros((0, 2), np.float32)
+    del params
+    tqdm.write(f"reference: the log-probs of {pairs.count + (val_pairs.count if val_pairs else 0)} pairs computed "
+               f"once in {time.perf_counter() - started:.1f} s (dpo.precompute_reference), kept in {path}")
+    if is_main:
+        storage.mkdir(run_dir)
+        buffer = io.BytesIO()
+        np.savez(buffer, train=logps, validation=val_logps, key=np.asarray(key))
+        path.write_bytes(buffer.getvalue())
+    return _pair_batches(config, pairs, val_pairs, seed, logps, val_logps) + (None,)
+
+
+def _pair_batches(config: Any, pairs: Pairs, val_pairs: Pairs | None, seed: int, reference: np.ndarray | None,
+                  val_reference: np.ndarray | None) -> tuple[PairSampler, list]:
+    """The training sampler and the fixed validation batches (drawn once with seed 1) of pairs."""
+    data = config.data
+    if val_pairs is None:
+        return PairSampler(pairs, seed, reference), []
+    val_sampler = PairSampler(val_pairs, 1, val_reference)
+    return PairSampler(pairs, seed, reference), [val_sampler.batch(i, data.val_batch_size)
+                                                 for i in range(data.val_batch_count)]
+
+
 def _check_same_data(run_dir: Path, record: dict, allow_changed: bool) -> None:
     """A run resumes on the data it started on (DATA_RECORD), unless data.allow_changed says otherwise."""
     path = run_dir / DATA_RECORD
@@ -588,6 +732,8 @@ def _restore(resume: Resume, model_config: GPT2Config, train: Any, steps: Steps)
 
 def _postfix(metrics: dict[str, float]) -> str:
     parts = [f"loss={metrics['loss']:.3f}", f"avg={metrics['avg_loss']:.3f}"]
+    if "rewards/accuracies" in metrics:  # DPO: how often chosen beats rejected, and by how much
+        parts.append(f"acc={metrics['rewards/accuracies']:.2f} margin={metrics['rewards/margins']:.3f}")
     if "tokens_per_sec" in metrics:
         parts.append(f"tok/s={metrics['tokens_per_sec']:.0f}")
     parts.append(f"mfu={metrics['mfu']:.1%}" if "mfu" in metrics else "mfu=n/a")

@@ -63,10 +63,19 @@ def summarize(records: list[dict]) -> dict[str, Any]:
     vals = [r["val_loss"] for r in records if "val_loss" in r]
     speeds = [r["tokens_per_sec"] for r in records if "tokens_per_sec" in r]
     times = [r["time"] for r in records if "time" in r]
-    return {"steps": max((r["step"] for r in records), default=0), "loss": losses[-1] if losses else None,
-            "val_loss": vals[-1] if vals else None, "best_val_loss": min(vals) if vals else None,
-            "tokens_per_sec": statistics.median(speeds) if speeds else None,
-            "wall_s": times[-1] - times[0] if len(times) > 1 else None}
+    summary = {"steps": max((r["step"] for r in records), default=0), "loss": losses[-1] if losses else None,
+               "val_loss": vals[-1] if vals else None, "best_val_loss": min(vals) if vals else None,
+               "tokens_per_sec": statistics.median(speeds) if speeds else None,
+               "wall_s": times[-1] - times[0] if len(times) > 1 else None}
+    for name in DPO_COLUMNS:  # preference runs: the last of trl's reward metrics, in training and validation
+        last = [r[name] for r in records if name in r]
+        if last:
+            summary[name] = last[-1]
+    return summary
+
+
+# The DPO metrics the comparison tables show, when the runs logged them.
+DPO_COLUMNS = ("rewards/accuracies", "rewards/margins", "val_rewards/accuracies", "val_rewards/margins")
 
 
 def smoothed(values: list[float], weight: float = 0.9) -> list[float]:
@@ -133,12 +142,14 @@ def write_comparison(runs: list[dict], out_dir: Path, title: str, stem: str) -> 
     rows = [{"run_name": r["run_name"], "overrides": r["overrides"], **summarize(r["records"])} for r in runs]
     (out_dir / f"{stem}.json").write_text(json.dumps({"runs": rows}, indent=2))
     fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
-    lines = [f"# {title}", "", "| run | settings | last loss | best val loss | last val loss | tokens/s | wall s |",
-             "|---|---|---|---|---|---|---|"]
+    dpo = [c for c in DPO_COLUMNS if any(c in r for r in rows)]
+    lines = [f"# {title}", "", "| run | settings | last loss | best val loss | last val loss | tokens/s | wall s |"
+             + "".join(f" {c} |" for c in dpo), "|---|---|---|---|---|---|---|" + "---|" * len(dpo)]
     for r in rows:
         lines.append(f"| {r['run_name']} | {_label(r['overrides'])} | {fmt(r['loss'], '.4f')} | "
                      f"{fmt(r['best_val_loss'], '.4f')} | {fmt(r['val_loss'], '.4f')} | "
-                     f"{fmt(r['tokens_per_sec'], ',.0f')} | {fmt(r['wall_s'], '.1f')} |")
+                     f"{fmt(r['tokens_per_sec'], ',.0f')} | {fmt(r['wall_s'], '.1f')} |"
+                     + "".join(f" {fmt(r.get(c), '.3f')} |" for c in dpo))
     (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
     plt = _pyplot()
     fig, (ax, ax_val) = plt.subplots(1, 2, figsize=(12, 4.5))

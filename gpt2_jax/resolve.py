@@ -45,7 +45,7 @@ def model_dir_of(config: Any) -> Path:
         raise UserError(f"model.name={name!r}: {e}") from None
 
 
-def _compute_settings(config: Any) -> dict[str, Any]:
+def compute_settings(config: Any) -> dict[str, Any]:
     """The GPT2Config fields that say how to compute, not what the model is."""
     m, t = config.model, config.train
     remat = "none" if m.remat == "auto" else m.remat  # auto is resolved later, by autoremat, per device
@@ -63,7 +63,7 @@ def _scratch_encoder(config: Any) -> Encoder:
 def _scratch_config(config: Any, n_vocab: int) -> GPT2Config:
     m = config.model
     return GPT2Config(n_vocab=n_vocab, n_ctx=m.n_ctx, n_embd=m.n_embd, n_head=m.n_head, n_layer=m.n_layer,
-                      **_compute_settings(config))
+                      **compute_settings(config))
 
 
 def model_config_of(config: Any) -> GPT2Config:
@@ -72,21 +72,21 @@ def model_config_of(config: Any) -> GPT2Config:
         return _scratch_config(config, _scratch_encoder(config).n_vocab)
     name = config.model.name
     if name in PRESETS and not (storage.path(config.model.models_dir) / name).is_dir() and not Path(name).is_dir():
-        return preset(name, **_compute_settings(config))  # the released shape, before it is downloaded
-    return read_config(model_dir_of(config), **_compute_settings(config))
+        return preset(name, **compute_settings(config))  # the released shape, before it is downloaded
+    return read_config(model_dir_of(config), **compute_settings(config))
 
 
 def initial_model(config: Any, resume_dir: Path | None) -> tuple[GPT2Config, Any, Encoder]:
     """Model config, starting params (None when resuming: the checkpoint supplies them) and tokenizer."""
     if resume_dir is not None:
         hparams = json.loads((resume_dir / "hparams.json").read_text())
-        return GPT2Config(**hparams, **_compute_settings(config)), None, get_encoder(resume_dir)
+        return GPT2Config(**hparams, **compute_settings(config)), None, get_encoder(resume_dir)
     if config.model.from_scratch:
         encoder = _scratch_encoder(config)
         model_config = _scratch_config(config, encoder.n_vocab)
         return model_config, init_params(model_config, jax.random.key(config.seed)), encoder
     model_dir = model_dir_of(config)
-    model_config, params = load_weights(model_dir, **_compute_settings(config))
+    model_config, params = load_weights(model_dir, **compute_settings(config))
     if model_config.lora_rank:  # fresh adapters beside the pretrained weights
         params = add_lora(model_config, params, jax.random.key(config.seed))
     return model_config, params, get_encoder(model_dir)

@@ -20,6 +20,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from gpt2_jax import parallel
+from gpt2_jax.dpo import DPOSettings
 from gpt2_jax.model import GPT2Config, param_shapes
 from gpt2_jax.optim import learning_rate_schedule, make_optimizer
 from gpt2_jax.train import TrainState, make_eval_step, make_train_step
@@ -45,40 +46,63 @@ class Steps:
     abstract_state: TrainState  # ShapeDtypeStructs with shardings
     state_sharding: TrainState  # NamedShardings, one per leaf
     batch_sharding: NamedSharding  # windows [rows, T+1] split by rows over every device
-    step_fn: Callable  # the pure step (state, batch, rng) -> (state, metrics), before jit
+    step_fn: Callable  # the pure step (state, batch, rng[, reference]) -> (state, metrics), before jit
     train_step: Callable  # jitted over the mesh; donates the state it is given
-    eval_step: Callable  # jitted (params, batch) -> mean loss (replicated)
+    eval_step: Callable  # jitted (params, batch[, reference]) -> mean loss, or (DPO) a dict of metrics (replicated)
+    dpo: DPOSettings | None = None  # the preference objective (batches of pairs), or None: the next-token loss
+    reference: Any = None  # dpo.reference "params": the frozen reference's params as ShapeDtypeStructs with shardings
 
     def init_state(self, params: Any) -> TrainState:
         """A step-0 state on the mesh from params (host or device arrays), the optimizer freshly initialised."""
         params = parallel.put_tree(params, self.state_sharding.params)
         return jax.jit(lambda p: TrainState.create(p, self.optimizer), out_shardings=self.state_sharding)(params)
 
+    def abstract_batch(self, rows: int, seq_len: int) -> Any:
+        """A batch of `rows` windows (or pairs) of seq_len + 1 tokens as ShapeDtypeStructs."""
+        sharded = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=self.batch_sharding)  # noqa: E731
+        if self.dpo is None:
+            return sharded((rows, seq_len + 1), np.int32)
+        return (sharded((rows, 2, seq_len + 1), np.int32), sharded((rows, 2, seq_len + 1), np.float32),
+                sharded((rows, 2), np.float32))
+
     def abstract_inputs(self, rows: int, seq_len: int) -> tuple:
-        """The train step's arguments as ShapeDtypeStructs: state, a batch of `rows` windows, an rng key."""
-        batch = jax.ShapeDtypeStruct((rows, seq_len + 1), np.int32, sharding=self.batch_sharding)
-        return self.abstract_state, batch, jax.eval_shape(lambda: jax.random.key(0))
+        """The train step's arguments as ShapeDtypeStructs: state, a batch of `rows` windows (or pairs), an rng key
+        (and the frozen reference's params)."""
+        inputs = (self.abstract_state, self.abstract_batch(rows, seq_len), jax.eval_shape(lambda: jax.random.key(0)))
+        return inputs + ((self.reference,) if self.reference is not None else ())
 
     def compile(self, rows: int, seq_len: int) -> Any:
         """The train step compiled ahead of time for `rows` windows of `seq_len` tokens, allocating nothing."""
         return self.train_step.lower(*self.abstract_inputs(rows, seq_len)).compile()
 
 
+def reference_shapes(model_config: GPT2Config, mesh: Mesh) -> Any:
+    """The params of a frozen DPO reference (a plain GPT-2 of this shape and layout) as ShapeDtypeStructs
+    sharded as the policy's are."""
+    shapes = param_shapes(dataclasses.replace(model_config, lora_rank=0))
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
+                        parallel.state_shardings(mesh, shapes))
+
+
 def build_steps(model_config: GPT2Config, train: Any, mesh: Mesh, *, donate: bool = True,
-                document_eot: int | None = None) -> Steps:
+                document_eot: int | None = None, dpo: DPOSettings | None = None) -> Steps:
     """The sharded train and eval steps for a model, the `train` config section and a device mesh;
-    with document_eot (data.document_mask), the documents of a window do not see each other."""
+    with document_eot (data.document_mask), the documents of a window do not see each other; with `dpo`,
+    the steps of the preference objective on batches of pairs."""
     optimizer, state = abstract_state(model_config, train, mesh)
     step_fn = make_train_step(model_config, optimizer, learning_rate_schedule(train),
                               accumulate=train.accumulate_gradients, noise=train.noise, loss_chunk=train.loss_chunk,
-                              document_eot=document_eot)
+                              document_eot=document_eot, dpo=dpo)
     state_sh = jax.tree.map(lambda a: a.sharding, state)
     batch_sh, repl = parallel.batch_sharding(mesh), parallel.replicated(mesh)
-    train_step = jax.jit(parallel.with_mesh_rules(step_fn, mesh), in_shardings=(state_sh, batch_sh, repl),
-                         out_shardings=(state_sh, repl), donate_argnums=0 if donate else ())
-    eval_step = jax.jit(parallel.with_mesh_rules(make_eval_step(model_config, document_eot), mesh),
-                        in_shardings=(state_sh.params, batch_sh), out_shardings=repl)
-    return Steps(mesh, optimizer, state, state_sh, batch_sh, step_fn, train_step, eval_step)
+    reference = reference_shapes(model_config, mesh) if dpo is not None and dpo.reference == "params" else None
+    reference_sh = (jax.tree.map(lambda a: a.sharding, reference),) if reference is not None else ()
+    train_step = jax.jit(parallel.with_mesh_rules(step_fn, mesh),
+                         in_shardings=(state_sh, batch_sh, repl, *reference_sh), out_shardings=(state_sh, repl),
+                         donate_argnums=0 if donate else ())
+    eval_step = jax.jit(parallel.with_mesh_rules(make_eval_step(model_config, document_eot, dpo), mesh),
+                        in_shardings=(state_sh.params, batch_sh, *reference_sh), out_shardings=repl)
+    return Steps(mesh, optimizer, state, state_sh, batch_sh, step_fn, train_step, eval_step, dpo, reference)
 
 
 # --- What a compiled step costs -------------------------------------------------------------------
@@ -115,13 +139,13 @@ def compile_with_stats(steps: Steps, rows: int, seq_len: int) -> tuple[Any, dict
 
 
 def compile_falling_back_to_xla_attention(model_config: GPT2Config, train: Any, mesh: Mesh, rows: int, seq_len: int,
-                                          document_eot: int | None = None
+                                          document_eot: int | None = None, dpo: DPOSettings | None = None
                                           ) -> tuple[GPT2Config, dict[str, float | None], str | None]:
     """compile_with_stats of the built step; where JAX's partitioning rule for cuDNN's fused attention
     refuses the mesh (some FSDP layouts: README, "Compiling for a target"), the step with XLA's
     attention instead. Returns the model config compiled, its stats, and why it fell back (or None)."""
     try:
-        steps = build_steps(model_config, train, mesh, document_eot=document_eot)
+        steps = build_steps(model_config, train, mesh, document_eot=document_eot, dpo=dpo)
         return model_config, compile_with_stats(steps, rows, seq_len)[1], None
     except jax.errors.JaxRuntimeError as e:
         if model_config.attention != "cudnn" or "custom_partitioner" not in str(e):
@@ -130,7 +154,7 @@ def compile_falling_back_to_xla_attention(model_config: GPT2Config, train: Any, 
                     if line.strip().split(":")[0].endswith("Error") and not line.strip().startswith("jax")),
                    "custom_partitioner")
     model_config = dataclasses.replace(model_config, attention="xla")
-    steps = build_steps(model_config, train, mesh, document_eot=document_eot)
+    steps = build_steps(model_config, train, mesh, document_eot=document_eot, dpo=dpo)
     return model_config, compile_with_stats(steps, rows, seq_len)[1], why
 
 

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from gpt2_jax.dpo import METRICS, DPOSettings, dpo_loss
 from gpt2_jax.model import GPT2, GPT2Config, document_segments, join_lora, split_lora, tied_logits
 
 
@@ -109,40 +110,52 @@ def loss_fn(params: Any, batch: Batch, rng: jax.Array, config: GPT2Config, noise
 
 def make_train_step(config: GPT2Config, optimizer: optax.GradientTransformation, schedule: optax.Schedule, *,
                     accumulate: int = 1, noise: float = 0.0, loss_chunk: int = 0,
-                    document_eot: int | None = None) -> Callable:
-    """The step for a batch of `accumulate` micro-batches stacked along axis 0 ([accumulate * B, T+1]).
+                    document_eot: int | None = None, dpo: DPOSettings | None = None) -> Callable:
+    """The step for a batch of `accumulate` micro-batches stacked along axis 0 ([accumulate * B, ...]).
 
-    With LoRA (config.lora_rank > 0) only the adapters are differentiated: the frozen base gets no
-    gradient at all (the optimizer, optim.make_optimizer, keeps no state for it either).
+    The objective is the next-token loss, or with `dpo` the preference loss of pairs (dpo.py), whose
+    metrics the step returns too; `reference` is the frozen reference's params where dpo.reference is
+    "params". With LoRA (config.lora_rank > 0) only the adapters are differentiated: the frozen base
+    gets no gradient at all (the optimizer, optim.make_optimizer, keeps no state for it either).
     """
-    if config.lora_rank:
-        def grad_fn(params, *args):  # (loss, gradients of the adapters only)
-            adapters, base = split_lora(params)
-            return jax.value_and_grad(lambda a: loss_fn(join_lora(a, base), *args))(adapters)
-    else:
-        grad_fn = jax.value_and_grad(loss_fn)
+    def objective(params, batch, rng, normalizer, reference):  # (loss, metrics beside it)
+        if dpo is not None:
+            return dpo_loss(params, batch, config, dpo, reference)
+        return loss_fn(params, batch, rng, config, noise, loss_chunk, document_eot, normalizer), {}
 
-    def train_step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, dict]:
+    if config.lora_rank:
+        def grad_fn(params, *args):  # ((loss, metrics), gradients of the adapters only)
+            adapters, base = split_lora(params)
+            return jax.value_and_grad(lambda a: objective(join_lora(a, base), *args), has_aux=True)(adapters)
+    else:
+        grad_fn = jax.value_and_grad(objective, has_aux=True)
+
+    def train_step(state: TrainState, batch: Batch, rng: jax.Array, reference: Any = None
+                   ) -> tuple[TrainState, dict]:
         # Micro-batch i takes rows i, k+i, 2k+i, ...: with rows split over devices, every micro-batch
         # is spread over all of them (a plain [k, B] reshape would leave each on a few devices).
-        micro = jax.tree.map(lambda x: x.reshape(-1, accumulate, x.shape[-1]).swapaxes(0, 1), batch)  # [k, B, T+1]
+        micro = jax.tree.map(lambda x: x.reshape(-1, accumulate, *x.shape[1:]).swapaxes(0, 1), batch)  # [k, B, ...]
         keys = jax.random.split(rng, accumulate)
         # Weighted targets (examples): every micro-batch's sum is divided by the whole batch's count, so
         # the summed micro-batch losses are the batch's mean however the targets fall between them.
-        weights = split_batch(batch)[1]
+        weights = split_batch(batch)[1] if dpo is None else None
         normalizer = None if weights is None else jnp.maximum(jnp.sum(weights[:, 1:]), 1.0)
         if accumulate == 1:
-            loss, grads = grad_fn(state.params, jax.tree.map(lambda x: x[0], micro), keys[0], config, noise,
-                                  loss_chunk, document_eot, normalizer)
+            (loss, extra), grads = grad_fn(state.params, jax.tree.map(lambda x: x[0], micro), keys[0], normalizer,
+                                           reference)
         else:
             # Sum the micro-batch gradients in a scan (one micro-batch's activations alive at a time).
             def accumulate_one(carry, xs):
-                loss_sum, grad_sum = carry
-                loss, grads = grad_fn(state.params, xs[0], xs[1], config, noise, loss_chunk, document_eot, normalizer)
-                return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+                loss_sum, extra_sum, grad_sum = carry
+                (loss, extra), grads = grad_fn(state.params, xs[0], xs[1], normalizer, reference)
+                return (loss_sum + loss, jax.tree.map(jnp.add, extra_sum, extra),
+                        jax.tree.map(jnp.add, grad_sum, grads)), None
 
             zeros = jax.tree.map(jnp.zeros_like, split_lora(state.params)[0] if config.lora_rank else state.params)
-            (loss, grads), _ = jax.lax.scan(accumulate_one, (jnp.zeros((), jnp.float32), zeros), (micro, keys))
+            no_extra = {name: jnp.zeros((), jnp.float32) for name in (METRICS if dpo is not None else ())}
+            (loss, extra, grads), _ = jax.lax.scan(accumulate_one, (jnp.zeros((), jnp.float32), no_extra, zeros),
+                                                   (micro, keys))
+            extra = jax.tree.map(lambda m: m / accumulate, extra)  # equal micro-batches: the mean of their means
             if weights is None:  # each micro-batch's loss was its own mean
                 loss, grads = loss / accumulate, jax.tree.map(lambda g: g / accumulate, grads)
         grad_norm = global_norm(grads)  # of what trains
@@ -150,15 +163,19 @@ def make_train_step(config: GPT2Config, optimizer: optax.GradientTransformation,
             grads = join_lora(grads, jax.tree.map(jnp.zeros_like, split_lora(state.params)[1]))
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.step)}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.step), **extra}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step
 
 
-def make_eval_step(config: GPT2Config, document_eot: int | None = None) -> Callable:
-    """Mean next-token loss of one batch of windows [B, T+1], without noise (documents as in training)."""
-    def eval_step(params: Any, batch: Batch) -> jax.Array:
+def make_eval_step(config: GPT2Config, document_eot: int | None = None, dpo: DPOSettings | None = None) -> Callable:
+    """Mean next-token loss of one batch of windows [B, T+1], without noise (documents as in training); with
+    `dpo`, the preference loss and its metrics of a batch of pairs, as a dict."""
+    def eval_step(params: Any, batch: Batch, reference: Any = None) -> jax.Array | dict:
+        if dpo is not None:
+            loss, metrics = dpo_loss(params, batch, config, dpo, reference)
+            return {"loss": loss, **metrics}
         return loss_fn(params, batch, jax.random.key(0), config, document_eot=document_eot)
 
     return eval_step

@@ -30,10 +30,13 @@ from conftest import FAST_COMPILE_FLAG, REPO, needs_module
     ("harness.py", []),
     ("lora.py", []),
     ("preemption.py", []),
+    ("dpo.py", []),
 ])
 def test_bench_smoke(script, extra, tmp_path, shared_dir):
-    # the deviceless compiles: one TPU and one GPU target (targets.py), a GPU target (lora.py)
-    for module in {"targets.py": ["libtpu", "jax_cuda12_plugin"], "lora.py": ["jax_cuda12_plugin"]}.get(script, []):
+    # the deviceless compiles: one TPU and one GPU target (targets.py), a GPU target (lora.py, dpo.py)
+    deviceless = {"targets.py": ["libtpu", "jax_cuda12_plugin"], "lora.py": ["jax_cuda12_plugin"],
+                  "dpo.py": ["jax_cuda12_plugin"]}
+    for module in deviceless.get(script, []):
         needs_module(module, "tpu-aot,gpu-aot")
     extra = [e.replace("{tmp}", str(tmp_path)) for e in extra]
     env = {**os.environ, "GPT2_JAX_SHARED": str(shared_dir)}

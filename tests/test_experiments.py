@@ -73,7 +73,7 @@ def test_bad_experiment_names_list_the_valid_ones():
     done = _launch("--config=experiments/finetuen.py")
     assert done.returncode == 2
     assert "no experiment file experiments/finetuen.py here" in done.stderr
-    assert "the experiments are: demo.py, documents.py, finetune.py" in done.stderr
+    assert "the experiments are: demo.py, documents.py, dpo.py, finetune.py" in done.stderr
     done = _launch("--config=experiments/remat_ablation.py:2B")
     assert done.returncode == 2 and "use one of tiny, 124M, 355M, 774M, 1558M" in done.stderr
 

@@ -86,7 +86,8 @@ def test_a_run_in_a_bucket_keeps_everything_there_sets_a_damaged_step_aside_with
                  "logs/run1/run_config.json", "samples/run1/samples-2", "samples/run1/samples-6"):
         assert name in names, name
     assert any(n.startswith("logs/run1/events.out.tfevents") for n in names)
-    records = [json.loads(line) for line in (storage.path(workdir) / "logs/run1/metrics.jsonl").read_text().splitlines()]
+    metrics = (storage.path(workdir) / "logs/run1/metrics.jsonl").read_text()
+    records = [json.loads(line) for line in metrics.splitlines()]
     assert {r["step"] for r in records if "loss" in r} == {1, 2, 3, 4, 5, 6}  # both runs' lines, appended
     assert not (run_dir.parent / "run1.lock").exists()  # released at the end
 

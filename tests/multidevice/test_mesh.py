@@ -68,6 +68,39 @@ def test_mesh_step_equals_single_device_step(data, fsdp, accumulate, remat, dtyp
         assert kernel.sharding.spec[0] is None
 
 
+@pytest.mark.parametrize("data, fsdp, accumulate, reference, lora", [
+    (8, 1, 1, "batch", 0), (1, 8, 2, "params", 0), (2, 4, 1, "adapters_off", 4)])
+def test_dpo_mesh_step_equals_single_device_step(data, fsdp, accumulate, reference, lora):
+    from gpt2_jax.dpo import DPOSettings
+
+    config = GPT2Config(**CONFIG.hparams(), lora_rank=lora)
+    mesh = parallel.make_mesh(data, fsdp)
+    train = base.get_config().train
+    train.learning_rate, train.optimizer, train.accumulate_gradients, train.lora_rank = 1e-2, "adam", accumulate, lora
+    steps = build_steps(config, train, mesh, donate=False, dpo=DPOSettings(beta=0.5, reference=reference))
+    params = init_params(config, jax.random.key(0))
+    state = TrainState.create(params, steps.optimizer)
+    rng = np.random.default_rng(0)
+    rows = 8 * accumulate
+    batch = (rng.integers(0, CONFIG.n_vocab, (rows, 2, CONFIG.n_ctx + 1)).astype(np.int32),
+             (rng.random((rows, 2, CONFIG.n_ctx + 1)) < 0.5).astype(np.float32),
+             rng.normal(-40, 3, (rows, 2)).astype(np.float32))
+    frozen = init_params(CONFIG, jax.random.key(2))  # a plain reference of the same shape
+    extra = (frozen,) if reference == "params" else ()
+    key = jax.random.key(1)
+    one = jax.devices()[0]
+    ref_state, ref_metrics = jax.jit(steps.step_fn)(jax.device_put(state, one), jax.device_put(batch, one), key,
+                                                    *jax.device_put(extra, one))
+    extra = (parallel.put_tree(frozen, jax.tree.map(lambda a: a.sharding, steps.reference)),) if extra else ()
+    new_state, metrics = steps.train_step(parallel.put_tree(state, steps.state_sharding),
+                                          parallel.global_batch(batch, steps.batch_sharding),
+                                          jax.device_put(key, parallel.replicated(mesh)), *extra)
+    for name in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen"):
+        np.testing.assert_allclose(metrics[name], ref_metrics[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5), new_state.params,
+                 ref_state.params)
+
+
 def test_fsdp_really_shards_params_and_optimizer_state():
     steps, state = _steps(CONFIG, 1, parallel.make_mesh(1, 8), "adam")
     sharded = parallel.put_tree(state, steps.state_sharding)
