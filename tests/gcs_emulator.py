@@ -11,11 +11,12 @@ generation and honour generation conditions (tensorstore's reads of orbax's OCDB
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 from http import HTTPStatus
 
-from gcp_storage_emulator import server
+from gcp_storage_emulator import server, storage
 from gcp_storage_emulator.exceptions import NotFound
 from gcp_storage_emulator.handlers import objects
 
@@ -75,10 +76,28 @@ def _reads_with_generations(handler):
     return wrapped
 
 
+def _atomic_write_bytes(write_bytes):
+    """A file on disk is written whole or not at all (a temporary file renamed over it), as a GCS object is:
+    the tests kill the emulator mid-run, and a half-written `.meta` would keep it from starting again."""
+    def wrapped(self, rel, content):
+        if self._use_memory:
+            return write_bytes(self, rel, content)
+        path = self._disk_path(rel)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = self._root.parent / "staging"  # beside the store's root: never listed as an object
+        staging.mkdir(exist_ok=True)
+        temporary = staging / f"{threading.get_ident()}.tmp"
+        temporary.write_bytes(content)
+        os.replace(temporary, path)
+        return None
+    return wrapped
+
+
 def main() -> None:
     port, bucket = int(sys.argv[1]), sys.argv[2]
     data = sys.argv[sys.argv.index("--data") + 1] if "--data" in sys.argv else None
     logging.basicConfig(level=logging.CRITICAL)
+    storage._FileStore.write_bytes = _atomic_write_bytes(storage._FileStore.write_bytes)
     wrapped = {objects.insert: _with_preconditions(objects.insert), objects.delete: _with_preconditions(objects.delete),
                objects.download: _reads_with_generations(objects.download),
                objects.get: _reads_with_generations(objects.get)}
