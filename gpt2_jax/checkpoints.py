@@ -196,6 +196,25 @@ def claim_run(run_dir: Path, is_main: bool = True, lease_s: float = 60.0):
         os.close(fd)  # releases the lock
 
 
+def set_aside_after(run_dir: Path, restored_dir: Path, step: int) -> list[str]:
+    """After restoring `step` (from the run or its best/), move the steps after it, of a future the run no
+    longer has, to superseded/ (never deleted); returns a line for each. A listing, not orbax's manager,
+    which would sync every process."""
+    def after(d: Path) -> list[tuple[Path, int]]:
+        return sorted((d, int(x.name)) for x in d.iterdir() if x.name.isdigit() and int(x.name) > step)
+
+    best_dir = run_dir / BEST
+    newer = after(run_dir) if restored_dir == best_dir else []
+    newer += after(best_dir) if best_dir.is_dir() else []
+    lines = []
+    for where, s in newer:
+        storage.mkdir(run_dir / SUPERSEDED)
+        aside = run_dir / SUPERSEDED / f"{where.name}-{s}.{time.strftime('%Y%m%dT%H%M%S')}"
+        storage.move(where / str(s), aside)
+        lines.append(f"set aside {where / str(s)}, which is after the restored step, as {aside}")
+    return lines
+
+
 def is_run_dir(path: Path) -> bool:
     """A directory written by the training loop (it has run_config.json and hparams.json)."""
     return (path / RUN_CONFIG).is_file() and (path / "hparams.json").is_file()

@@ -10,7 +10,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 from tqdm import tqdm
@@ -525,3 +525,154 @@ class PairSampler:
         """Batch number `index`: tokens and weights [batch_size, 2, window], reference log-probs [batch_size, 2]."""
         rows = np.random.default_rng([self.seed, index]).integers(0, self.pairs.count, batch_size)
         return self.pairs.tokens[rows], self.pairs.weights[rows], self.reference[rows]
+
+
+# What a run trains and validates on, from its config (the loop's data setup). Validation batches are drawn
+# once, with seed 1: the same for every run of the same data.
+
+DATA_RECORD = "dataset.json"  # in the run directory: what the run's data was (fingerprint)
+
+
+def datasets(config: Any, encoder: Encoder, seq_len: int, seed: int, is_main: bool
+              ) -> tuple[WindowSampler, list[np.ndarray], dict]:
+    """The training sampler, the fixed validation batches (none when data.val_every is 0) and the
+    fingerprints of both datasets (for DATA_RECORD).
+
+    Validation data is data.val_dataset, else the last data.val_split of the training data (held out:
+    never trained on), else, with a warning, windows of the training data itself.
+    """
+    data = config.data  # checked by settings.check_config
+    if is_examples(data.dataset):
+        return example_datasets(config, encoder, seq_len, seed)
+    data_kw = dict(combine=data.combine, encoding=data.encoding, encoding_errors=data.encoding_errors, progress=is_main)
+    chunks = load_dataset(data.dataset, encoder, **data_kw)
+    val_chunks, val_name = chunks, f"validation data (the training data {data.dataset!r})"
+    if data.val_split:
+        chunks, val_chunks = split_tail(chunks, data.val_split)
+        val_name = f"validation split (the last {data.val_split:g} of {data.dataset!r})"
+    elif data.val_dataset:
+        val_chunks = load_dataset(data.val_dataset, encoder, **data_kw)
+        val_name = f"validation dataset {data.val_dataset!r}"
+    sampler = WindowSampler(chunks, seq_len + 1, seed, f"dataset {data.dataset!r}")
+    record = {"train": fingerprint(data.dataset, chunks), "validation": None}
+    if data.val_every <= 0:
+        return sampler, [], record
+    if not (data.val_split or data.val_dataset):
+        tqdm.write("validation: neither data.val_dataset nor data.val_split is set, validating on batches drawn "
+                   "from the training data")
+    record["validation"] = fingerprint(data.val_dataset or data.dataset, val_chunks)
+    val_sampler = WindowSampler(val_chunks, seq_len + 1, seed=1, what=val_name)
+    return sampler, [val_sampler.batch(i, data.val_batch_size) for i in range(data.val_batch_count)], record
+
+
+def example_datasets(config: Any, encoder: Encoder, seq_len: int, seed: int
+                      ) -> tuple[ExampleSampler, list[tuple[np.ndarray, np.ndarray]], dict]:
+    """_datasets for prompt/completion examples (.jsonl): rows of seq_len + 1 tokens, packed with
+    data.document_mask (which keeps them apart), else one example a row; the loss on the completions."""
+    data = config.data
+    examples = read_examples(data.dataset, encoder)
+    val_examples, val_name = examples, f"the training examples {data.dataset!r}"
+    if data.val_split:
+        cut = len(examples) - math.ceil(len(examples) * data.val_split)
+        if cut < 1:
+            raise UserError(f"data.val_split={data.val_split} of {len(examples)} examples leaves none to train on")
+        examples, val_examples = examples[:cut], examples[cut:]
+        val_name = f"the last {len(val_examples)} examples of {data.dataset!r}"
+    elif data.val_dataset:
+        if not is_examples(data.val_dataset):
+            raise UserError(f"data.val_dataset={data.val_dataset!r}: the training data are examples (.jsonl), so "
+                            "the validation data must be too")
+        val_examples, val_name = read_examples(data.val_dataset, encoder), repr(data.val_dataset)
+
+    def rows_of(these: list) -> Examples:
+        return layout_examples(these, seq_len + 1, encoder.eot_token, pack=data.document_mask)
+
+    def record_of(spec: str, rows: Examples) -> dict:
+        return fingerprint(spec, [rows.tokens.ravel(), rows.weights.ravel().astype(np.uint8)])
+
+    train_rows = rows_of(examples)
+    tqdm.write(f"examples: {train_rows.count} in {len(train_rows.tokens)} rows of {seq_len + 1} tokens "
+               f"({'packed: data.document_mask' if data.document_mask else 'one a row, padded'}), "
+               f"{int(train_rows.weights.sum())} target tokens; {train_rows.truncated} longer than a row, cut from "
+               "the prompt's left")
+    record = {"train": record_of(data.dataset, train_rows), "validation": None}
+    if data.val_every <= 0:
+        return ExampleSampler(train_rows, seed), [], record
+    if val_examples is examples:
+        tqdm.write("validation: neither data.val_dataset nor data.val_split is set, validating on the training "
+                   "examples")
+    val_rows = rows_of(val_examples)
+    record["validation"] = record_of(data.val_dataset or data.dataset, val_rows)
+    tqdm.write(f"validation: {val_rows.count} examples ({val_name})")
+    val_sampler = ExampleSampler(val_rows, seed=1)
+    return (ExampleSampler(train_rows, seed), [val_sampler.batch(i, data.val_batch_size)
+                                                for i in range(data.val_batch_count)], record)
+
+
+def pair_datasets(config: Any, encoder: Encoder, seq_len: int) -> tuple[Pairs, Pairs | None, dict]:
+    """The training pairs, the validation pairs (None when data.val_every is 0) and their fingerprints:
+    data.val_dataset, else the last data.val_split of the file, else, with a warning, the training pairs."""
+    data, tokenize = config.data, config.dpo.tokenize
+    if not is_examples(data.dataset):
+        raise UserError(f"data.dataset={data.dataset!r}: train.objective=dpo trains on preference pairs, a .jsonl of "
+                        '{"prompt", "chosen", "rejected"} lines')
+    pairs = read_pairs(data.dataset, encoder, tokenize)
+    val_pairs, val_name = pairs, f"the training pairs {data.dataset!r}"
+    if data.val_split:
+        cut = len(pairs) - math.ceil(len(pairs) * data.val_split)
+        if cut < 1:
+            raise UserError(f"data.val_split={data.val_split} of {len(pairs)} pairs leaves none to train on")
+        pairs, val_pairs = pairs[:cut], pairs[cut:]
+        val_name = f"the last {len(val_pairs)} pairs of {data.dataset!r}"
+    elif data.val_dataset:
+        val_pairs, val_name = read_pairs(data.val_dataset, encoder, tokenize), repr(data.val_dataset)
+
+    def rows_of(these: list) -> Pairs:
+        return layout_pairs(these, seq_len + 1, encoder.eot_token, start_with_eot=tokenize == "apart")
+
+    def record_of(spec: str, rows: Pairs) -> dict:
+        return fingerprint(spec, [rows.tokens.ravel(), rows.weights.ravel().astype(np.uint8)])
+
+    train_rows = rows_of(pairs)
+    tqdm.write(f"pairs: {train_rows.count}, each as two rows of {seq_len + 1} tokens (dpo.tokenize={tokenize}), "
+               f"{int(train_rows.weights.sum())} completion tokens; {train_rows.truncated} longer than a row, cut "
+               "from the prompt's left")
+    record = {"train": record_of(data.dataset, train_rows), "validation": None}
+    if data.val_every <= 0:
+        return train_rows, None, record
+    if val_pairs is pairs:
+        tqdm.write("validation: neither data.val_dataset nor data.val_split is set, validating on the training pairs")
+    val_rows = rows_of(val_pairs)
+    record["validation"] = record_of(data.val_dataset or data.dataset, val_rows)
+    tqdm.write(f"validation: {val_rows.count} pairs ({val_name})")
+    return train_rows, val_rows, record
+
+
+def pair_batches(config: Any, pairs: Pairs, val_pairs: Pairs | None, seed: int, reference: np.ndarray | None,
+                  val_reference: np.ndarray | None) -> tuple[PairSampler, list]:
+    """The training sampler and the fixed validation batches (drawn once with seed 1) of pairs."""
+    data = config.data
+    if val_pairs is None:
+        return PairSampler(pairs, seed, reference), []
+    val_sampler = PairSampler(val_pairs, 1, val_reference)
+    return PairSampler(pairs, seed, reference), [val_sampler.batch(i, data.val_batch_size)
+                                                 for i in range(data.val_batch_count)]
+
+
+def check_same_data(run_dir: Path, record: dict, allow_changed: bool) -> None:
+    """A run resumes on the data it started on (DATA_RECORD), unless data.allow_changed says otherwise."""
+    path = storage.path(run_dir) / DATA_RECORD
+    if not path.is_file():  # a run from before the record existed: nothing to compare
+        return
+    recorded = json.loads(path.read_text())
+    for part, setting in (("train", "data.dataset"), ("validation", "the validation data")):
+        before, after = recorded.get(part), record.get(part)
+        change = describe_change(before, after) if before and after else None
+        if change is None:
+            continue
+        if not allow_changed:
+            raise UserError(f"{setting} changed since this run started (recorded in {path}): {change}; the resumed "
+                            "run would not continue exactly. Set data.allow_changed=True to resume on the new data, "
+                            "or start anew under another run_name")
+        tqdm.write(f"warning: {setting} changed since this run started ({change}); resuming on it "
+                   "(data.allow_changed=True), so batches differ from an uninterrupted run")

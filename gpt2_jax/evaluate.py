@@ -8,7 +8,6 @@ import math
 from typing import NamedTuple, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -16,13 +15,20 @@ from gpt2_jax import dpo
 from gpt2_jax.data import Examples, Pairs
 from gpt2_jax.errors import UserError
 from gpt2_jax.model import GPT2, GPT2Config
-from gpt2_jax.train import cross_entropy
+from gpt2_jax.train import chunked_cross_entropy
+
+
+LOGITS_PER_CHUNK = 1 << 22  # float32 logits held at once (16 MiB): a chunk of positions times the vocabulary
 
 
 @functools.partial(jax.jit, static_argnames="config")
 def _window_loss_sum(params, inputs, targets, weights, *, config: GPT2Config):
-    logits = GPT2(config).apply(params, inputs)
-    return jnp.sum(cross_entropy(logits, targets) * weights)
+    """The weighted summed loss of a batch, its logits made a chunk of positions at a time: whole, a batch of
+    GPT-2's 50257-way logits is hundreds of MB that the CPU allocates and faults in again for every batch
+    (more system time than compute)."""
+    hidden, _ = GPT2(config).apply(params, inputs, method=GPT2.hidden)
+    chunk = max(1, min(inputs.size, LOGITS_PER_CHUNK // config.n_vocab))
+    return chunked_cross_entropy(hidden, params["params"]["wte"], targets, chunk, config.vocab_multiple, weights)
 
 
 class Evaluation(NamedTuple):

@@ -29,22 +29,17 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from gpt2_jax import autoremat, checkpoints, parallel, report, storage
+from gpt2_jax import autoremat, checkpoints, data, parallel, report, storage
 from gpt2_jax import dpo as dpo_module
-from gpt2_jax.data import (ExampleSampler, Examples, PairSampler, Pairs, WindowSampler, describe_change, fingerprint,
-                           is_examples, layout_examples, layout_pairs, load_dataset, read_examples, read_pairs,
-                           split_tail)
+from gpt2_jax.data import PairSampler, Pairs
 from gpt2_jax.encoder import Encoder
 from gpt2_jax.errors import StorageError, UserError, reason
 from gpt2_jax.model import GPT2Config, convert_layout
-from gpt2_jax.optim import learning_rate_schedule
 from gpt2_jax.resolve import Resume, check_resumable, compute_settings, decide_resume, initial_model
-from gpt2_jax.sampling import SAMPLE_HEADER, check_settings, generate
+from gpt2_jax.sampling import SAMPLE_HEADER, generate
+from gpt2_jax.settings import RunSettings, check_config, settings_of
 from gpt2_jax.steps import Steps, abstract_state, build_steps, flops_per_token, peak_bf16_flops, reference_shapes
 from gpt2_jax.train import TrainState
-
-
-DATA_RECORD = "dataset.json"  # in the run directory: what the run's data was (data.fingerprint)
 
 
 class _StopRequest:
@@ -192,18 +187,19 @@ def _peak_flops(config: Any) -> float | None:
     return peak_bf16_flops(jax.devices()[0].device_kind) if config.model.dtype == "bfloat16" else None
 
 
-def _write_run_files(run_dir: Path, model_config: GPT2Config, encoder: Encoder, config: Any, data_record: dict
-                     ) -> None:
+def _write_run_files(run_dir: Path, start: _Start, config: Any) -> None:
+    """What makes the run directory a model directory, and what its data was."""
     storage.mkdir(run_dir)
-    (run_dir / DATA_RECORD).write_text(json.dumps(data_record, indent=2))
-    (run_dir / "hparams.json").write_text(json.dumps(model_config.hparams(), indent=2))
-    encoder.save(run_dir)
+    (run_dir / data.DATA_RECORD).write_text(json.dumps(start.data_record, indent=2))
+    (run_dir / "hparams.json").write_text(json.dumps(start.model_config.hparams(), indent=2))
+    start.encoder.save(run_dir)
     (run_dir / checkpoints.RUN_CONFIG).write_text(config.to_json_best_effort(indent=2))
 
 
 def run(config: Any, on_step: Callable[[int, dict], None] | None = None) -> dict:
     """Train as the config says; returns the last step's metrics. `on_step(step, metrics)` is for tests."""
     parallel.init_distributed(config.parallel)  # before anything touches a device
+    check_config(config)  # a config that cannot run: one line before anything is written
     workdir = storage.path(config.workdir)
     storage.check_writable(workdir, "--workdir")  # a bucket that is missing or read-only: one line, exit 2
     if storage.is_url(workdir):
@@ -225,14 +221,28 @@ def _stop_agreement(mesh: Any) -> Callable[[bool], jax.Array]:
     return lambda flag: reduce(parallel.global_batch(np.full((n,), int(flag), np.int32), sharding))
 
 
-def _train(config: Any, run_dir: Path, on_step: Callable[[int, dict], None] | None,
-           lease: checkpoints.RunLease | None, stop: _StopRequest) -> dict:
-    """run(), in a run directory this job holds (through `lease` in Cloud Storage)."""
-    is_main = jax.process_index() == 0
+@dataclasses.dataclass
+class _Start:
+    """What the steps start from, after every check: nothing of the run is written yet."""
+
+    settings: RunSettings
+    model_config: GPT2Config  # with remat=auto's choice
+    encoder: Encoder
+    steps: Steps
+    state: TrainState  # restored, or initialised from the starting params
+    seed: int  # a resumed run's own: its batches and noise continue exactly
+    meta: dict  # the restored step's metadata; {} for a new run
+    sampler: Any  # the training batches, a function of the step
+    val_batches: list  # the fixed validation batches, on the host
+    reference_params: Any  # dpo.reference "params": the frozen reference given to every step; else None
+    data_record: dict  # what the data was (data.DATA_RECORD)
+
+
+def _start(config: Any, run_dir: Path, is_main: bool) -> _Start:
+    """Resume or not, the model, the run's settings, the data and the compiled steps. Every bad-input error
+    is raised here, the data's before anything compiles."""
     workdir = storage.path(config.workdir)
     resume = decide_resume(config.checkpoint.restore_from, run_dir)
-
-    # A resumed run keeps the seed it started with: batches and noise continue exactly.
     seed = config.seed
     if resume:
         check_resumable(config, resume)
@@ -241,379 +251,341 @@ def _train(config: Any, run_dir: Path, on_step: Callable[[int, dict], None] | No
             raise UserError(f"no checkpoint of {resume.run_dir} (steps {resume.candidates()}) has readable metadata; "
                             "nothing was deleted. Restore another run with checkpoint.restore_from=PATH")
     model_config, params, encoder = initial_model(config, resume.run_dir if resume else None)
-    dpo = dpo_module.settings_of(config)  # None: the next-token loss
-    seq_len = config.data.seq_len or model_config.n_ctx
-    if not 1 <= seq_len <= model_config.n_ctx:
-        raise UserError(f"data.seq_len={seq_len}: must be between 1 and the model's n_ctx={model_config.n_ctx}")
-    train = config.train
-    learning_rate_schedule(train)  # validates the schedule settings early
-    if train.batch_size < 1 or train.accumulate_gradients < 1:
-        raise UserError("train.batch_size and train.accumulate_gradients must be >= 1")
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
-    parallel.check_batch(train.batch_size, mesh)
-    if config.data.val_every > 0:
-        parallel.check_batch(config.data.val_batch_size, mesh)
-    if not 0.0 <= train.noise < 1.0:
-        raise UserError(f"train.noise={train.noise}: must be in [0, 1)")
-    if config.sample.sample_every:
-        check_settings(temperature=config.sample.temperature, top_k=config.sample.top_k, top_p=config.sample.top_p,
-                       prefix="sample.")
-    patience, min_delta, keep_best = train.early_stop_patience, train.early_stop_min_delta, config.checkpoint.keep_best
-    if patience < 0 or min_delta < 0:
-        raise UserError(f"train.early_stop_patience={patience} and train.early_stop_min_delta={min_delta} must be >= 0")
-    if (patience or keep_best) and config.data.val_every <= 0:
-        raise UserError(f"{'train.early_stop_patience' if patience else 'checkpoint.keep_best'} acts on validation: "
-                        "set data.val_every > 0 (and data.val_dataset or data.val_split)")
-
-    # Data first: every bad-input error comes before anything compiles.
-    if dpo is None:
-        sampler, val_batches, data_record = _datasets(config, encoder, seq_len, seed, is_main)
+    settings = settings_of(config, model_config, mesh, encoder.eot_token)
+    if settings.dpo is None:
+        sampler, val_batches, data_record = data.datasets(config, encoder, settings.seq_len, seed, is_main)
     else:  # the pairs' batches carry their reference log-probs, known once the reference has run
-        pairs, val_pairs, data_record = _pair_datasets(config, encoder, seq_len)
+        pairs, val_pairs, data_record = data.pair_datasets(config, encoder, settings.seq_len)
     if resume and resume.run_dir in (run_dir, run_dir / checkpoints.BEST):
-        _check_same_data(run_dir, data_record, config.data.allow_changed)
+        data.check_same_data(run_dir, data_record, config.data.allow_changed)
 
+    train = config.train
     if config.model.remat == "auto":  # the fastest policy and micro-batch split that fit the memory budget
-        model_config, train, line = autoremat.resolve(config, model_config, mesh, seq_len, run_dir,
+        model_config, train, line = autoremat.resolve(config, model_config, mesh, settings.seq_len, run_dir,
                                                       workdir / "logs" / config.run_name)
         tqdm.write(line)
-    document_eot = encoder.eot_token if config.data.document_mask else None
-    steps = build_steps(model_config, train, mesh, document_eot=document_eot, dpo=dpo)
-    repl = parallel.replicated(mesh)
+    steps = build_steps(model_config, train, mesh, document_eot=settings.document_eot, dpo=settings.dpo)
+    meta: dict = {}
     if resume is None:
         state = steps.init_state(params)
         del params
     else:
         p, o, meta = _restore(resume, model_config, train, steps)
-        state = TrainState(step=parallel.put_tree(np.int32(meta["step"]), repl), params=p, opt_state=o)
+        state = TrainState(step=parallel.put_tree(np.int32(meta["step"]), parallel.replicated(mesh)), params=p,
+                           opt_state=o)
         tqdm.write(f"restored step {meta['step']} from {resume.run_dir}")
-        if is_main:  # steps after this one, of a future this run no longer has, are set aside (never deleted)
-            def after(d: Path) -> list[tuple[Path, int]]:  # a listing: orbax's manager would sync every process
-                return sorted((d, int(x.name)) for x in d.iterdir() if x.name.isdigit() and int(x.name) > meta["step"])
-            best_dir = run_dir / checkpoints.BEST
-            newer = after(run_dir) if resume.run_dir == best_dir else []
-            newer += after(best_dir) if best_dir.is_dir() else []
-            for where, s in newer:
-                storage.mkdir(run_dir / checkpoints.SUPERSEDED)
-                aside = run_dir / checkpoints.SUPERSEDED / f"{where.name}-{s}.{time.strftime('%Y%m%dT%H%M%S')}"
-                storage.move(where / str(s), aside)
-                tqdm.write(f"set aside {where / str(s)}, which is after the restored step, as {aside}")
-    reference_params = None  # dpo.reference "params": the frozen reference, given to every step
-    if dpo is not None:
+        if is_main:
+            for line in checkpoints.set_aside_after(run_dir, resume.run_dir, meta["step"]):
+                tqdm.write(line)
+    reference_params = None
+    if settings.dpo is not None:
         sampler, val_batches, reference_params = _preference_batches(
-            config, dpo, model_config, steps, state.params if resume is None else None, pairs, val_pairs, seed,
-            run_dir, data_record, is_main)
+            config, settings.dpo, model_config, steps, state.params if resume is None else None, pairs, val_pairs,
+            seed, run_dir, data_record, is_main)
+    return _Start(settings, model_config, encoder, steps, state, seed, meta, sampler, val_batches, reference_params,
+                  data_record)
+
+
+class _Hook:
+    """An action every `every` steps (0: never) on the step's state, taken after the step's metrics are read
+    (so the loop does not read ahead past it). `logged`: its metrics go into the step's log line; `pauses`:
+    it takes time the next step's throughput leaves out."""
+
+    every, logged, pauses = 0, False, False
+
+    def due(self, step: int) -> bool:
+        return self.every > 0 and step % self.every == 0
+
+    def stops(self) -> bool:
+        """Whether the run should stop here (early stopping)."""
+        return False
+
+    def __call__(self, step: int, state: TrainState) -> dict[str, float]:
+        raise NotImplementedError
+
+
+class _Validation(_Hook):
+    """Validation on fixed batches every data.val_every steps, and what acts on it: the best loss so far and
+    its step (kept by `save_best`: checkpoint.keep_best), and the validations since without an improvement of
+    more than min_delta (early stopping). That state is saved with every checkpoint (`meta`)."""
+
+    logged, pauses = True, True
+
+    def __init__(self, config: Any, start: _Start, eval_step: Callable, save_best: Callable | None):
+        self.every = config.data.val_every if start.val_batches else 0
+        self.eval_step, self.save_best, self.settings = eval_step, save_best, start.settings
+        # Each batch's mean counts by its targets: all its tokens, or the weighted ones of examples (pairs: alike).
+        self.counts = [float(np.sum(b[1][:, 1:])) if isinstance(b, tuple) and start.settings.dpo is None else 1.0
+                       for b in start.val_batches]
+        self.batches = [parallel.global_batch(b, start.steps.batch_sharding) for b in start.val_batches]
+        saved = start.meta.get("best_val_loss")
+        self.best_loss = math.inf if saved is None else float(saved)
+        self.best_step = start.meta.get("best_step")
+        self.stale = int(start.meta.get("validations_without_improvement", 0))
+        self.validated_at: int | None = None
+
+    def __call__(self, step: int, state: TrainState) -> dict[str, float]:
+        result = self.validate(step, state.params)
+        self.judge(step, state, result["val_loss"])
+        return result
+
+    def validate(self, step: int, params: Any) -> dict[str, float]:
+        """val_loss (with DPO, val_ and each of its metrics) over the validation batches."""
+        outs = [self.eval_step(params, b) for b in self.batches]
+        outs = [{k: float(v) for k, v in o.items()} if isinstance(o, dict) else {"loss": float(o)} for o in outs]
+        total = max(np.sum(self.counts), 1.0)
+        names = ["loss", *(k for k in dpo_module.METRICS if k in outs[0])]
+        result = {f"val_{k}": float(np.sum([o[k] * c for o, c in zip(outs, self.counts)]) / total) for k in names}
+        tqdm.write(f"[{step} | validation] " + " ".join(f"{k}={v:.4f}" for k, v in result.items()))
+        self.validated_at = step
+        return result
+
+    def judge(self, step: int, state: TrainState, loss: float) -> None:
+        """A new best (kept with keep_best), or one more validation without an improvement."""
+        if loss < self.best_loss - self.settings.min_delta:
+            self.best_loss, self.best_step, self.stale = loss, step, 0
+            if self.save_best is not None:
+                self.save_best(step, state)
+        else:
+            self.stale += 1
+
+    def stops(self) -> bool:
+        return bool(self.settings.patience) and self.stale >= self.settings.patience
+
+    def meta(self) -> dict:
+        return {"best_step": self.best_step, "best_val_loss": None if math.isinf(self.best_loss) else self.best_loss,
+                "validations_without_improvement": self.stale}
+
+
+class _Sampling(_Hook):
+    """Samples every sample.sample_every steps (printed, and written by process 0)."""
+
+    pauses = True
+
+    def __init__(self, config: Any, start: _Start, is_main: bool):
+        self.every, self.config, self.start, self.is_main = config.sample.sample_every, config, start, is_main
+
+    def __call__(self, step: int, state: TrainState) -> dict[str, float]:
+        _sample(self.config, self.start.model_config, state.params, self.start.encoder,
+                storage.path(self.config.workdir), step, self.is_main)
+        return {}
+
+
+class _Checkpointing(_Hook):
+    """A checkpoint every checkpoint.save_every steps, and at the end (`save`: once per step)."""
+
+    def __init__(self, every: int, writer: checkpoints.CheckpointWriter, meta: Callable[[int], dict],
+                 last_saved: int | None):
+        self.every, self.writer, self.meta, self.last_saved = every, writer, meta, last_saved
+
+    def __call__(self, step: int, state: TrainState) -> dict[str, float]:
+        if self.last_saved != step:
+            self.writer.save(step, state.params, state.opt_state, self.meta(step))
+            self.last_saved = step
+        return {}
+
+
+class _Meter:
+    """A step's metrics from its outputs: the loss and the original's running average of it, the learning
+    rate, the gradient norm, DPO's metrics, and tokens/s and MFU since the step before."""
+
+    def __init__(self, settings: RunSettings, flops_per_token: float, peak_flops: float | None):
+        self.settings, self.flops_per_token, self.peak = settings, flops_per_token, peak_flops
+        self.average = (0.0, 0.0)  # decayed sum and weight
+        self.last_time: float | None = None  # the first step's time is mostly compilation: not measured
+
+    def read(self, out: dict) -> dict[str, float]:
+        loss, grad_norm = float(out["loss"]), float(out["grad_norm"])  # waits for the step
+        now = time.perf_counter()
+        self.average = (self.average[0] * 0.99 + loss, self.average[1] * 0.99 + 1)
+        metrics = {"loss": loss, "avg_loss": self.average[0] / self.average[1],
+                   "learning_rate": float(out["learning_rate"]), "grad_norm": grad_norm,
+                   **{k: float(out[k]) for k in dpo_module.METRICS if k in out}}
+        if self.last_time is not None:
+            metrics["tokens_per_sec"] = self.settings.tokens_per_step / (now - self.last_time)
+            if self.peak:
+                metrics["mfu"] = metrics["tokens_per_sec"] * self.flops_per_token / self.peak
+        self.last_time = now
+        return metrics
+
+    def restart_clock(self) -> None:
+        """After validating or sampling: the next step's time leaves them out."""
+        self.last_time = time.perf_counter()
+
+
+def _train(config: Any, run_dir: Path, on_step: Callable[[int, dict], None] | None,
+           lease: checkpoints.RunLease | None, stop: _StopRequest) -> dict:
+    """run(), in a run directory this job holds (through `lease` in Cloud Storage): the start, its writers
+    and hooks, then the steps."""
+    is_main = jax.process_index() == 0
+    workdir = storage.path(config.workdir)
+    start = _start(config, run_dir, is_main)
     # From here on, a failed write (checkpoints, logs, samples; in the background or not) ends the run
     # with one line saying what failed and what is intact.
     writer: checkpoints.CheckpointWriter | None = None
     intact = lambda: writer.intact() if writer else "no checkpoint was written by this run"  # noqa: E731
     with _BackgroundFailures() as background, _write_errors_as_one_line(workdir, intact):
         if is_main:
-            _write_run_files(run_dir, model_config, encoder, config, data_record)
+            _write_run_files(run_dir, start, config)
         writer = checkpoints.CheckpointWriter(run_dir, keep=config.checkpoint.keep,
                                               keep_every_hours=config.checkpoint.keep_every_hours,
                                               async_save=config.checkpoint.async_save)
         best_writer = None
-        if keep_best:  # the best step, outside the keep rotation, in a run directory of its own
+        if start.settings.keep_best:  # the best step, outside the keep rotation, in a run directory of its own
             if is_main:
-                _write_run_files(run_dir / checkpoints.BEST, model_config, encoder, config, data_record)
+                _write_run_files(run_dir / checkpoints.BEST, start, config)
             best_writer = checkpoints.CheckpointWriter(run_dir / checkpoints.BEST, keep=1,
                                                        async_save=config.checkpoint.async_save)
+        train_step, eval_step = _step_functions(start)
 
-        train_step, eval_step, batch_sh = steps.train_step, steps.eval_step, steps.batch_sharding
-        if reference_params is not None:
-            train_step = lambda s, b, k: steps.train_step(s, b, k, reference_params)  # noqa: E731
-            eval_step = lambda p, b: steps.eval_step(p, b, reference_params)  # noqa: E731
-        step_key = jax.jit(lambda s: jax.random.fold_in(jax.random.key(seed), s), out_shardings=repl)
-        # tokens a step trains on: a pair's chosen and rejected sequences both
-        tokens_per_step = train.batch_size * train.accumulate_gradients * seq_len * (2 if dpo else 1)
-        peak = _peak_flops(config)
+        def meta(step: int) -> dict:  # saved with each checkpoint
+            return {"step": step, "seed": start.seed, "batches_drawn": step, **validation.meta()}
+
+        save_best = (lambda step, state: best_writer.save(step, state.params, state.opt_state, meta(step))
+                     ) if best_writer is not None else None
+        validation = _Validation(config, start, eval_step, save_best)
+        step = int(start.state.step)
+        checkpointing = _Checkpointing(config.checkpoint.save_every, writer, meta, step if start.meta else None)
         logs = _Logs(workdir / "logs" / config.run_name, is_main, config)
-
-        step = int(state.step)
-        last_saved = step if resume else None
-        # Validation that acts (keep_best, early stopping): the best loss so far, its step, and the
-        # validations since without an improvement of more than min_delta; saved with every checkpoint.
-        saved_best = meta.get("best_val_loss") if resume else None
-        best = {"val_loss": math.inf if saved_best is None else float(saved_best),
-                "step": meta.get("best_step") if resume else None,
-                "stale": int(meta.get("validations_without_improvement", 0)) if resume else 0}
-
-        def step_meta() -> dict:
-            return {"step": step, "seed": seed, "batches_drawn": step, "best_step": best["step"],
-                    "best_val_loss": None if math.isinf(best["val_loss"]) else best["val_loss"],
-                    "validations_without_improvement": best["stale"]}
-
-        def save_now():
-            nonlocal last_saved
-            if last_saved != step:
-                writer.save(step, state.params, state.opt_state, step_meta())
-                last_saved = step
-
-        def judge(loss: float) -> None:
-            """After validating at `step`: a new best (kept with keep_best), or one more stale validation."""
-            if loss < best["val_loss"] - min_delta:
-                best.update(val_loss=loss, step=step, stale=0)
-                if best_writer is not None:
-                    best_writer.save(step, state.params, state.opt_state, step_meta())
-            else:
-                best["stale"] += 1
-
-        def stopped_early() -> bool:
-            return bool(patience) and best["stale"] >= patience
-
-        # Each validation batch's mean counts by its targets: all its tokens, or the weighted ones of examples
-        # (pairs: every batch alike).
-        val_counts = [float(np.sum(b[1][:, 1:])) if isinstance(b, tuple) and dpo is None else 1.0 for b in val_batches]
-        val_batches = [parallel.global_batch(b, batch_sh) for b in val_batches]
-
-        def validate() -> dict[str, float]:
-            """val_loss (and with DPO val_ and each metric) over the validation batches."""
-            outs = [eval_step(state.params, b) for b in val_batches]
-            outs = [{k: float(v) for k, v in o.items()} if isinstance(o, dict) else {"loss": float(o)} for o in outs]
-            total = max(np.sum(val_counts), 1.0)
-            names = ["loss", *(k for k in dpo_module.METRICS if k in outs[0])]
-            result = {f"val_{k}": float(np.sum([o[k] * c for o, c in zip(outs, val_counts)]) / total) for k in names}
-            tqdm.write(f"[{step} | validation] " + " ".join(f"{k}={v:.4f}" for k, v in result.items()))
-            return result
-
-        validated_at = None  # the last step validated
-        if val_batches:  # the starting point, so the log shows how far validation loss falls
-            start, validated_at = validate(), step
-            logs.write(step, start)
-            if resume is None:  # a resumed step was judged when it was first validated
-                judge(start["val_loss"])
-        total = train.total_steps
-        bar = tqdm(total=total or None, initial=step, desc=config.run_name, unit="step", disable=not is_main,
-                   dynamic_ncols=True)
-        avg_loss = (0.0, 0.0)  # the original's running average: decayed sum and weight
-        metrics: dict[str, float] = {}
-        last_time = None
-        rows = train.batch_size * train.accumulate_gradients
-
-        def due(n: int, every: int) -> bool:
-            return every > 0 and n % every == 0
-
-        def actions_due(n: int) -> bool:
-            return ((bool(val_batches) and due(n, config.data.val_every)) or due(n, config.sample.sample_every)
-                    or due(n, config.checkpoint.save_every))
-
-        def record(n: int, out: dict, actions: bool) -> None:
-            """Step n's metrics (waiting for it), logged; with `actions` (state is step n's): validation,
-            samples and the checkpoint due at n."""
-            nonlocal avg_loss, metrics, last_time, validated_at
-            loss, grad_norm = float(out["loss"]), float(out["grad_norm"])
-            if "stop" in out:
-                agreed_stop[0] = agreed_stop[0] or bool(out["stop"])
-            now = time.perf_counter()
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", grad_norm)
-                raise UserError(f"the {what} became {value} at step {n}; stopped without saving it. The last good "
-                                f"checkpoint (step {writer.latest_step()}) is kept in {run_dir}; lower "
-                                "train.learning_rate or set train.grad_clip")
-            avg_loss = (avg_loss[0] * 0.99 + loss, avg_loss[1] * 0.99 + 1)
-            metrics = {"loss": loss, "avg_loss": avg_loss[0] / avg_loss[1],
-                       "learning_rate": float(out["learning_rate"]), "grad_norm": grad_norm,
-                       **{k: float(out[k]) for k in dpo_module.METRICS if k in out}}
-            if last_time is not None:  # the first step's time is mostly compilation
-                metrics["tokens_per_sec"] = tokens_per_step / (now - last_time)
-                if peak:
-                    metrics["mfu"] = metrics["tokens_per_sec"] * flops_per_token(model_config, seq_len) / peak
-            last_time = now
-            if actions and val_batches and due(n, config.data.val_every):
-                metrics.update(validate())
-                validated_at = n
-                judge(metrics["val_loss"])
-                last_time = time.perf_counter()
-            logs.write(n, metrics)
-            bar.set_postfix_str(_postfix(metrics), refresh=False)  # drawn by update(), at most 10 times a second
-            bar.update(1)
-            if actions and due(n, config.sample.sample_every):
-                _sample(config, model_config, state.params, encoder, workdir, n, is_main)
-                last_time = time.perf_counter()
-            if actions and due(n, config.checkpoint.save_every):
-                save_now()
-            writer.check()  # a background save that failed stops the run now, not at the end
-            background.check(intact())
-            if lease is not None:
-                lease.check()
-            if on_step is not None:
-                on_step(n, metrics)
-
-        # SIGTERM or Ctrl-C to any one process of a multi-process job stops every process after the same step:
-        # each step carries the processes' stop flags, combined by a tiny collective read with its metrics.
-        agree = _stop_agreement(steps.mesh) if jax.process_count() > 1 else None
-        agreed_stop = [False]
-
-        def stopping() -> bool:
-            return agreed_stop[0] if agree is not None else stop.requested
-
-        next_batch = parallel.global_batch(sampler.batch(step, rows), batch_sh)
-        pending: tuple[int, dict] | None = None  # (step, metrics on the device) not yet read: dispatch_ahead
+        checks = [writer.check, lambda: background.check(intact()), *([lease.check] if lease else [])]
+        loop = _Loop(config, start, train_step, [validation, _Sampling(config, start, is_main), checkpointing], logs,
+                     checks, stop, on_step, lambda n, m: _check_finite(n, m, writer.latest_step(), run_dir))
         try:
-            while not (total and step >= total) and not stopping() and not stopped_early():
-                state, out = train_step(state, next_batch, step_key(step))  # dispatched, runs asynchronously
-                if agree is not None:  # every process's stop flag, combined on the devices after this step
-                    out = {**out, "stop": agree(stop.requested)}
-                step += 1
-                next_batch = parallel.global_batch(sampler.batch(step, rows), batch_sh)  # meanwhile, on the host
-                if pending is not None:  # the previous step's metrics, read while this one runs
-                    record(*pending, actions=False)
-                    pending = None
-                if train.dispatch_ahead and not actions_due(step):
-                    pending = (step, out)
-                else:
-                    record(step, out, actions=True)
-            if pending is not None:
-                record(*pending, actions=False)
-            if val_batches and total and step >= total and validated_at != step:  # a run ends validated
-                last = validate()
-                metrics.update(last)
-                validated_at = step
-                logs.write(step, last)
-                judge(metrics["val_loss"])
-            if stopping():
-                tqdm.write(f"stopped at step {step}: saving a checkpoint to {run_dir}")
-            if stopped_early():
-                kept = f", kept in {run_dir / checkpoints.BEST}" if best_writer is not None else ""
-                tqdm.write(f"early stop at step {step}: validation loss has not improved by more than "
-                           f"train.early_stop_min_delta={min_delta:g} for {best['stale']} validations "
-                           f"(train.early_stop_patience={patience}); the best, {best['val_loss']:.4f}, was at "
-                           f"step {best['step']}{kept}")
-            save_now()
+            if validation.batches:  # the starting point, so the log shows how far validation loss falls
+                first = validation.validate(loop.step, start.state.params)
+                logs.write(loop.step, first)
+                if not start.meta:  # a resumed step was judged when it was first validated
+                    validation.judge(loop.step, start.state, first["val_loss"])
+            loop.run()
+            total = config.train.total_steps
+            if validation.batches and total and loop.step >= total and validation.validated_at != loop.step:
+                last = validation(loop.step, loop.state)  # a run ends validated
+                loop.metrics.update(last)
+                logs.write(loop.step, last)
+            _say_why_stopped(loop, validation, run_dir, best_writer is not None)
+            checkpointing(loop.step, loop.state)
             writer.wait()
             if best_writer is not None:
                 best_writer.wait()
         finally:
             failing = sys.exc_info()[1]
-            bar.close()
+            loop.bar.close()
             writer.close()
             if best_writer is not None:
                 best_writer.close()
             logs.close(config.run_name, failing)
-        return {"step": step, "run_dir": str(run_dir), **metrics}
+        return {"step": loop.step, "run_dir": str(run_dir), **loop.metrics}
 
 
-def _datasets(config: Any, encoder: Encoder, seq_len: int, seed: int, is_main: bool
-              ) -> tuple[WindowSampler, list[np.ndarray], dict]:
-    """The training sampler, the fixed validation batches (none when data.val_every is 0) and the
-    fingerprints of both datasets (for DATA_RECORD).
+class _Loop:
+    """The steps, from the start's to train.total_steps, a stop or a hook's stop (early stopping). With train.dispatch_ahead,
+    step n+1 is dispatched before step n's metrics are read (the device never waits for the host), except at
+    a step where a hook is due: hooks act on that step's state."""
 
-    Validation data is data.val_dataset, else the last data.val_split of the training data (held out:
-    never trained on), else, with a warning, windows of the training data itself.
-    """
-    data = config.data
-    if not data.dataset:
-        raise UserError("data.dataset is empty: set --config.data.dataset=PATH (a file, directory, glob or .npz)")
-    if not 0.0 <= data.val_split < 1.0:
-        raise UserError(f"data.val_split={data.val_split}: must be in [0, 1) (0 = no held-out split)")
-    if data.val_split and data.val_dataset:
-        raise UserError("data.val_split and data.val_dataset are both set: use one (val_dataset, or a split of the "
-                        "training data)")
-    if is_examples(data.dataset):
-        return _example_datasets(config, encoder, seq_len, seed)
-    data_kw = dict(combine=data.combine, encoding=data.encoding, encoding_errors=data.encoding_errors, progress=is_main)
-    chunks = load_dataset(data.dataset, encoder, **data_kw)
-    val_chunks, val_name = chunks, f"validation data (the training data {data.dataset!r})"
-    if data.val_split:
-        chunks, val_chunks = split_tail(chunks, data.val_split)
-        val_name = f"validation split (the last {data.val_split:g} of {data.dataset!r})"
-    elif data.val_dataset:
-        val_chunks = load_dataset(data.val_dataset, encoder, **data_kw)
-        val_name = f"validation dataset {data.val_dataset!r}"
-    sampler = WindowSampler(chunks, seq_len + 1, seed, f"dataset {data.dataset!r}")
-    record = {"train": fingerprint(data.dataset, chunks), "validation": None}
-    if data.val_every <= 0:
-        return sampler, [], record
-    if not (data.val_split or data.val_dataset):
-        tqdm.write("validation: neither data.val_dataset nor data.val_split is set, validating on batches drawn "
-                   "from the training data")
-    record["validation"] = fingerprint(data.val_dataset or data.dataset, val_chunks)
-    val_sampler = WindowSampler(val_chunks, seq_len + 1, seed=1, what=val_name)
-    return sampler, [val_sampler.batch(i, data.val_batch_size) for i in range(data.val_batch_count)], record
+    def __init__(self, config: Any, start: _Start, train_step: Callable, hooks: list[_Hook], logs: _Logs,
+                 checks: list[Callable[[], None]], stop: _StopRequest, on_step: Callable[[int, dict], None] | None,
+                 check_finite: Callable[[int, dict], None]):
+        steps, settings = start.steps, start.settings
+        self.state, self.step, self.train_step, self.hooks, self.logs = start.state, int(start.state.step), \
+            train_step, hooks, logs
+        self.checks = checks  # after each step: the failures of background writers, the lease
+        self.stop, self.on_step, self.check_finite = stop, on_step, check_finite
+        self.total, self.dispatch_ahead = config.train.total_steps, config.train.dispatch_ahead
+        self.sampler, self.rows, self.batch_sharding = start.sampler, settings.rows, steps.batch_sharding
+        seed = start.seed
+        self.step_key = jax.jit(lambda s: jax.random.fold_in(jax.random.key(seed), s),
+                                out_shardings=parallel.replicated(steps.mesh))
+        self.meter = _Meter(settings, flops_per_token(start.model_config, settings.seq_len), _peak_flops(config))
+        self.metrics: dict[str, float] = {}  # the last step's
+        # SIGTERM or Ctrl-C to any one process of a multi-process job stops every process after the same step:
+        # each step carries the processes' stop flags, combined by a tiny collective read with its metrics.
+        self.agree = _stop_agreement(steps.mesh) if jax.process_count() > 1 else None
+        self.agreed_stop = False
+        self.bar = tqdm(total=self.total or None, initial=self.step, desc=config.run_name, unit="step",
+                        disable=jax.process_index() != 0, dynamic_ncols=True)
 
+    def stopping(self) -> bool:
+        return self.agreed_stop if self.agree is not None else self.stop.requested
 
-def _example_datasets(config: Any, encoder: Encoder, seq_len: int, seed: int
-                      ) -> tuple[ExampleSampler, list[tuple[np.ndarray, np.ndarray]], dict]:
-    """_datasets for prompt/completion examples (.jsonl): rows of seq_len + 1 tokens, packed with
-    data.document_mask (which keeps them apart), else one example a row; the loss on the completions."""
-    data = config.data
-    examples = read_examples(data.dataset, encoder)
-    val_examples, val_name = examples, f"the training examples {data.dataset!r}"
-    if data.val_split:
-        cut = len(examples) - math.ceil(len(examples) * data.val_split)
-        if cut < 1:
-            raise UserError(f"data.val_split={data.val_split} of {len(examples)} examples leaves none to train on")
-        examples, val_examples = examples[:cut], examples[cut:]
-        val_name = f"the last {len(val_examples)} examples of {data.dataset!r}"
-    elif data.val_dataset:
-        if not is_examples(data.val_dataset):
-            raise UserError(f"data.val_dataset={data.val_dataset!r}: the training data are examples (.jsonl), so "
-                            "the validation data must be too")
-        val_examples, val_name = read_examples(data.val_dataset, encoder), repr(data.val_dataset)
+    def done(self) -> bool:
+        return bool(self.total and self.step >= self.total) or self.stopping() or any(h.stops() for h in self.hooks)
 
-    def rows_of(these: list) -> Examples:
-        return layout_examples(these, seq_len + 1, encoder.eot_token, pack=data.document_mask)
+    def batch(self, step: int) -> Any:
+        return parallel.global_batch(self.sampler.batch(step, self.rows), self.batch_sharding)
 
-    def record_of(spec: str, rows: Examples) -> dict:
-        return fingerprint(spec, [rows.tokens.ravel(), rows.weights.ravel().astype(np.uint8)])
+    def run(self) -> None:
+        next_batch = self.batch(self.step)
+        pending: tuple[int, dict] | None = None  # (step, metrics on the device) not yet read: dispatch_ahead
+        while not self.done():
+            self.state, out = self.train_step(self.state, next_batch, self.step_key(self.step))  # asynchronous
+            if self.agree is not None:  # every process's stop flag, combined on the devices after this step
+                out = {**out, "stop": self.agree(self.stop.requested)}
+            self.step += 1
+            next_batch = self.batch(self.step)  # meanwhile, on the host
+            if pending is not None:  # the previous step's metrics, read while this one runs
+                self.record(*pending, acting=False)
+                pending = None
+            if self.dispatch_ahead and not any(h.due(self.step) for h in self.hooks):
+                pending = (self.step, out)
+            else:
+                self.record(self.step, out, acting=True)
+        if pending is not None:
+            self.record(*pending, acting=False)
 
-    train_rows = rows_of(examples)
-    tqdm.write(f"examples: {train_rows.count} in {len(train_rows.tokens)} rows of {seq_len + 1} tokens "
-               f"({'packed: data.document_mask' if data.document_mask else 'one a row, padded'}), "
-               f"{int(train_rows.weights.sum())} target tokens; {train_rows.truncated} longer than a row, cut from "
-               "the prompt's left")
-    record = {"train": record_of(data.dataset, train_rows), "validation": None}
-    if data.val_every <= 0:
-        return ExampleSampler(train_rows, seed), [], record
-    if val_examples is examples:
-        tqdm.write("validation: neither data.val_dataset nor data.val_split is set, validating on the training "
-                   "examples")
-    val_rows = rows_of(val_examples)
-    record["validation"] = record_of(data.val_dataset or data.dataset, val_rows)
-    tqdm.write(f"validation: {val_rows.count} examples ({val_name})")
-    val_sampler = ExampleSampler(val_rows, seed=1)
-    return (ExampleSampler(train_rows, seed), [val_sampler.batch(i, data.val_batch_size)
-                                                for i in range(data.val_batch_count)], record)
+    def record(self, step: int, out: dict, acting: bool) -> None:
+        """Step `step`'s metrics (waiting for it), logged; when `acting` (the state is that step's), the hooks
+        due at it."""
+        if "stop" in out:
+            self.agreed_stop = self.agreed_stop or bool(out["stop"])
+        metrics = self.meter.read(out)
+        self.check_finite(step, metrics)
+        due = [h for h in self.hooks if h.due(step)] if acting else []
+        for hook in due:
+            if hook.logged:
+                metrics.update(hook(step, self.state))
+        self.logs.write(step, metrics)
+        self.bar.set_postfix_str(_postfix(metrics), refresh=False)  # drawn by update(), at most 10 times a second
+        self.bar.update(1)
+        for hook in due:
+            if not hook.logged:
+                hook(step, self.state)
+        if any(h.pauses for h in due):
+            self.meter.restart_clock()
+        self.metrics = metrics
+        for check in self.checks:
+            check()
+        if self.on_step is not None:
+            self.on_step(step, metrics)
 
 
-def _pair_datasets(config: Any, encoder: Encoder, seq_len: int) -> tuple[Pairs, Pairs | None, dict]:
-    """The training pairs, the validation pairs (None when data.val_every is 0) and their fingerprints:
-    data.val_dataset, else the last data.val_split of the file, else, with a warning, the training pairs."""
-    data, tokenize = config.data, config.dpo.tokenize
-    if not is_examples(data.dataset):
-        raise UserError(f"data.dataset={data.dataset!r}: train.objective=dpo trains on preference pairs, a .jsonl of "
-                        '{"prompt", "chosen", "rejected"} lines')
-    pairs = read_pairs(data.dataset, encoder, tokenize)
-    val_pairs, val_name = pairs, f"the training pairs {data.dataset!r}"
-    if data.val_split:
-        cut = len(pairs) - math.ceil(len(pairs) * data.val_split)
-        if cut < 1:
-            raise UserError(f"data.val_split={data.val_split} of {len(pairs)} pairs leaves none to train on")
-        pairs, val_pairs = pairs[:cut], pairs[cut:]
-        val_name = f"the last {len(val_pairs)} pairs of {data.dataset!r}"
-    elif data.val_dataset:
-        val_pairs, val_name = read_pairs(data.val_dataset, encoder, tokenize), repr(data.val_dataset)
+def _step_functions(start: _Start) -> tuple[Callable, Callable]:
+    """The compiled train and eval steps, given the frozen DPO reference where every step takes it."""
+    steps, reference = start.steps, start.reference_params
+    if reference is None:
+        return steps.train_step, steps.eval_step
+    return (lambda s, b, k: steps.train_step(s, b, k, reference)), (lambda p, b: steps.eval_step(p, b, reference))
 
-    def rows_of(these: list) -> Pairs:
-        return layout_pairs(these, seq_len + 1, encoder.eot_token, start_with_eot=tokenize == "apart")
 
-    def record_of(spec: str, rows: Pairs) -> dict:
-        return fingerprint(spec, [rows.tokens.ravel(), rows.weights.ravel().astype(np.uint8)])
+def _check_finite(step: int, metrics: dict[str, float], latest_saved: int | None, run_dir: Path) -> None:
+    """A loss or gradient norm that is no longer finite ends the run, keeping the last good checkpoint."""
+    for what, key in (("loss", "loss"), ("gradient norm", "grad_norm")):
+        if not math.isfinite(metrics[key]):
+            raise UserError(f"the {what} became {metrics[key]} at step {step}; stopped without saving it. The last "
+                            f"good checkpoint (step {latest_saved}) is kept in {run_dir}; lower "
+                            "train.learning_rate or set train.grad_clip")
 
-    train_rows = rows_of(pairs)
-    tqdm.write(f"pairs: {train_rows.count}, each as two rows of {seq_len + 1} tokens (dpo.tokenize={tokenize}), "
-               f"{int(train_rows.weights.sum())} completion tokens; {train_rows.truncated} longer than a row, cut "
-               "from the prompt's left")
-    record = {"train": record_of(data.dataset, train_rows), "validation": None}
-    if data.val_every <= 0:
-        return train_rows, None, record
-    if val_pairs is pairs:
-        tqdm.write("validation: neither data.val_dataset nor data.val_split is set, validating on the training pairs")
-    val_rows = rows_of(val_pairs)
-    record["validation"] = record_of(data.val_dataset or data.dataset, val_rows)
-    tqdm.write(f"validation: {val_rows.count} pairs ({val_name})")
-    return train_rows, val_rows, record
+
+def _say_why_stopped(loop: _Loop, validation: _Validation, run_dir: Path, keeps_best: bool) -> None:
+    if loop.stopping():
+        tqdm.write(f"stopped at step {loop.step}: saving a checkpoint to {run_dir}")
+    if validation.stops():
+        s = validation.settings
+        kept = f", kept in {run_dir / checkpoints.BEST}" if keeps_best else ""
+        tqdm.write(f"early stop at step {loop.step}: validation loss has not improved by more than "
+                   f"train.early_stop_min_delta={s.min_delta:g} for {validation.stale} validations "
+                   f"(train.early_stop_patience={s.patience}); the best, {validation.best_loss:.4f}, was at "
+                   f"step {validation.best_step}{kept}")
 
 
 REFERENCE_LOGPS = "reference_logps.npz"  # in the run directory: dpo.precompute_reference's log-probs
@@ -650,9 +622,9 @@ def _preference_batches(config: Any, dpo: dpo_module.DPOSettings, model_config: 
         reference = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=jax.tree.map(
             lambda a: a.sharding, steps.reference))(start_params) if start_params is not None and not d.reference \
             else _reference_model(config, model_config, steps)
-        return _pair_batches(config, pairs, val_pairs, seed, None, None) + (reference,)
+        return data.pair_batches(config, pairs, val_pairs, seed, None, None) + (reference,)
     if dpo.reference == "adapters_off":
-        return _pair_batches(config, pairs, val_pairs, seed, None, None) + (None,)
+        return data.pair_batches(config, pairs, val_pairs, seed, None, None) + (None,)
     key = json.dumps({"data": data_record, "reference": d.reference or config.model.name, "tokenize": d.tokenize,
                       "seq_len": int(pairs.tokens.shape[-1])}, sort_keys=True)
     path = run_dir / REFERENCE_LOGPS
@@ -661,7 +633,7 @@ def _preference_batches(config: Any, dpo: dpo_module.DPOSettings, model_config: 
             if str(stored["key"]) == key:
                 tqdm.write(f"reference: the log-probs of {pairs.count} pairs, computed when the run started, "
                            f"from {path}")
-                return _pair_batches(config, pairs, val_pairs, seed, stored["train"], stored["validation"]) + (None,)
+                return data.pair_batches(config, pairs, val_pairs, seed, stored["train"], stored["validation"]) + (None,)
     if start_params is not None and not d.reference:  # the policy at step 0 is the reference
         params, reference_config = start_params, model_config
     else:
@@ -680,37 +652,7 @@ def _preference_batches(config: Any, dpo: dpo_module.DPOSettings, model_config: 
         buffer = io.BytesIO()
         np.savez(buffer, train=logps, validation=val_logps, key=np.asarray(key))
         path.write_bytes(buffer.getvalue())
-    return _pair_batches(config, pairs, val_pairs, seed, logps, val_logps) + (None,)
-
-
-def _pair_batches(config: Any, pairs: Pairs, val_pairs: Pairs | None, seed: int, reference: np.ndarray | None,
-                  val_reference: np.ndarray | None) -> tuple[PairSampler, list]:
-    """The training sampler and the fixed validation batches (drawn once with seed 1) of pairs."""
-    data = config.data
-    if val_pairs is None:
-        return PairSampler(pairs, seed, reference), []
-    val_sampler = PairSampler(val_pairs, 1, val_reference)
-    return PairSampler(pairs, seed, reference), [val_sampler.batch(i, data.val_batch_size)
-                                                 for i in range(data.val_batch_count)]
-
-
-def _check_same_data(run_dir: Path, record: dict, allow_changed: bool) -> None:
-    """A run resumes on the data it started on (DATA_RECORD), unless data.allow_changed says otherwise."""
-    path = run_dir / DATA_RECORD
-    if not path.is_file():  # a run from before the record existed: nothing to compare
-        return
-    recorded = json.loads(path.read_text())
-    for part, setting in (("train", "data.dataset"), ("validation", "the validation data")):
-        before, after = recorded.get(part), record.get(part)
-        change = describe_change(before, after) if before and after else None
-        if change is None:
-            continue
-        if not allow_changed:
-            raise UserError(f"{setting} changed since this run started (recorded in {path}): {change}; the resumed "
-                            "run would not continue exactly. Set data.allow_changed=True to resume on the new data, "
-                            "or start anew under another run_name")
-        tqdm.write(f"warning: {setting} changed since this run started ({change}); resuming on it "
-                   "(data.allow_changed=True), so batches differ from an uninterrupted run")
+    return data.pair_batches(config, pairs, val_pairs, seed, logps, val_logps) + (None,)
 
 
 def _restore(resume: Resume, model_config: GPT2Config, train: Any, steps: Steps) -> tuple[Any, Any, dict]:

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import FIXTURES, REPO
 from experiments import base
-from gpt2_jax import checkpoints, loop
+from gpt2_jax import checkpoints, data, loop
 from gpt2_jax.cli import main as cli_main
 from gpt2_jax.errors import UserError
 from gpt2_jax.weights import load_weights
@@ -266,7 +266,7 @@ def test_val_split_validates_on_the_end_of_the_data_and_never_trains_on_it(tmp_p
     encoder = get_encoder(TINY_MODEL)
     config = tiny_config(tmp_path, tmp_path / "t.txt", **{"data.val_split": 0.1, "data.val_every": 1,
                                                          "data.val_batch_count": 3})
-    sampler, val_batches, _ = loop._datasets(config, encoder, 16, 0, is_main=False)
+    sampler, val_batches, _ = data.datasets(config, encoder, 16, 0, is_main=False)
     a, b = encoder.encode("a")[0], encoder.encode("b")[0]
     trained = np.concatenate([sampler.batch(i, 64) for i in range(20)])
     assert (trained == a).all()  # no window reaches the held-out tenth

@@ -1,0 +1,92 @@
+"""The run's settings: what a run derives from its config and model, computed and checked in one place.
+
+`check_config` holds every check of the config alone (each a one-line UserError); `settings_of` adds what
+needs the model and the mesh and returns a frozen RunSettings that the loop, `launch.py --dry_run`, the
+ablation and remat=auto read instead of recomputing. `lora_fields` is the one reader of train.lora_*.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+from gpt2_jax import parallel
+from gpt2_jax.dpo import DPOSettings
+from gpt2_jax.dpo import settings_of as dpo_settings_of
+from gpt2_jax.errors import UserError
+from gpt2_jax.model import GPT2Config
+from gpt2_jax.optim import learning_rate_schedule
+from gpt2_jax.sampling import check_settings as check_sampling
+
+LORA_DEFAULTS = {"lora_alpha": 16.0, "lora_targets": "attn.c_attn"}  # documented in experiments/base.py
+
+
+def lora_fields(train: Mapping[str, Any]) -> dict[str, Any]:
+    """train.lora_* (of a config, or of a saved run_config.json's "train") as GPT2Config fields; {} without LoRA."""
+    rank = int(train.get("lora_rank") or 0)
+    if not rank:
+        return {}
+    targets = str(train.get("lora_targets", LORA_DEFAULTS["lora_targets"]))
+    return {"lora_rank": rank, "lora_alpha": float(train.get("lora_alpha", LORA_DEFAULTS["lora_alpha"])),
+            "lora_targets": tuple(t.strip() for t in targets.split(",") if t.strip())}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """What a run derives from its config and model (settings_of)."""
+
+    seq_len: int  # tokens a row trains on: data.seq_len, else the model's n_ctx
+    rows: int  # sequences (DPO: pairs) per optimizer step: train.batch_size * train.accumulate_gradients
+    tokens_per_step: int  # tokens an optimizer step trains on (DPO: the chosen and the rejected sequence both)
+    document_eot: int | None  # data.document_mask: the end-of-text id that ends a document; None: no mask
+    dpo: DPOSettings | None  # train.objective=dpo; None: the next-token loss
+    validates: bool  # data.val_every > 0
+    patience: int  # train.early_stop_patience (0: no early stop)
+    min_delta: float  # train.early_stop_min_delta
+    keep_best: bool  # checkpoint.keep_best
+
+
+def check_config(config: Any) -> None:
+    """Every check of the config alone, each one line naming the field."""
+    train, data = config.train, config.data
+    if train.batch_size < 1 or train.accumulate_gradients < 1:
+        raise UserError("train.batch_size and train.accumulate_gradients must be >= 1")
+    learning_rate_schedule(train)  # its own one-line errors for the schedule's fields
+    if not 0.0 <= train.noise < 1.0:
+        raise UserError(f"train.noise={train.noise}: must be in [0, 1)")
+    if config.sample.sample_every:
+        s = config.sample
+        check_sampling(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, prefix="sample.")
+    patience, min_delta = train.early_stop_patience, train.early_stop_min_delta
+    if patience < 0 or min_delta < 0:
+        raise UserError(f"train.early_stop_patience={patience} and train.early_stop_min_delta={min_delta} must be >= 0")
+    if (patience or config.checkpoint.keep_best) and data.val_every <= 0:
+        raise UserError(f"{'train.early_stop_patience' if patience else 'checkpoint.keep_best'} acts on validation: "
+                        "set data.val_every > 0 (and data.val_dataset or data.val_split)")
+    if not data.dataset:
+        raise UserError("data.dataset is empty: set --config.data.dataset=PATH (a file, directory, glob or .npz)")
+    if not 0.0 <= data.val_split < 1.0:
+        raise UserError(f"data.val_split={data.val_split}: must be in [0, 1) (0 = no held-out split)")
+    if data.val_split and data.val_dataset:
+        raise UserError("data.val_split and data.val_dataset are both set: use one (val_dataset, or a split of the "
+                        "training data)")
+
+
+def settings_of(config: Any, model_config: GPT2Config, mesh: Any, eot_token: int | None = None) -> RunSettings:
+    """The run's settings for this model on this mesh, after every check; `eot_token` (default: the
+    vocabulary's last id, as in GPT-2's and the byte-level vocabulary) ends documents under data.document_mask."""
+    check_config(config)
+    dpo = dpo_settings_of(config)
+    seq_len = config.data.seq_len or model_config.n_ctx
+    if not 1 <= seq_len <= model_config.n_ctx:
+        raise UserError(f"data.seq_len={seq_len}: must be between 1 and the model's n_ctx={model_config.n_ctx}")
+    train, data = config.train, config.data
+    parallel.check_batch(train.batch_size, mesh)
+    if data.val_every > 0:
+        parallel.check_batch(data.val_batch_size, mesh)
+    rows = train.batch_size * train.accumulate_gradients
+    eot = model_config.n_vocab - 1 if eot_token is None else eot_token
+    return RunSettings(seq_len=seq_len, rows=rows, tokens_per_step=rows * seq_len * (2 if dpo else 1),
+                       document_eot=eot if data.document_mask else None, dpo=dpo, validates=data.val_every > 0,
+                       patience=train.early_stop_patience, min_delta=train.early_stop_min_delta,
+                       keep_best=bool(config.checkpoint.keep_best))
