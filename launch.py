@@ -125,13 +125,13 @@ def dry_run(config, target=None) -> None:
     import jax
 
     from gpt2_jax import parallel
-    from gpt2_jax.dpo import settings_of as dpo_settings_of
     from gpt2_jax.model import attention_implementation, vocab_padding
     from gpt2_jax.resolve import model_config_of
+    from gpt2_jax.settings import check_config, settings_of
     from gpt2_jax.steps import build_steps, compile_falling_back_to_xla_attention, compile_with_stats, flops_per_token
 
+    check_config(config)
     model_config = model_config_of(config)
-    dpo = dpo_settings_of(config)  # the DPO step takes pairs (two sequences each), and maybe a frozen reference
     if target is None:
         parallel.init_distributed(config.parallel)
         mesh, backend = parallel.make_mesh(config.mesh.data, config.mesh.fsdp), jax.default_backend()
@@ -140,12 +140,10 @@ def dry_run(config, target=None) -> None:
 
         model_config = targets.for_target(model_config, target)
         mesh, backend = targets.make_mesh(target, config.mesh.data, config.mesh.fsdp), target.platform
-    seq_len = config.data.seq_len or model_config.n_ctx
-    parallel.check_batch(config.train.batch_size, mesh)
-    rows = config.train.batch_size * config.train.accumulate_gradients
+    # The masked step compiles the same for any end-of-text id: settings_of's default, the vocabulary's last.
+    settings = settings_of(config, model_config, mesh)
+    seq_len, rows, document_eot, dpo = settings.seq_len, settings.rows, settings.document_eot, settings.dpo
     train = config.train
-    # The masked step compiles the same for any end-of-text id: the vocabulary's last, as in GPT-2's and bytes'.
-    document_eot = model_config.n_vocab - 1 if config.data.document_mask else None
     if config.model.remat == "auto":  # prints the candidates and the one line scripts read
         from gpt2_jax import autoremat
 
@@ -159,7 +157,12 @@ def dry_run(config, target=None) -> None:
     else:
         _, stats = compile_with_stats(build_steps(model_config, train, mesh, document_eot=document_eot, dpo=dpo), rows,
                                       seq_len)
-    print(config)
+    shown = config.copy_and_resolve_references()
+    if not config.model.from_scratch:  # the shape comes from model.name: the from-scratch fields do not apply
+        with shown.unlocked():
+            for field in ("n_ctx", "n_embd", "n_head", "n_layer"):
+                del shown.model[field]
+    print(shown)
     print(f"model: {model_config.hparams()} dtype={model_config.dtype} remat={model_config.remat} "
           f"scan_layers={model_config.scan_layers} "
           f"vocab_multiple={vocab_padding(model_config.vocab_multiple, backend)} "
@@ -212,9 +215,45 @@ def run_sweep(config, spec: str) -> None:
     print(f"wrote {out}/sweep.md, sweep.png and sweep.json")
 
 
+HELP_FLAGS = ("--help", "-h", "--helpfull", "-?")
+
+
+def usage(argv: list[str]) -> str:
+    """The commands, the flags and, with --config, that experiment's variants and every config key with its
+    value (each documented once, in experiments/base.py)."""
+    lines = [__doc__.strip(), "", "flags:"]
+    for name in ("config", "workdir", "list", "dry_run", "sweep", "sweep_name", "target"):
+        lines.append(f"  --{name}: {flags.FLAGS[name].help}")
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if spec is None:
+        lines += ["", "the experiments (python launch.py --list):", list_experiments()]
+    else:
+        resolved = resolve_spec(spec)
+        module = _module(Path(resolved.partition(":")[0]))
+        lines += ["", f"{spec}: {(module.__doc__ or '').strip().splitlines()[0]}"]
+        lines += [f"    :{variant:<8} {text}" for variant, text in getattr(module, "VARIANTS", {}).items()]
+        lines += ["", f"config keys (--config.KEY=VALUE; each explained in {EXPERIMENTS / 'base.py'}):",
+                  str(load_experiment(resolved))]
+    return "\n".join(lines)
+
+
+def _done(config: Any, result: dict) -> str:
+    """The last line: where the run's checkpoints, logs, curves and samples are."""
+    workdir = config.workdir.rstrip("/")
+    logs = f"{workdir}/logs/{config.run_name}"
+    line = f"done: step {result['step']}; checkpoints in {result['run_dir']}; logs in {logs} (metrics.jsonl, " \
+           f"TensorBoard events, curves.png)"
+    if config.sample.sample_every:
+        line += f"; samples in {workdir}/samples/{config.run_name}"
+    return line
+
+
 def main(argv: list[str]) -> None:
     """Parse, then list, dry-run, ablate or train."""
     try:
+        if len(argv) == 1 or any(a in HELP_FLAGS for a in argv[1:]):
+            print(usage(argv))
+            return
         if "--list" in argv:
             print(list_experiments())
             return
@@ -274,7 +313,7 @@ def main(argv: list[str]) -> None:
     except UserError as e:
         print(f"launch.py: error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
-    print(f"done: step {result['step']}, checkpoints in {result['run_dir']}")
+    print(_done(config, result))
 
 
 if __name__ == "__main__":

@@ -80,7 +80,8 @@ def main() -> None:
     from experiments import base
     from gpt2_jax import parallel
     from gpt2_jax.model import GPT2Config, attention_implementation, init_params, vocab_padding
-    from gpt2_jax.steps import build_steps, flops_per_token, peak_bf16_flops
+    from gpt2_jax.steps import build_steps, flops_per_token
+    from gpt2_jax.targets import peak_bf16_flops
 
     if args.logits_backward == "autodiff":  # measure what the custom VJP saves: the einsum differentiated by JAX
         import jax.numpy as jnp

@@ -1,6 +1,6 @@
 """The README's main job: a small GPT-2 trained from scratch on the Python standard library's sources.
 
-Runs offline on any machine in about two minutes on 2 CPU cores (BENCHMARKS.md): with the GPT-2
+Runs offline on any machine, in a few minutes on 2 CPU cores (BENCHMARKS.md): with the GPT-2
 vocabulary when one is found locally (models/*/, $GPT2_JAX_SHARED/gpt2, ../shared/gpt2), else with a
 byte-level one (a fresh machine), the model sized for each. Validation is on held-out modules (names t-z), so its
 falling loss is real generalisation. It ends with two samples continuing an indented `def`
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from experiments import base
 
-VARIANTS = {"default": "a small GPT-2 from scratch on the stdlib's *.py files (~2 minutes on 2 CPU cores), "
+VARIANTS = {"default": "a small GPT-2 from scratch on the stdlib's *.py files (2-4 minutes on 2 CPU cores), "
                        "then samples of methods ('    def ...')"}
 
 

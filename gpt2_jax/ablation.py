@@ -19,6 +19,7 @@ import numpy as np
 from gpt2_jax import parallel
 from gpt2_jax.errors import UserError
 from gpt2_jax.model import REMAT_POLICIES, GPT2Config, init_params
+from gpt2_jax.settings import seq_len_of
 from gpt2_jax.steps import build_steps, compile_with_stats
 
 GiB = 2**30
@@ -80,7 +81,7 @@ def run_ablation(config: Any, model_config: GPT2Config, out_dir: Path, target: A
     if unknown:
         raise UserError(f"ablation.policies: unknown {unknown}; use names from {sorted(REMAT_POLICIES)}")
     micro_batches = sorted(int(b) for b in str(ab.micro_batches).split(",") if b)
-    seq_len = config.data.seq_len or model_config.n_ctx
+    seq_len = seq_len_of(config, model_config)
     if target is not None:
         from gpt2_jax import targets
 

@@ -28,6 +28,7 @@ from gpt2_jax.dpo import DPOSettings
 from gpt2_jax.dpo import settings_of as dpo_settings_of
 from gpt2_jax.errors import UserError
 from gpt2_jax.model import GPT2Config, init_params, split_lora
+from gpt2_jax.settings import rows_of
 from gpt2_jax.steps import build_steps, compile_with_stats
 from gpt2_jax.targets import HEADROOM  # the default budget leaves this fraction of the device's memory free
 
@@ -67,7 +68,7 @@ def choose(model_config: GPT2Config, train: Any, mesh: Any, seq_len: int, budget
            ) -> tuple[Candidate, list[Candidate]]:
     """(the chosen candidate, every candidate tried) for the global batch train.batch_size x accumulate_gradients
     (of windows, or with `dpo` of preference pairs)."""
-    global_batch = train.batch_size * train.accumulate_gradients
+    global_batch = rows_of(train)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     splits = _splits(global_batch, shards)
     tried: dict[tuple[str, int], Candidate] = {}
@@ -190,7 +191,7 @@ def resolve(config: Any, model_config: GPT2Config, mesh: Any, seq_len: int, run_
     target (targets.Target, whose devices `mesh` holds) the budget is the target's and nothing is
     timed: nothing can run on it, so the largest micro-batch that fits is taken.
     """
-    global_batch = config.train.batch_size * config.train.accumulate_gradients
+    global_batch = rows_of(config.train)
     saved = run_dir / AUTO_FILE if run_dir is not None else None
     if saved is not None and saved.is_file():
         record = json.loads(saved.read_text())

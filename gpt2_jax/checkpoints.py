@@ -241,13 +241,24 @@ class _AbandonedSaveFutures(logging.Filter):
         return "orbax" not in text and "ocdbt" not in text.lower() and "RESOURCE_EXHAUSTED" not in text
 
 
-logging.getLogger("absl").addFilter(_QuietReadOnly())
-logging.getLogger("asyncio").addFilter(_AbandonedSaveFutures())
+_quieted = False
+
+
+def quiet_orbax() -> None:
+    """Installed once, when this process first uses orbax (not at import): the filters above, and the
+    unraisable-exception hook that drops what a failed restore leaves behind (_drop_abandoned_reads)."""
+    global _quieted
+    if not _quieted:
+        logging.getLogger("absl").addFilter(_QuietReadOnly())
+        logging.getLogger("asyncio").addFilter(_AbandonedSaveFutures())
+        sys.unraisablehook = _drop_abandoned_reads(sys.unraisablehook)
+        _quieted = True
 
 
 def make_manager(run_dir: Path, *, keep: int = 5, keep_every_hours: float = 0.0, async_save: bool = True,
                  read_only: bool = False) -> ocp.CheckpointManager:
     """An orbax CheckpointManager keeping the last `keep` steps plus one every `keep_every_hours`."""
+    quiet_orbax()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None if read_only else keep or None,
         save_interval_steps=0 if read_only else 1,
@@ -470,9 +481,6 @@ def _drop_abandoned_reads(previous: Callable[[Any], None]) -> Callable[[Any], No
     return hook
 
 
-sys.unraisablehook = _drop_abandoned_reads(sys.unraisablehook)
-
-
 def restore_verified(run_dir: Path, step: int, params: Any, opt_state: Any | None = None) -> tuple[Any, Any, dict]:
     """Params, optimizer state (when a target is given) and metadata of one step, laid out like the given
     (abstract or real) trees, every array checked against its recorded checksum; raises Damaged."""
@@ -588,12 +596,9 @@ def saved_scan_layers(run_dir: Path) -> bool:
 def saved_lora(run_dir: Path) -> dict:
     """A run's LoRA settings as GPT2Config fields (train.lora_*), or {} when it trained every weight."""
     try:
-        train = json.loads((storage.path(run_dir) / RUN_CONFIG).read_text()).get("train", {})
-        if not int(train.get("lora_rank") or 0):
-            return {}
-        return {"lora_rank": int(train["lora_rank"]), "lora_alpha": float(train.get("lora_alpha", 16.0)),
-                "lora_targets": tuple(t.strip() for t in str(train.get("lora_targets", "attn.c_attn")).split(",")
-                                      if t.strip())}
+        from gpt2_jax.settings import lora_fields  # settings reads the optimizer's, which reads the model's
+
+        return lora_fields(json.loads((storage.path(run_dir) / RUN_CONFIG).read_text()).get("train", {}))
     except (OSError, ValueError, AttributeError, KeyError, TypeError):  # unreadable: as a full fine-tune
         return {}
 

@@ -6,6 +6,7 @@ Each command imports what it needs when it runs (JAX only for those that compute
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -232,12 +233,23 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     print(f"wrote {out}/compare.md, compare.png and compare.json")
 
 
+class _ShowDefaults(argparse.HelpFormatter):
+    """Each option's help ends with its default, where the help does not already say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, [], argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     from gpt2_jax.download import DEFAULT_BASE_URL
 
     parser = argparse.ArgumentParser(prog="gpt2-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser = functools.partial(sub.add_parser, formatter_class=_ShowDefaults)
 
     p = sub.add_parser("download", help="download a released GPT-2 (124M, 355M, 774M, 1558M)")
     p.add_argument("model", help="124M, 355M, 774M or 1558M")

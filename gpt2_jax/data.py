@@ -541,7 +541,9 @@ def datasets(config: Any, encoder: Encoder, seq_len: int, seed: int, is_main: bo
     Validation data is data.val_dataset, else the last data.val_split of the training data (held out:
     never trained on), else, with a warning, windows of the training data itself.
     """
-    data = config.data  # checked by settings.check_config
+    data = config.data  # its split and validation settings checked by settings.check_config
+    if not data.dataset:
+        raise UserError("data.dataset is empty: set --config.data.dataset=PATH (a file, directory, glob or .npz)")
     if is_examples(data.dataset):
         return example_datasets(config, encoder, seq_len, seed)
     data_kw = dict(combine=data.combine, encoding=data.encoding, encoding_errors=data.encoding_errors, progress=is_main)

@@ -35,10 +35,11 @@ from gpt2_jax.data import PairSampler, Pairs
 from gpt2_jax.encoder import Encoder
 from gpt2_jax.errors import StorageError, UserError, reason
 from gpt2_jax.model import GPT2Config, convert_layout
-from gpt2_jax.resolve import Resume, check_resumable, compute_settings, decide_resume, initial_model
+from gpt2_jax.resolve import Resume, check_resumable, compute_settings, decide_resume, find_vocab_dir, initial_model
 from gpt2_jax.sampling import SAMPLE_HEADER, generate
 from gpt2_jax.settings import RunSettings, check_config, settings_of
-from gpt2_jax.steps import Steps, abstract_state, build_steps, flops_per_token, peak_bf16_flops, reference_shapes
+from gpt2_jax.steps import Steps, abstract_state, build_steps, flops_per_token, reference_shapes
+from gpt2_jax.targets import peak_bf16_flops
 from gpt2_jax.train import TrainState
 
 
@@ -200,10 +201,11 @@ def run(config: Any, on_step: Callable[[int, dict], None] | None = None) -> dict
     """Train as the config says; returns the last step's metrics. `on_step(step, metrics)` is for tests."""
     parallel.init_distributed(config.parallel)  # before anything touches a device
     check_config(config)  # a config that cannot run: one line before anything is written
+    checkpoints.quiet_orbax()  # before _BackgroundFailures saves (and at its end restores) the hooks it wraps
     workdir = storage.path(config.workdir)
-    storage.check_writable(workdir, "--workdir")  # a bucket that is missing or read-only: one line, exit 2
-    if storage.is_url(workdir):
+    if storage.is_url(workdir):  # before the first file system is made: each keeps the retries it was made with
         storage.bound_retries(config.checkpoint.store_timeout_s)
+    storage.check_writable(workdir, "--workdir")  # a bucket that is missing or read-only: one line, exit 2
     run_dir = storage.absolute(workdir / "checkpoint" / config.run_name)
     # The claim: one job per run, taken before anything is written. A stop asked for while the run starts
     # (a preemption during compilation) is acted on at the first step.
@@ -251,6 +253,10 @@ def _start(config: Any, run_dir: Path, is_main: bool) -> _Start:
             raise UserError(f"no checkpoint of {resume.run_dir} (steps {resume.candidates()}) has readable metadata; "
                             "nothing was deleted. Restore another run with checkpoint.restore_from=PATH")
     model_config, params, encoder = initial_model(config, resume.run_dir if resume else None)
+    if config.model.from_scratch and resume is None:
+        vocab = find_vocab_dir(config)
+        tqdm.write(f"vocabulary: {f'GPT-2 BPE from {vocab}' if vocab else 'byte-level'}, {encoder.n_vocab} tokens "
+                   "(model.vocab: a directory, or bytes)")
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
     settings = settings_of(config, model_config, mesh, encoder.eot_token)
     if settings.dpo is None:

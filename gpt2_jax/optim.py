@@ -14,20 +14,27 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "linear", "cosine")
 
 
-def learning_rate_schedule(train: Any) -> optax.Schedule:
-    """Linear warmup over `warmup_steps`, then constant, linear decay or cosine decay to lr * min_lr_ratio."""
+def check_schedule(train: Any) -> None:
+    """One line for schedule settings learning_rate_schedule cannot build."""
     lr, warmup = float(train.learning_rate), int(train.warmup_steps)
     if train.lr_schedule not in SCHEDULES:
         raise UserError(f"train.lr_schedule={train.lr_schedule!r}: use one of {', '.join(SCHEDULES)}")
     if lr <= 0:
         raise UserError(f"train.learning_rate={lr}: must be > 0")
     decay_steps = int(train.decay_steps) or int(train.total_steps)
+    if train.lr_schedule != "constant" and decay_steps <= warmup:
+        raise UserError(f"train.lr_schedule={train.lr_schedule!r} needs train.decay_steps (or train.total_steps) "
+                        f"> train.warmup_steps={warmup}; got {decay_steps}")
+
+
+def learning_rate_schedule(train: Any) -> optax.Schedule:
+    """Linear warmup over `warmup_steps`, then constant, linear decay or cosine decay to lr * min_lr_ratio."""
+    check_schedule(train)
+    lr, warmup = float(train.learning_rate), int(train.warmup_steps)
+    decay_steps = int(train.decay_steps) or int(train.total_steps)
     if train.lr_schedule == "constant":
         after = optax.constant_schedule(lr)
     else:
-        if decay_steps <= warmup:
-            raise UserError(f"train.lr_schedule={train.lr_schedule!r} needs train.decay_steps (or train.total_steps) "
-                            f"> train.warmup_steps={warmup}; got {decay_steps}")
         end = lr * float(train.min_lr_ratio)
         if train.lr_schedule == "linear":
             after = optax.linear_schedule(lr, end, decay_steps - warmup)

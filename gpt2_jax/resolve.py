@@ -15,6 +15,7 @@ from gpt2_jax import checkpoints, storage
 from gpt2_jax.encoder import Encoder, byte_level_encoder, get_encoder
 from gpt2_jax.errors import UserError
 from gpt2_jax.model import PRESETS, GPT2Config, add_lora, init_params, preset
+from gpt2_jax.settings import lora_fields
 from gpt2_jax.weights import find_model_dir, load_weights, read_config
 
 
@@ -49,10 +50,8 @@ def compute_settings(config: Any) -> dict[str, Any]:
     """The GPT2Config fields that say how to compute, not what the model is."""
     m, t = config.model, config.train
     remat = "none" if m.remat == "auto" else m.remat  # auto is resolved later, by autoremat, per device
-    lora = dict(lora_rank=int(t.get("lora_rank", 0)), lora_alpha=float(t.get("lora_alpha", 16.0)),
-                lora_targets=tuple(x.strip() for x in str(t.get("lora_targets", "attn.c_attn")).split(",") if x.strip()))
     return dict(dtype=m.dtype, remat=remat, scan_layers=m.scan_layers, vocab_multiple=m.vocab_multiple,
-                attention=m.attention, **(lora if lora["lora_rank"] else {}))
+                attention=m.attention, **lora_fields(t))
 
 
 def _scratch_encoder(config: Any) -> Encoder:

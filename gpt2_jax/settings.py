@@ -15,7 +15,7 @@ from gpt2_jax.dpo import DPOSettings
 from gpt2_jax.dpo import settings_of as dpo_settings_of
 from gpt2_jax.errors import UserError
 from gpt2_jax.model import GPT2Config
-from gpt2_jax.optim import learning_rate_schedule
+from gpt2_jax.optim import check_schedule
 from gpt2_jax.sampling import check_settings as check_sampling
 
 LORA_DEFAULTS = {"lora_alpha": 16.0, "lora_targets": "attn.c_attn"}  # documented in experiments/base.py
@@ -29,6 +29,19 @@ def lora_fields(train: Mapping[str, Any]) -> dict[str, Any]:
     targets = str(train.get("lora_targets", LORA_DEFAULTS["lora_targets"]))
     return {"lora_rank": rank, "lora_alpha": float(train.get("lora_alpha", LORA_DEFAULTS["lora_alpha"])),
             "lora_targets": tuple(t.strip() for t in targets.split(",") if t.strip())}
+
+
+def seq_len_of(config: Any, model_config: GPT2Config) -> int:
+    """Tokens a row trains on: data.seq_len, else the model's n_ctx (checked against it)."""
+    seq_len = config.data.seq_len or model_config.n_ctx
+    if not 1 <= seq_len <= model_config.n_ctx:
+        raise UserError(f"data.seq_len={seq_len}: must be between 1 and the model's n_ctx={model_config.n_ctx}")
+    return seq_len
+
+
+def rows_of(train: Any) -> int:
+    """Sequences (DPO: pairs) per optimizer step: train.batch_size * train.accumulate_gradients."""
+    return train.batch_size * train.accumulate_gradients
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +64,7 @@ def check_config(config: Any) -> None:
     train, data = config.train, config.data
     if train.batch_size < 1 or train.accumulate_gradients < 1:
         raise UserError("train.batch_size and train.accumulate_gradients must be >= 1")
-    learning_rate_schedule(train)  # its own one-line errors for the schedule's fields
+    check_schedule(train)
     if not 0.0 <= train.noise < 1.0:
         raise UserError(f"train.noise={train.noise}: must be in [0, 1)")
     if config.sample.sample_every:
@@ -63,8 +76,6 @@ def check_config(config: Any) -> None:
     if (patience or config.checkpoint.keep_best) and data.val_every <= 0:
         raise UserError(f"{'train.early_stop_patience' if patience else 'checkpoint.keep_best'} acts on validation: "
                         "set data.val_every > 0 (and data.val_dataset or data.val_split)")
-    if not data.dataset:
-        raise UserError("data.dataset is empty: set --config.data.dataset=PATH (a file, directory, glob or .npz)")
     if not 0.0 <= data.val_split < 1.0:
         raise UserError(f"data.val_split={data.val_split}: must be in [0, 1) (0 = no held-out split)")
     if data.val_split and data.val_dataset:
@@ -73,18 +84,14 @@ def check_config(config: Any) -> None:
 
 
 def settings_of(config: Any, model_config: GPT2Config, mesh: Any, eot_token: int | None = None) -> RunSettings:
-    """The run's settings for this model on this mesh, after every check; `eot_token` (default: the
+    """The run's settings for this model on this mesh (after check_config), checked; `eot_token` (default: the
     vocabulary's last id, as in GPT-2's and the byte-level vocabulary) ends documents under data.document_mask."""
-    check_config(config)
-    dpo = dpo_settings_of(config)
-    seq_len = config.data.seq_len or model_config.n_ctx
-    if not 1 <= seq_len <= model_config.n_ctx:
-        raise UserError(f"data.seq_len={seq_len}: must be between 1 and the model's n_ctx={model_config.n_ctx}")
+    dpo, seq_len = dpo_settings_of(config), seq_len_of(config, model_config)
     train, data = config.train, config.data
     parallel.check_batch(train.batch_size, mesh)
     if data.val_every > 0:
         parallel.check_batch(data.val_batch_size, mesh)
-    rows = train.batch_size * train.accumulate_gradients
+    rows = rows_of(train)
     eot = model_config.n_vocab - 1 if eot_token is None else eot_token
     return RunSettings(seq_len=seq_len, rows=rows, tokens_per_step=rows * seq_len * (2 if dpo else 1),
                        document_eot=eot if data.document_mask else None, dpo=dpo, validates=data.val_every > 0,

@@ -194,17 +194,6 @@ def enable_compilation_cache() -> str | None:
     return str(path)
 
 
-# Dense bf16 peak FLOP/s by device kind (a substring of jax's device_kind, matched case-insensitively).
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "TPU v4": 275e12,
-                   "TPU v5 lite": 197e12, "TPU v5": 459e12, "TPU v6 lite": 918e12}
-
-
-def peak_bf16_flops(device_kind: str) -> float | None:
-    """The dense bf16 peak of a device kind ('NVIDIA H100 80GB HBM3', 'h200', ...), None when unknown."""
-    kind = device_kind.lower()
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k.lower() in kind), None)
-
-
 def flops_per_token(model_config: GPT2Config, seq_len: int) -> float:
     """Training FLOPs per token: 6N for the weights plus 12·L·T·C for attention (PaLM's formula)."""
     return 6 * model_config.num_params() + 12 * model_config.n_layer * seq_len * model_config.n_embd

@@ -34,6 +34,7 @@ class TpuGeneration:
     """One TPU generation: how GCP counts a slice, its chips' memory and dense bf16 peak."""
 
     topology_prefix: str  # as libtpu names it in a topology ("v5e:2x4")
+    device_kind: str  # as jax names its devices
     cores_per_chip: int  # what GCP's slice size counts per chip (v4-8 = 4 chips)
     hbm_gib: float  # per chip (one JAX device per chip: megacore on v4/v5p)
     peak_bf16_flops: float  # per chip
@@ -43,10 +44,10 @@ class TpuGeneration:
 
 
 TPU_GENERATIONS = {
-    "v4": TpuGeneration("v4", 2, 32, 275e12, 3, "megacore", (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)),
-    "v5p": TpuGeneration("v5p", 2, 95, 459e12, 3, "megacore", (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)),
-    "v5e": TpuGeneration("v5e", 1, 16, 197e12, 2, "default", (1, 4, 8, 16, 32, 64, 128, 256)),
-    "v6e": TpuGeneration("v6e", 1, 32, 918e12, 2, "default", (1, 4, 8, 16, 32, 64, 128, 256)),
+    "v4": TpuGeneration("v4", "TPU v4", 2, 32, 275e12, 3, "megacore", (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)),
+    "v5p": TpuGeneration("v5p", "TPU v5", 2, 95, 459e12, 3, "megacore", (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)),
+    "v5e": TpuGeneration("v5e", "TPU v5 lite", 1, 16, 197e12, 2, "default", (1, 4, 8, 16, 32, 64, 128, 256)),
+    "v6e": TpuGeneration("v6e", "TPU v6 lite", 1, 32, 918e12, 2, "default", (1, 4, 8, 16, 32, 64, 128, 256)),
 }
 
 
@@ -79,6 +80,17 @@ GPUS = {
     "a100-40gb": GpuFacts("NVIDIA A100-SXM4-40GB", (8, 0), 108, 64, 1.41, 40960, 1.555e12, 40 * 2**20, 32e9, 12,
                           312e12),
 }
+
+
+def peak_bf16_flops(device_kind: str) -> float | None:
+    """The dense bf16 peak of a device kind ('NVIDIA H100 80GB HBM3', 'h200', 'TPU v5 lite', ...) from the tables
+    above; None when unknown."""
+    kind = device_kind.lower()
+    # The longest name first: "TPU v5 lite" (v5e) before "TPU v5" (v5p).
+    tpus = sorted(((g.device_kind.lower(), g.peak_bf16_flops) for g in TPU_GENERATIONS.values()),
+                  key=lambda x: -len(x[0]))
+    gpus = [(name.split("-")[0], gpu.peak_bf16_flops) for name, gpu in GPUS.items()]  # "a100-80gb": any A100
+    return next((peak for name, peak in tpus + gpus if name in kind), None)
 
 
 def gpu_target_config(gpu: GpuFacts, cudnn: tuple[int, int, int]) -> str:
@@ -254,8 +266,6 @@ def _gpu(name: str) -> Target | None:
         raise UserError(f"--target={name}: {path} is not a text-format GpuTargetConfigProto (it needs "
                         "gpu_device_info with device_memory_size); see `launch.py --target=list`")
     kind = re.search(r'\bname:\s*"([^"]*)"', text)
-    from gpt2_jax.steps import peak_bf16_flops
-
     return Target(name, "gpu", count, float(memory.group(1)), peak_bf16_flops(kind.group(1) if kind else ""),
                   _gpu_topology(name, count), gpu_config=text)
 
