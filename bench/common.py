@@ -1,4 +1,4 @@
-"""Shared by the bench scripts: the machine line, markdown tables, timing, recording to BENCHMARKS.md."""
+"""Shared by the bench scripts: the machine line, markdown tables, timing, recording to bench/results/."""
 
 from __future__ import annotations
 
@@ -92,15 +92,19 @@ def optimizer_words(args: argparse.Namespace) -> str:
 def add_record_flags(parser: argparse.ArgumentParser, smoke: str = "a tiny model, to check the script runs") -> None:
     """--smoke, --no_record and --out, which every benchmark script takes."""
     parser.add_argument("--smoke", action="store_true", help=smoke)
-    parser.add_argument("--no_record", action="store_true", help="do not append to BENCHMARKS.md")
+    parser.add_argument("--no_record", action="store_true", help="do not append to bench/results/DATE.md")
     parser.add_argument("--out", type=Path, default=None, help="also append the table(s) to this file")
 
 
+RESULTS = REPO / "bench" / "results"  # every recorded table, by date; BENCHMARKS.md keeps the current one per question
+
+
 def report(text: str, record: bool, out: Path | None = None) -> None:
-    """Print a table; append it to BENCHMARKS.md when recording; also write it to `out` if given."""
+    """Print a table; append it to bench/results/DATE.md when recording; also write it to `out` if given."""
     print(text)
     if record:
-        with open(REPO / "BENCHMARKS.md", "a", encoding="utf-8") as f:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        with open(RESULTS / f"{time.strftime('%Y-%m-%d')}.md", "a", encoding="utf-8") as f:
             f.write("\n" + text)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

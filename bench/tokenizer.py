@@ -3,7 +3,7 @@
     python bench/tokenizer.py [--corpus FILE] [--repeat N] [--smoke]
     python bench/tokenizer.py --file_mb 300     # `gpt2-jax encode` of a 300 MB file: MB/s and peak memory
 
-Prints a markdown table (MB/s, ratio) and appends it to BENCHMARKS.md unless --no_record. --file_mb
+Prints a markdown table (MB/s, ratio) and appends it to bench/results/DATE.md unless --no_record. --file_mb
 writes the corpus repeated to that size, runs `gpt2-jax encode FILE OUT.bin` (streamed, every core)
 while sampling the resident memory of its whole process tree, and times tiktoken's batch API with
 all cores on the same text; the ids must be identical.
