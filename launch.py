@@ -147,7 +147,7 @@ def dry_run(config, target=None) -> None:
     if config.model.remat == "auto":  # prints the candidates and the one line scripts read
         from gpt2_jax import autoremat
 
-        model_config, train, _ = autoremat.resolve(config, model_config, mesh, seq_len, target=target)
+        model_config, train, _ = autoremat.resolve(config, model_config, mesh, settings, target=target)
     if config.model.attention == "auto":  # auto may give way to XLA's where cuDNN's does not partition
         model_config, stats, why = compile_falling_back_to_xla_attention(model_config, train, mesh, rows, seq_len,
                                                                           document_eot, dpo)

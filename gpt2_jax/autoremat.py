@@ -25,10 +25,9 @@ import numpy as np
 
 from gpt2_jax import parallel
 from gpt2_jax.dpo import DPOSettings
-from gpt2_jax.dpo import settings_of as dpo_settings_of
 from gpt2_jax.errors import UserError
 from gpt2_jax.model import GPT2Config, init_params, split_lora
-from gpt2_jax.settings import rows_of
+from gpt2_jax.settings import RunSettings, rows_of
 from gpt2_jax.steps import build_steps, compile_with_stats
 from gpt2_jax.targets import HEADROOM  # the default budget leaves this fraction of the device's memory free
 
@@ -182,7 +181,7 @@ def summary(chosen: Candidate, budget_bytes: float) -> str:
             f"peak {chosen.peak_bytes / GiB:.3f} GiB of budget {budget_bytes / GiB:.3f} GiB")
 
 
-def resolve(config: Any, model_config: GPT2Config, mesh: Any, seq_len: int, run_dir: Path | None = None,
+def resolve(config: Any, model_config: GPT2Config, mesh: Any, settings: RunSettings, run_dir: Path | None = None,
             log_dir: Path | None = None, target: Any = None) -> tuple[GPT2Config, Any, str]:
     """The model config and train section with model.remat=auto resolved, and the summary line.
 
@@ -191,7 +190,7 @@ def resolve(config: Any, model_config: GPT2Config, mesh: Any, seq_len: int, run_
     target (targets.Target, whose devices `mesh` holds) the budget is the target's and nothing is
     timed: nothing can run on it, so the largest micro-batch that fits is taken.
     """
-    global_batch = rows_of(config.train)
+    global_batch = settings.rows
     saved = run_dir / AUTO_FILE if run_dir is not None else None
     if saved is not None and saved.is_file():
         record = json.loads(saved.read_text())
@@ -208,8 +207,8 @@ def resolve(config: Any, model_config: GPT2Config, mesh: Any, seq_len: int, run_
     else:
         budget = config.model.memory_budget_gb * GiB if config.model.memory_budget_gb > 0 else default_budget_bytes()
         timed_steps = config.model.remat_auto_steps
-    chosen, candidates = choose(model_config, config.train, mesh, seq_len, budget, timed_steps=timed_steps,
-                                seed=config.seed, dpo=dpo_settings_of(config))
+    chosen, candidates = choose(model_config, config.train, mesh, settings.seq_len, budget, timed_steps=timed_steps,
+                                seed=config.seed, dpo=settings.dpo)
     text, line = table(candidates, budget), summary(chosen, budget)
     print(text + "\n" + line, flush=True)
     if jax.process_index() == 0:

@@ -415,10 +415,7 @@ class CheckpointWriter:
             "an unfinished step is removed when the run resumes"
         if jax.process_index() == 0 and step is not None:
             try:
-                partials = _partial_steps(self.run_dir, step)
-                for partial in partials:
-                    storage.rmtree(partial)
-                if partials:
+                if _remove_partial_steps(self.run_dir, step):
                     removed = "the partial step was removed"
             except Exception:  # noqa: BLE001 - the store itself is failing
                 removed = "an unfinished step is removed when the run resumes"
@@ -427,6 +424,25 @@ class CheckpointWriter:
         space = f"; a checkpoint needs about {_size(needed)} and {_size(free)} is free" if free is not None else ""
         raise StorageError(f"could not write checkpoint step {step} to {self.run_dir}: {cause}{space}; {removed}, "
                            f"{self.intact()}") from None
+
+
+def _remove_partial_steps(run_dir: Path, step: int, settle_s: float = 0.5, limit_s: float = 10.0) -> bool:
+    """Remove what an unfinished save of `step` left, until nothing of it reappears for `settle_s` (on a disk):
+    a thread of the failed save can still write a file into the temporary directory, re-creating it, after the
+    save has raised. Whether there was anything to remove."""
+    removed = False
+    settle_s = 0.0 if storage.is_url(run_dir) else settle_s
+    deadline = quiet_since = time.monotonic()
+    deadline += limit_s
+    while True:
+        partials = _partial_steps(run_dir, step)
+        for partial in partials:
+            storage.rmtree(partial)
+        if partials:
+            removed, quiet_since = True, time.monotonic()
+        if time.monotonic() - quiet_since >= settle_s or time.monotonic() > deadline:
+            return removed
+        time.sleep(0.05)
 
 
 def _partial_steps(run_dir: Path, step: int) -> list:

@@ -73,7 +73,9 @@ class _BackgroundFailures:
     An exception in a background thread (TensorBoard's event writer) is kept for `check()` to raise;
     orbax's logged copies of the save errors that CheckpointWriter raises, the errors a store's client
     logs before it raises them to its caller (gcsfs, fsspec), and the unraisable leftovers of the
-    coroutines an aborted save abandons ("Event loop is closed"), are dropped.
+    coroutines an aborted save abandons ("Event loop is closed"), are dropped. When the run ends on a failed
+    write the logging filters stay: orbax's threads, still retrying, would log the same failure again after
+    its one line.
     """
 
     STORE_CLIENTS = ("gcsfs", "fsspec", "aiohttp", "google", "s3fs", "adlfs")
@@ -96,9 +98,11 @@ class _BackgroundFailures:
             handler.addFilter(self._filter)
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, tb):
         gc.collect()  # abandoned coroutines are collected (and dropped) while the hooks are ours
         threading.excepthook, sys.unraisablehook = self._hooks
+        if isinstance(exc, (StorageError, OSError, *storage.store_errors())):
+            return  # the run ends with its one line: orbax's threads, still failing, log the same failure again
         for name in ("absl", "asyncio"):
             logging.getLogger(name).removeFilter(self._filter)
         for handler in self._filtered:
@@ -268,7 +272,7 @@ def _start(config: Any, run_dir: Path, is_main: bool) -> _Start:
 
     train = config.train
     if config.model.remat == "auto":  # the fastest policy and micro-batch split that fit the memory budget
-        model_config, train, line = autoremat.resolve(config, model_config, mesh, settings.seq_len, run_dir,
+        model_config, train, line = autoremat.resolve(config, model_config, mesh, settings, run_dir,
                                                       workdir / "logs" / config.run_name)
         tqdm.write(line)
     steps = build_steps(model_config, train, mesh, document_eot=settings.document_eot, dpo=settings.dpo)

@@ -45,6 +45,15 @@ def pytest_configure(config) -> None:
         os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 
+# The modules with the longest tests run first: on two workers a long test started last leaves a core idle
+# while it ends (the order within each module is kept).
+FIRST = ("test_parallel.py", "test_gcs.py", "test_bench.py", "test_docs.py", "test_loop.py")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    items.sort(key=lambda item: FIRST.index(item.path.name) if item.path.name in FIRST else len(FIRST))
+
+
 def pytest_unconfigure(config) -> None:
     if getattr(config, "_jax_cache_dir", None):
         shutil.rmtree(config._jax_cache_dir, ignore_errors=True)
