@@ -62,7 +62,7 @@ def main() -> None:
     def model_of(size: str, remat: str) -> GPT2Config:
         if args.smoke:
             width = 64 * (1 + ["124M", "355M"].index(size))
-            # an odd vocabulary, as GPT-2's 50257: FSDP shards wte along its width (see README on cuDNN and FSDP)
+            # an odd vocabulary, as GPT-2's 50257: FSDP shards wte along its width (docs/targets.md on cuDNN and FSDP)
             return GPT2Config(n_vocab=509, n_ctx=args.seq_len, n_embd=width, n_head=4, n_layer=2, dtype="bfloat16",
                               remat=remat, scan_layers=True)
         return preset(size, dtype="bfloat16", remat=remat, scan_layers=True)

@@ -1,7 +1,7 @@
 """The base experiment config: every field, documented once. Experiments derive from get_config().
 
 Fields of the original fine-tuning fork's train.py flags keep their meaning and default; the
-mapping is `--flag` -> `section.field` (see README, "Training").
+mapping is `--flag` -> `section.field` (docs/fine_tuning.md).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def get_config() -> ConfigDict:
     c.data.allow_changed = False  # resume although the data differ from what the run started on (not exact then)
 
     c.train = ConfigDict()
-    c.train.objective = "lm"  # lm: next-token loss; dpo: preference pairs, the dpo section (README, "Preference")
+    c.train.objective = "lm"  # lm: next-token loss; dpo: preference pairs, the dpo section (docs/fine_tuning.md)
     c.train.batch_size = 1  # --batch_size: windows (dpo: pairs) per micro-batch (the global batch across devices)
     c.train.accumulate_gradients = 1  # --accumulate_gradients: micro-batches summed into one update
     c.train.learning_rate = 2e-5  # --learning_rate: peak learning rate
@@ -75,7 +75,7 @@ def get_config() -> ConfigDict:
     c.train.noise = 0.0  # --noise: replace each input token by a random one with this probability
     c.train.loss_chunk = 0  # > 0: cross-entropy over this many positions at a time, never all [B, T, V] logits
     c.train.total_steps = 0  # stop after this many steps (0 = run until Ctrl-C, as the original)
-    c.train.lora_rank = 0  # > 0: train LoRA adapters of this rank only, the base weights frozen (README)
+    c.train.lora_rank = 0  # > 0: train LoRA adapters of this rank only, the base weights frozen (docs/fine_tuning.md)
     c.train.lora_alpha = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank (peft's convention)
     c.train.lora_targets = "attn.c_attn"  # comma-separated: attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj
     c.train.early_stop_patience = 0  # stop after N validations without improvement (0 = off; needs data.val_every)

@@ -51,5 +51,5 @@ def get_config(variant: str = "default"):
     c.data.val_every = (total + 4) // 5
     c.checkpoint.save_every = (total + 3) // 4
     c.sample.sample_every = total
-    c.checkpoint.keep = 2  # a checkpoint holds the weights and Adam's two moments (README): the last two
+    c.checkpoint.keep = 2  # a checkpoint holds the weights and Adam's two moments: the last two
     return c

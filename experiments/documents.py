@@ -14,7 +14,7 @@ VARIANTS = {"124M": "124M on --config.data.dataset=DIR (default: tinyshakespeare
 def get_config(variant: str = "124M"):
     """What it shows: document masking (the files of the dataset, joined by end-of-text ids, never see each
     other inside a window), and validation that acts: checkpoint/RUN/best holds the lowest-validation step,
-    and the run ends itself once validation stops improving (README, "Fine-tuning modes")."""
+    and the run ends itself once validation stops improving (docs/fine_tuning.md, "Modes")."""
     base.check_variant("documents", variant, VARIANTS)
     c = base.get_config()
     c.run_name = "documents"

@@ -9,7 +9,7 @@ VARIANTS = {"124M": "124M on --config.data.dataset=FILE.jsonl ({\"prompt\", \"co
 
 
 def get_config(variant: str = "124M"):
-    """What it shows: a model learns to answer, not to repeat prompts (README, "Fine-tuning modes"): each
+    """What it shows: a model learns to answer, not to repeat prompts (docs/fine_tuning.md, "Modes"): each
     line's completion (and its end-of-text) is the loss, packed examples never see each other."""
     base.check_variant("sft", variant, VARIANTS)
     c = base.get_config()

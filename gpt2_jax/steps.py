@@ -142,7 +142,7 @@ def compile_falling_back_to_xla_attention(model_config: GPT2Config, train: Any, 
                                           document_eot: int | None = None, dpo: DPOSettings | None = None
                                           ) -> tuple[GPT2Config, dict[str, float | None], str | None]:
     """compile_with_stats of the built step; where JAX's partitioning rule for cuDNN's fused attention
-    refuses the mesh (some FSDP layouts: README, "Compiling for a target"), the step with XLA's
+    refuses the mesh (some FSDP layouts: docs/targets.md), the step with XLA's
     attention instead. Returns the model config compiled, its stats, and why it fell back (or None)."""
     try:
         steps = build_steps(model_config, train, mesh, document_eot=document_eot, dpo=dpo)
