@@ -489,9 +489,9 @@ def _train(config: Any, run_dir: Path, on_step: Callable[[int, dict], None] | No
 
 
 class _Loop:
-    """The steps, from the start's to train.total_steps, a stop or a hook's stop (early stopping). With train.dispatch_ahead,
-    step n+1 is dispatched before step n's metrics are read (the device never waits for the host), except at
-    a step where a hook is due: hooks act on that step's state."""
+    """The steps, from the start's to train.total_steps, a stop or a hook's stop (early stopping). With
+    train.dispatch_ahead, step n+1 is dispatched before step n's metrics are read (the device never waits for
+    the host), except at a step where a hook is due: hooks act on that step's state."""
 
     def __init__(self, config: Any, start: _Start, train_step: Callable, hooks: list[_Hook], logs: _Logs,
                  checks: list[Callable[[], None]], stop: _StopRequest, on_step: Callable[[int, dict], None] | None,
@@ -643,7 +643,8 @@ def _preference_batches(config: Any, dpo: dpo_module.DPOSettings, model_config: 
             if str(stored["key"]) == key:
                 tqdm.write(f"reference: the log-probs of {pairs.count} pairs, computed when the run started, "
                            f"from {path}")
-                return data.pair_batches(config, pairs, val_pairs, seed, stored["train"], stored["validation"]) + (None,)
+                batches = data.pair_batches(config, pairs, val_pairs, seed, stored["train"], stored["validation"])
+                return batches + (None,)
     if start_params is not None and not d.reference:  # the policy at step 0 is the reference
         params, reference_config = start_params, model_config
     else:

@@ -43,11 +43,13 @@ class TpuGeneration:
     sizes: tuple[int, ...]  # slice sizes GCP offers, in its count
 
 
+_TORUS_SIZES = (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)  # v4, v5p: GCP counts TensorCores
+_FLAT_SIZES = (1, 4, 8, 16, 32, 64, 128, 256)  # v5e, v6e: GCP counts chips
 TPU_GENERATIONS = {
-    "v4": TpuGeneration("v4", "TPU v4", 2, 32, 275e12, 3, "megacore", (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)),
-    "v5p": TpuGeneration("v5p", "TPU v5", 2, 95, 459e12, 3, "megacore", (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)),
-    "v5e": TpuGeneration("v5e", "TPU v5 lite", 1, 16, 197e12, 2, "default", (1, 4, 8, 16, 32, 64, 128, 256)),
-    "v6e": TpuGeneration("v6e", "TPU v6 lite", 1, 32, 918e12, 2, "default", (1, 4, 8, 16, 32, 64, 128, 256)),
+    "v4": TpuGeneration("v4", "TPU v4", 2, 32, 275e12, 3, "megacore", _TORUS_SIZES),
+    "v5p": TpuGeneration("v5p", "TPU v5", 2, 95, 459e12, 3, "megacore", _TORUS_SIZES),
+    "v5e": TpuGeneration("v5e", "TPU v5 lite", 1, 16, 197e12, 2, "default", _FLAT_SIZES),
+    "v6e": TpuGeneration("v6e", "TPU v6 lite", 1, 32, 918e12, 2, "default", _FLAT_SIZES),
 }
 
 
