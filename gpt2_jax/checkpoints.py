@@ -272,6 +272,9 @@ def make_manager(run_dir: Path, *, keep: int = 5, keep_every_hours: float = 0.0,
         cleanup_tmp_directories=not read_only and not storage.is_url(run_dir),
         create=not read_only,
         read_only=read_only,
+        # A reader makes no barrier: whether a process reads a run directory can depend on what it sees of it
+        # (process 0 may already be writing there), and unequal barriers abort a multi-process job.
+        save_root_metadata=not read_only,
     )
     return ocp.CheckpointManager(storage.absolute(run_dir), options=options,
                                  item_names=("params", "opt_state", "meta"))
