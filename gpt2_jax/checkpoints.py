@@ -333,8 +333,7 @@ class CheckpointWriter:
         if storage.is_url(self.run_dir) and jax.process_index() == 0 and self.run_dir.is_dir():
             for child in self.run_dir.iterdir():  # before any save: no process writes a step yet
                 if child.name.isdigit():
-                    for partial in _partial_steps(self.run_dir, int(child.name)):
-                        storage.rmtree(partial)
+                    _remove_partial_steps(self.run_dir, int(child.name))
         self.manager = make_manager(self.run_dir, keep=keep, keep_every_hours=keep_every_hours,
                                     async_save=async_save)
         self._saving: tuple[int, int] | None = None  # (step, bytes it needs) of the save in flight

@@ -327,38 +327,49 @@ def read_examples(path: str | os.PathLike, encoder: Encoder) -> list[tuple[list[
     completion's (each encoded on its own, so the boundary is where the user put it), then the
     end-of-text id, the loss on the completion and that end only; {"text"} is the text's ids and the
     end, all targets. A bad line is one error naming the file and line."""
+    examples = []
+    usage = 'each line must be a JSON object with "prompt" and "completion" strings, or a "text" string'
+    for where, example in _json_lines(path, usage):
+        if "prompt" in example or "completion" in example:
+            _check_strings(example, ("prompt", "completion"), where, usage)
+            prompt, completion = encoder.encode(example["prompt"]), encoder.encode(example["completion"])
+            examples.append((prompt + completion + [encoder.eot_token],
+                             [0] * len(prompt) + [1] * (len(completion) + 1)))
+        elif isinstance(example.get("text"), str):
+            text = encoder.encode(example["text"])
+            examples.append((text + [encoder.eot_token], [1] * (len(text) + 1)))
+        else:
+            raise UserError(f"{where}: no \"prompt\"/\"completion\" or \"text\" string; {usage}")
+    if not examples:
+        raise UserError(f"dataset {str(storage.path(path))!r} is empty: it holds no examples")
+    return examples
+
+
+def _json_lines(path: str | os.PathLike, usage: str) -> Iterator[tuple[str, dict]]:
+    """("FILE:LINE", object) for each non-blank line of a .jsonl; a missing file, or a line that is not a JSON
+    object, is one error naming the file and line and saying what a line must be (`usage`)."""
     path = storage.path(path)
     if not path.is_file():
         raise UserError(f"dataset {str(path)!r}: no such file")
-    examples = []
-    usage = 'each line must be a JSON object with "prompt" and "completion" strings, or a "text" string'
     with path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                example = json.loads(line)
+                value = json.loads(line)
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{number}: not JSON ({e.msg} at column {e.colno}); {usage}") from None
-            if not isinstance(example, dict):
-                raise UserError(f"{path}:{number}: a JSON {type(example).__name__}, not an object; {usage}")
-            if "prompt" in example or "completion" in example:
-                missing = [k for k in ("prompt", "completion") if not isinstance(example.get(k), str)]
-                if missing:
-                    what = " and ".join(f'"{k}" is {"missing" if k not in example else "not a string"}'
-                                        for k in missing)
-                    raise UserError(f"{path}:{number}: {what}; {usage}")
-                prompt, completion = encoder.encode(example["prompt"]), encoder.encode(example["completion"])
-                examples.append((prompt + completion + [encoder.eot_token],
-                                 [0] * len(prompt) + [1] * (len(completion) + 1)))
-            elif isinstance(example.get("text"), str):
-                text = encoder.encode(example["text"])
-                examples.append((text + [encoder.eot_token], [1] * (len(text) + 1)))
-            else:
-                raise UserError(f"{path}:{number}: no \"prompt\"/\"completion\" or \"text\" string; {usage}")
-    if not examples:
-        raise UserError(f"dataset {str(path)!r} is empty: it holds no examples")
-    return examples
+            if not isinstance(value, dict):
+                raise UserError(f"{path}:{number}: a JSON {type(value).__name__}, not an object; {usage}")
+            yield f"{path}:{number}", value
+
+
+def _check_strings(line: dict, keys: tuple[str, ...], where: str, usage: str) -> None:
+    """One error naming each of `keys` that a line lacks or holds as something other than a string."""
+    bad = [f'"{k}" is {"missing" if k not in line else "not a string"}' for k in keys
+           if not isinstance(line.get(k), str)]
+    if bad:
+        raise UserError(f"{where}: {' and '.join(bad)}; {usage}")
 
 
 class Examples(NamedTuple):
@@ -456,28 +467,13 @@ def read_pairs(path: str | os.PathLike, encoder: Encoder, tokenize: str = "apart
                ) -> list[tuple[list[int], list[int], list[int]]]:
     """Each line's encode_pair; a bad line (not JSON, a missing or non-string field) is one error naming the
     file and line."""
-    path = storage.path(path)
-    if not path.is_file():
-        raise UserError(f"dataset {str(path)!r}: no such file")
     usage = 'each line must be a JSON object with "prompt", "chosen" and "rejected" strings'
     pairs = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                pair = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{number}: not JSON ({e.msg} at column {e.colno}); {usage}") from None
-            if not isinstance(pair, dict):
-                raise UserError(f"{path}:{number}: a JSON {type(pair).__name__}, not an object; {usage}")
-            bad = [f'"{k}" is {"missing" if k not in pair else "not a string"}'
-                   for k in ("prompt", "chosen", "rejected") if not isinstance(pair.get(k), str)]
-            if bad:
-                raise UserError(f"{path}:{number}: {' and '.join(bad)}; {usage}")
-            pairs.append(encode_pair(encoder, pair["prompt"], pair["chosen"], pair["rejected"], tokenize))
+    for where, pair in _json_lines(path, usage):
+        _check_strings(pair, ("prompt", "chosen", "rejected"), where, usage)
+        pairs.append(encode_pair(encoder, pair["prompt"], pair["chosen"], pair["rejected"], tokenize))
     if not pairs:
-        raise UserError(f"dataset {str(path)!r} is empty: it holds no pairs")
+        raise UserError(f"dataset {str(storage.path(path))!r} is empty: it holds no pairs")
     return pairs
 
 
@@ -534,7 +530,7 @@ DATA_RECORD = "dataset.json"  # in the run directory: what the run's data was (f
 
 
 def datasets(config: Any, encoder: Encoder, seq_len: int, seed: int, is_main: bool
-              ) -> tuple[WindowSampler, list[np.ndarray], dict]:
+             ) -> tuple[WindowSampler, list[np.ndarray], dict]:
     """The training sampler, the fixed validation batches (none when data.val_every is 0) and the
     fingerprints of both datasets (for DATA_RECORD).
 
@@ -563,24 +559,37 @@ def datasets(config: Any, encoder: Encoder, seq_len: int, seed: int, is_main: bo
         tqdm.write("validation: neither data.val_dataset nor data.val_split is set, validating on batches drawn "
                    "from the training data")
     record["validation"] = fingerprint(data.val_dataset or data.dataset, val_chunks)
-    val_sampler = WindowSampler(val_chunks, seq_len + 1, seed=1, what=val_name)
-    return sampler, [val_sampler.batch(i, data.val_batch_size) for i in range(data.val_batch_count)], record
+    return sampler, _validation_batches(WindowSampler(val_chunks, seq_len + 1, seed=1, what=val_name), data), record
+
+
+def _validation_batches(sampler: Any, data: Any) -> list:
+    """The fixed validation batches: data.val_batch_count of data.val_batch_size, drawn once (seed 1)."""
+    return [sampler.batch(i, data.val_batch_size) for i in range(data.val_batch_count)]
+
+
+def _hold_out(items: list, data: Any, kind: str) -> tuple[list, list, str]:
+    """(training, validation, what the validation is) of examples or pairs: the last data.val_split of the
+    file held out, else all of them for both."""
+    if not data.val_split:
+        return items, items, f"the training {kind} {data.dataset!r}"
+    cut = len(items) - math.ceil(len(items) * data.val_split)
+    if cut < 1:
+        raise UserError(f"data.val_split={data.val_split} of {len(items)} {kind} leaves none to train on")
+    return items[:cut], items[cut:], f"the last {len(items) - cut} {kind} of {data.dataset!r}"
+
+
+def _rows_fingerprint(spec: str, rows: Examples | Pairs) -> dict:
+    """fingerprint of laid-out rows: their tokens and which of them are targets."""
+    return fingerprint(spec, [rows.tokens.ravel(), rows.weights.ravel().astype(np.uint8)])
 
 
 def example_datasets(config: Any, encoder: Encoder, seq_len: int, seed: int
-                      ) -> tuple[ExampleSampler, list[tuple[np.ndarray, np.ndarray]], dict]:
+                     ) -> tuple[ExampleSampler, list[tuple[np.ndarray, np.ndarray]], dict]:
     """_datasets for prompt/completion examples (.jsonl): rows of seq_len + 1 tokens, packed with
     data.document_mask (which keeps them apart), else one example a row; the loss on the completions."""
     data = config.data
-    examples = read_examples(data.dataset, encoder)
-    val_examples, val_name = examples, f"the training examples {data.dataset!r}"
-    if data.val_split:
-        cut = len(examples) - math.ceil(len(examples) * data.val_split)
-        if cut < 1:
-            raise UserError(f"data.val_split={data.val_split} of {len(examples)} examples leaves none to train on")
-        examples, val_examples = examples[:cut], examples[cut:]
-        val_name = f"the last {len(val_examples)} examples of {data.dataset!r}"
-    elif data.val_dataset:
+    examples, val_examples, val_name = _hold_out(read_examples(data.dataset, encoder), data, "examples")
+    if data.val_dataset:
         if not is_examples(data.val_dataset):
             raise UserError(f"data.val_dataset={data.val_dataset!r}: the training data are examples (.jsonl), so "
                             "the validation data must be too")
@@ -589,26 +598,21 @@ def example_datasets(config: Any, encoder: Encoder, seq_len: int, seed: int
     def rows_of(these: list) -> Examples:
         return layout_examples(these, seq_len + 1, encoder.eot_token, pack=data.document_mask)
 
-    def record_of(spec: str, rows: Examples) -> dict:
-        return fingerprint(spec, [rows.tokens.ravel(), rows.weights.ravel().astype(np.uint8)])
-
     train_rows = rows_of(examples)
     tqdm.write(f"examples: {train_rows.count} in {len(train_rows.tokens)} rows of {seq_len + 1} tokens "
                f"({'packed: data.document_mask' if data.document_mask else 'one a row, padded'}), "
                f"{int(train_rows.weights.sum())} target tokens; {train_rows.truncated} longer than a row, cut from "
                "the prompt's left")
-    record = {"train": record_of(data.dataset, train_rows), "validation": None}
+    record = {"train": _rows_fingerprint(data.dataset, train_rows), "validation": None}
     if data.val_every <= 0:
         return ExampleSampler(train_rows, seed), [], record
     if val_examples is examples:
         tqdm.write("validation: neither data.val_dataset nor data.val_split is set, validating on the training "
                    "examples")
     val_rows = rows_of(val_examples)
-    record["validation"] = record_of(data.val_dataset or data.dataset, val_rows)
+    record["validation"] = _rows_fingerprint(data.val_dataset or data.dataset, val_rows)
     tqdm.write(f"validation: {val_rows.count} examples ({val_name})")
-    val_sampler = ExampleSampler(val_rows, seed=1)
-    return (ExampleSampler(train_rows, seed), [val_sampler.batch(i, data.val_batch_size)
-                                                for i in range(data.val_batch_count)], record)
+    return ExampleSampler(train_rows, seed), _validation_batches(ExampleSampler(val_rows, seed=1), data), record
 
 
 def pair_datasets(config: Any, encoder: Encoder, seq_len: int) -> tuple[Pairs, Pairs | None, dict]:
@@ -618,47 +622,35 @@ def pair_datasets(config: Any, encoder: Encoder, seq_len: int) -> tuple[Pairs, P
     if not is_examples(data.dataset):
         raise UserError(f"data.dataset={data.dataset!r}: train.objective=dpo trains on preference pairs, a .jsonl of "
                         '{"prompt", "chosen", "rejected"} lines')
-    pairs = read_pairs(data.dataset, encoder, tokenize)
-    val_pairs, val_name = pairs, f"the training pairs {data.dataset!r}"
-    if data.val_split:
-        cut = len(pairs) - math.ceil(len(pairs) * data.val_split)
-        if cut < 1:
-            raise UserError(f"data.val_split={data.val_split} of {len(pairs)} pairs leaves none to train on")
-        pairs, val_pairs = pairs[:cut], pairs[cut:]
-        val_name = f"the last {len(val_pairs)} pairs of {data.dataset!r}"
-    elif data.val_dataset:
+    pairs, val_pairs, val_name = _hold_out(read_pairs(data.dataset, encoder, tokenize), data, "pairs")
+    if data.val_dataset:
         val_pairs, val_name = read_pairs(data.val_dataset, encoder, tokenize), repr(data.val_dataset)
 
     def rows_of(these: list) -> Pairs:
         return layout_pairs(these, seq_len + 1, encoder.eot_token, start_with_eot=tokenize == "apart")
 
-    def record_of(spec: str, rows: Pairs) -> dict:
-        return fingerprint(spec, [rows.tokens.ravel(), rows.weights.ravel().astype(np.uint8)])
-
     train_rows = rows_of(pairs)
     tqdm.write(f"pairs: {train_rows.count}, each as two rows of {seq_len + 1} tokens (dpo.tokenize={tokenize}), "
                f"{int(train_rows.weights.sum())} completion tokens; {train_rows.truncated} longer than a row, cut "
                "from the prompt's left")
-    record = {"train": record_of(data.dataset, train_rows), "validation": None}
+    record = {"train": _rows_fingerprint(data.dataset, train_rows), "validation": None}
     if data.val_every <= 0:
         return train_rows, None, record
     if val_pairs is pairs:
         tqdm.write("validation: neither data.val_dataset nor data.val_split is set, validating on the training pairs")
     val_rows = rows_of(val_pairs)
-    record["validation"] = record_of(data.val_dataset or data.dataset, val_rows)
+    record["validation"] = _rows_fingerprint(data.val_dataset or data.dataset, val_rows)
     tqdm.write(f"validation: {val_rows.count} pairs ({val_name})")
     return train_rows, val_rows, record
 
 
 def pair_batches(config: Any, pairs: Pairs, val_pairs: Pairs | None, seed: int, reference: np.ndarray | None,
-                  val_reference: np.ndarray | None) -> tuple[PairSampler, list]:
+                 val_reference: np.ndarray | None) -> tuple[PairSampler, list]:
     """The training sampler and the fixed validation batches (drawn once with seed 1) of pairs."""
-    data = config.data
     if val_pairs is None:
         return PairSampler(pairs, seed, reference), []
-    val_sampler = PairSampler(val_pairs, 1, val_reference)
-    return PairSampler(pairs, seed, reference), [val_sampler.batch(i, data.val_batch_size)
-                                                 for i in range(data.val_batch_count)]
+    return PairSampler(pairs, seed, reference), _validation_batches(PairSampler(val_pairs, 1, val_reference),
+                                                                    config.data)
 
 
 def check_same_data(run_dir: Path, record: dict, allow_changed: bool) -> None:
