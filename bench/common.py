@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import re
@@ -10,7 +11,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -209,3 +210,60 @@ def time_breakdown(trace_dir: Path, hlo_text: str, steps: int, wall_s: float, to
         rows.append(("ops inside XLA command buffers are not seen one by one: rerun with "
                      "XLA_FLAGS=--xla_gpu_enable_command_buffer=", "", "", ""))
     return rows
+
+
+# --- What the LoRA and DPO benchmarks share -------------------------------------------------------
+
+LORA_TARGETS = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"  # every dense layer of a block
+
+
+def lora_train(rank: int) -> Any:
+    """The base experiment's train section with LoRA adapters of `rank` on LORA_TARGETS (0: none)."""
+    from experiments import base
+
+    train = base.get_config().train
+    train.lora_rank, train.lora_targets = rank, LORA_TARGETS
+    return train
+
+
+def with_lora(model: Any, rank: int) -> Any:
+    """A GPT2Config with LoRA adapters of `rank` (alpha 2 x rank) on LORA_TARGETS; unchanged for rank 0."""
+    return model if not rank else dataclasses.replace(model, lora_rank=rank, lora_alpha=2.0 * rank,
+                                                      lora_targets=tuple(LORA_TARGETS.split(",")))
+
+
+def target_model(size: str, seq_len: int, smoke: bool) -> Any:
+    """A released size (a tiny model under --smoke) as compiled for a target: bf16 compute, remat full,
+    scanned blocks."""
+    from gpt2_jax.model import GPT2Config, preset
+
+    if smoke:
+        return GPT2Config(n_vocab=509, n_ctx=seq_len, n_embd=128, n_head=4, n_layer=2, dtype="bfloat16",
+                          remat="full", scan_layers=True)
+    return preset(size, dtype="bfloat16", remat="full", scan_layers=True)
+
+
+def cpu_model(size: str, smoke: bool) -> Any:
+    """A released size (a tiny model under --smoke) as timed on this CPU: float32, no remat."""
+    from gpt2_jax.model import GPT2Config, preset
+
+    return GPT2Config(n_vocab=509, n_ctx=64, n_embd=64, n_head=4, n_layer=2) if smoke else preset(size)
+
+
+def median_step_ms(steps: Any, model: Any, batch: Any, repeat: int) -> float:
+    """Median ms of steps.train_step from freshly initialised params on `batch` (host arrays), each step
+    waited for."""
+    import jax
+
+    from gpt2_jax import parallel
+    from gpt2_jax.model import init_params
+
+    state = steps.init_state(init_params(model, jax.random.key(0)))
+    on_device = parallel.global_batch(batch, steps.batch_sharding)
+    key = jax.random.key(1)
+
+    def step():
+        nonlocal state
+        state, out = steps.train_step(state, on_device, key)
+        out["loss"].block_until_ready()
+    return 1000 * median_seconds(step, repeat)

@@ -15,7 +15,6 @@ with precomputed reference log-probs against the LM step, in tokens/s of chosen 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 GiB = 2**30
-LORA_TARGETS = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"
 # (name, DPO reference mode or None for the LM step, LoRA rank)
 ROWS = (("LM step (2 x pairs sequences)", None, 0), ("DPO, reference precomputed", "batch", 0),
         ("DPO, frozen reference copy", "params", 0), ("DPO, LoRA r16, base as reference", "adapters_off", 16))
@@ -45,42 +43,25 @@ def arguments() -> argparse.ArgumentParser:
     return parser
 
 
-def _train(rank: int):
-    from experiments import base
-
-    train = base.get_config().train
-    train.lora_rank, train.lora_targets = rank, LORA_TARGETS
-    return train
-
-
-def _with_lora(model, rank: int):
-    return model if not rank else dataclasses.replace(model, lora_rank=rank, lora_alpha=2.0 * rank,
-                                                      lora_targets=tuple(LORA_TARGETS.split(",")))
-
-
 def memory_rows(args) -> list[tuple]:
     """Compiled peak per (size, reference mode) for the target, compiled on this machine."""
     from gpt2_jax import targets
     from gpt2_jax.dpo import DPOSettings
-    from gpt2_jax.model import GPT2Config, preset
     from gpt2_jax.steps import compile_falling_back_to_xla_attention
 
     target = targets.parse_target(args.target)
     mesh = targets.make_mesh(target, -1, 1)
     rows = []
     for size in filter(None, args.sizes.split(",")):
-        if args.smoke:
-            model = GPT2Config(n_vocab=509, n_ctx=args.seq_len, n_embd=128, n_head=4, n_layer=2, dtype="bfloat16",
-                               remat="full", scan_layers=True)
-        else:
-            model = preset(size, dtype="bfloat16", remat="full", scan_layers=True)
+        model = common.target_model(size, args.seq_len, args.smoke)
         lm_peak = None
         for name, reference, rank in ROWS:
             t0 = time.perf_counter()
             dpo = DPOSettings(reference=reference) if reference else None
             batch = args.pairs if dpo else 2 * args.pairs  # the LM step on as many sequences
             _, stats, _ = compile_falling_back_to_xla_attention(
-                targets.for_target(_with_lora(model, rank), target), _train(rank), mesh, batch, args.seq_len, dpo=dpo)
+                targets.for_target(common.with_lora(model, rank), target), common.lora_train(rank), mesh, batch,
+                args.seq_len, dpo=dpo)
             lm_peak = lm_peak or stats["peak_bytes"]
             rows.append((size, name, f"{stats['argument_bytes'] / GiB:.3f}", f"{stats['temp_bytes'] / GiB:.3f}",
                          f"{stats['peak_bytes'] / GiB:.3f}", f"{stats['peak_bytes'] / lm_peak:.2f}x",
@@ -91,15 +72,13 @@ def memory_rows(args) -> list[tuple]:
 
 def time_rows(args) -> list[tuple]:
     """Median step time on this CPU: the LM step on 2 x pairs windows, the DPO step on pairs, one process."""
-    import jax
     import numpy as np
 
     from gpt2_jax import parallel
     from gpt2_jax.dpo import DPOSettings
-    from gpt2_jax.model import GPT2Config, init_params, preset
     from gpt2_jax.steps import build_steps
 
-    model = GPT2Config(n_vocab=509, n_ctx=64, n_embd=64, n_head=4, n_layer=2) if args.smoke else preset(args.time_size)
+    model = common.cpu_model(args.time_size, args.smoke)
     seq_len = min(args.time_seq_len, model.n_ctx)
     rng = np.random.default_rng(0)
     mesh = parallel.make_mesh(1, 1)
@@ -108,16 +87,7 @@ def time_rows(args) -> list[tuple]:
              rng.normal(-400, 10, (args.time_pairs, 2)).astype(np.float32))
     rows, lm_ms = [], None
     for name, dpo, batch in (("LM step", None, windows), ("DPO step, reference precomputed", DPOSettings(), pairs)):
-        steps = build_steps(model, _train(0), mesh, dpo=dpo)
-        state = steps.init_state(init_params(model, jax.random.key(0)))
-        on_device = parallel.global_batch(batch, steps.batch_sharding)
-        key = jax.random.key(1)
-
-        def step():
-            nonlocal state
-            state, out = steps.train_step(state, on_device, key)
-            out["loss"].block_until_ready()
-        ms = 1000 * common.median_seconds(step, args.repeat)
+        ms = common.median_step_ms(build_steps(model, common.lora_train(0), mesh, dpo=dpo), model, batch, args.repeat)
         lm_ms = lm_ms or ms
         tokens = 2 * args.time_pairs * seq_len
         rows.append((args.time_size if not args.smoke else "tiny", name, f"{2 * args.time_pairs} x {seq_len}",

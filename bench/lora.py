@@ -12,7 +12,6 @@ this machine's CPU (float32, no remat), full and LoRA rank 8 in one process: the
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 GiB = 2**30
-TARGETS = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"
 
 
 def arguments() -> argparse.ArgumentParser:
@@ -40,39 +38,22 @@ def arguments() -> argparse.ArgumentParser:
     return parser
 
 
-def _train(rank: int):
-    from experiments import base
-
-    train = base.get_config().train
-    train.lora_rank, train.lora_targets = rank, TARGETS
-    return train
-
-
-def _with_lora(model, rank: int):
-    return model if not rank else dataclasses.replace(model, lora_rank=rank, lora_alpha=2.0 * rank,
-                                                      lora_targets=tuple(TARGETS.split(",")))
-
-
 def memory_rows(args) -> list[tuple]:
     """Compiled peak per (size, full or LoRA rank) for the target, compiled on this machine."""
     from gpt2_jax import targets
-    from gpt2_jax.model import GPT2Config, preset
     from gpt2_jax.steps import compile_falling_back_to_xla_attention
 
     target = targets.parse_target(args.target)
     mesh = targets.make_mesh(target, -1, 1)
     rows = []
     for size in filter(None, args.sizes.split(",")):
-        if args.smoke:
-            model = GPT2Config(n_vocab=509, n_ctx=args.seq_len, n_embd=128, n_head=4, n_layer=2, dtype="bfloat16",
-                               remat="full", scan_layers=True)
-        else:
-            model = preset(size, dtype="bfloat16", remat="full", scan_layers=True)
+        model = common.target_model(size, args.seq_len, args.smoke)
         full_peak = None
         for rank in [0, *map(int, args.ranks.split(","))]:
             t0 = time.perf_counter()
-            _, stats, _ = compile_falling_back_to_xla_attention(targets.for_target(_with_lora(model, rank), target),
-                                                                _train(rank), mesh, args.batch, args.seq_len)
+            _, stats, _ = compile_falling_back_to_xla_attention(
+                targets.for_target(common.with_lora(model, rank), target), common.lora_train(rank), mesh, args.batch,
+                args.seq_len)
             full_peak = full_peak or stats["peak_bytes"]
             rows.append((size, "full" if not rank else f"LoRA r{rank}", f"{stats['argument_bytes'] / GiB:.3f}",
                          f"{stats['temp_bytes'] / GiB:.3f}", f"{stats['peak_bytes'] / GiB:.3f}",
@@ -83,30 +64,19 @@ def memory_rows(args) -> list[tuple]:
 
 def time_rows(args) -> list[tuple]:
     """Median step time on this CPU, full and LoRA rank 8, in one process."""
-    import jax
     import numpy as np
 
     from gpt2_jax import parallel
-    from gpt2_jax.model import GPT2Config, init_params, preset
     from gpt2_jax.steps import build_steps
 
-    model = GPT2Config(n_vocab=509, n_ctx=64, n_embd=64, n_head=4, n_layer=2) if args.smoke else preset(args.time_size)
+    model = common.cpu_model(args.time_size, args.smoke)
     seq_len = min(args.time_seq_len, model.n_ctx)
     batch = np.random.default_rng(0).integers(0, model.n_vocab, (args.time_batch, seq_len + 1)).astype(np.int32)
     mesh = parallel.make_mesh(1, 1)
     rows, full_ms = [], None
     for rank in (0, 8):
-        config = _with_lora(model, rank)
-        steps = build_steps(config, _train(rank), mesh)
-        state = steps.init_state(init_params(config, jax.random.key(0)))
-        on_device = parallel.global_batch(batch, steps.batch_sharding)
-        key = jax.random.key(1)
-
-        def step():
-            nonlocal state
-            state, out = steps.train_step(state, on_device, key)
-            out["loss"].block_until_ready()
-        ms = 1000 * common.median_seconds(step, args.repeat)
+        config = common.with_lora(model, rank)
+        ms = common.median_step_ms(build_steps(config, common.lora_train(rank), mesh), config, batch, args.repeat)
         full_ms = full_ms or ms
         rows.append((args.time_size if not args.smoke else "tiny", "full" if not rank else f"LoRA r{rank}",
                      f"{args.time_batch} x {seq_len}", f"{ms:.0f}", f"{full_ms / ms:.2f}x"))
