@@ -84,6 +84,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def environment(variables: dict[str, str]):
+    """These environment variables set in this process (and what it starts) for a while, then restored."""
+    previous = {k: os.environ.get(k) for k in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 class GCS:
     """A local Google Cloud Storage (tests/gcs_emulator.py): `bucket`, the `env` that points orbax, tensorstore,
     gcsfs and google-cloud-storage at it, and stop()/start() (with `data`, what it holds survives a stop)."""
@@ -125,18 +140,12 @@ class GCS:
         way in and out: each keeps the address it was made with)."""
         import gcsfs
 
-        previous = {k: os.environ.get(k) for k in self.env}
-        os.environ.update(self.env)
-        gcsfs.GCSFileSystem.clear_instance_cache()
-        try:
-            yield self
-        finally:
-            for key, value in previous.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+        with environment(self.env):
             gcsfs.GCSFileSystem.clear_instance_cache()
+            try:
+                yield self
+            finally:
+                gcsfs.GCSFileSystem.clear_instance_cache()
 
     def url(self, *parts: str) -> str:
         """gs://BUCKET/PART/..."""
@@ -150,15 +159,9 @@ def gcs():
     needs_module("gcp_storage_emulator", "test")
     needs_module("gcsfs", "gcs")
     store = GCS()
-    previous = {k: os.environ.get(k) for k in store.env}
-    os.environ.update(store.env)
-    yield store
-    store.stop()
-    for key, value in previous.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with environment(store.env):
+        yield store
+        store.stop()
 
 
 @pytest.fixture(scope="session")
