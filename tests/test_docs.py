@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import launch
-from conftest import REPO, needs_module
+from conftest import REPO, environment, needs_module
 from experiments import base
 from gpt2_jax.cli import build_parser
 
@@ -104,20 +104,26 @@ def test_the_beginners_notebook_runs_top_to_bottom_offline_on_a_tiny_model(tmp_p
     env = {"GPT2_JAX_NOTEBOOK_TINY": "1", "GPT2_JAX_NOTEBOOK_WORKDIR": str(tmp_path / "runs"),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
-    previous = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # the kernel inherits this environment
-    try:
+    with environment(env):  # the kernel inherits this environment
         NotebookClient(notebook, timeout=240, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}
                        ).execute()
-    finally:
-        for key, value in previous.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     outputs = "\n".join(o.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
                         for o in cell.get("outputs", []))
     assert "Traceback" not in outputs and "error:" not in outputs, outputs[-3000:]
     assert "done: step 20" in outputs and "done: step 10" in outputs, outputs[-3000:]  # fine-tune, then the demo
     assert (tmp_path / "runs" / "checkpoint" / "notebook" / "20").is_dir()
     assert "vocabulary:" in outputs and "logits" in outputs
+    assert "; logs in " in outputs and "curves.png" in outputs  # the last line says where everything is
+
+
+def test_every_commands_help_states_each_default():
+    import argparse
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    for name, sub in commands.items():
+        formatter = sub.formatter_class(prog=name)
+        for action in sub._actions:
+            if action.option_strings and action.default not in (None, False, [], argparse.SUPPRESS):
+                assert "default" in formatter._get_help_string(action), f"{name} {action.option_strings[0]}"
+    sample = " ".join(commands["sample"].format_help().split())
+    assert "(default: 1.0)" in sample and "(default: models/124M)" in sample  # --temperature, --model_dir

@@ -42,6 +42,25 @@ def test_dry_run_prints_config_params_flops_and_memory(spec, params, shared_dir,
     assert "parameters: " in out and (params is None or f"parameters: {params}" in out)
     assert " GFLOP per device, peak memory " in out
     assert not list(tmp_path.iterdir())  # nothing trained, nothing written
+    # The from-scratch shape fields are printed only where they apply (fine-tuning takes model.name's shape).
+    config_part = out.split("\nmodel: {")[0]
+    assert ("  n_embd: " in config_part) == (spec in ("experiments/demo.py", "experiments/remat_ablation.py:tiny"))
+
+
+@pytest.mark.parametrize("args", [[], ["--help"], ["-h"], ["--config=finetune.py", "--help"]], ids=str)
+def test_help_lists_commands_flags_experiments_and_an_experiments_keys(args, tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "launch.py"), *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)  # from another directory
+    assert done.returncode == 0 and not done.stderr.strip(), done.stderr[-2000:]
+    out = done.stdout
+    assert "python launch.py --config=experiments/NAME.py[:VARIANT]" in out
+    for flag in ("--config", "--workdir", "--list", "--dry_run", "--sweep", "--sweep_name", "--target"):
+        assert f"  {flag}: " in out, flag
+    if args[:1] == ["--config=finetune.py"]:
+        assert "    :355M " in out and "experiments/demo.py" not in out  # its variants, not every experiment
+        assert "train:" in out and "learning_rate: " in out and "base.py" in out  # every key with its value
+    else:
+        assert "experiments/demo.py: " in out and "experiments/finetune.py: " in out
 
 
 def test_remat_ablation_end_to_end(tmp_path):
