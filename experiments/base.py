@@ -41,7 +41,7 @@ def get_config() -> ConfigDict:
     c.model.vocab_multiple = 0  # logits matmul over the vocabulary padded to a multiple of this; 0: 128 on GPU/TPU, 1 on CPU
 
     c.data = ConfigDict()
-    c.data.dataset = ""  # --dataset: a text file, directory, glob, .npz or .bin
+    c.data.dataset = ""  # --dataset: a text file, directory, glob, .npz, .bin, or a glob of token shards (docs/data.md)
     c.data.combine = 50000  # --combine: concatenate files into chunks of at least this many characters
     c.data.encoding = "utf-8"  # --encoding: text encoding of the dataset files
     c.data.encoding_errors = "strict"  # "replace" substitutes undecodable bytes instead of stopping
@@ -53,6 +53,9 @@ def get_config() -> ConfigDict:
     c.data.val_every = 0  # --val_every: validate every N steps, and at the last of total_steps (0 = never)
     c.data.document_mask = False  # a window's documents (split at end-of-text ids) see only themselves; positions restart
     c.data.allow_changed = False  # resume although the data differ from what the run started on (not exact then)
+    c.data.mixture = ""  # instead of dataset: weighted sources "NAME:WEIGHT=SPEC;NAME:WEIGHT=SPEC" (docs/data.md)
+    c.data.mixture_stages = ""  # mixture weights from given steps on: "STEP:NAME=W,NAME=W;STEP:..." (left out: 0)
+    c.data.mixture_block = 2048  # mixture rows per block: each block of a stage holds exactly each source's share
 
     c.train = ConfigDict()
     c.train.objective = "lm"  # lm: next-token loss; dpo: preference pairs, the dpo section (docs/fine_tuning.md)

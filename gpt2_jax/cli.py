@@ -173,11 +173,20 @@ def _evaluate_pairs(args: argparse.Namespace, model) -> None:
 
 
 def _cmd_encode(args: argparse.Namespace) -> None:
-    from gpt2_jax.data import encode_to_file
+    from gpt2_jax.data import encode_to_file, encode_to_shards
     from gpt2_jax.encoder import get_encoder
     from gpt2_jax.weights import find_model_dir
 
+    if args.shard_tokens < 0:
+        raise UserError(f"--shard_tokens={args.shard_tokens}: must be >= 0 (0: one file)")
     encoder = get_encoder(find_model_dir(args.model_dir))
+    if args.shard_tokens:
+        written, tokens = encode_to_shards(args.input, args.output, encoder, args.shard_tokens, encoding=args.encoding,
+                                           encoding_errors=args.encoding_errors)
+        glob = str(written[0]).replace("000000", "*")
+        print(f"wrote {len(written)} shard(s) of <= {args.shard_tokens} tokens, {tokens} in all: {written[0]} ... "
+              f"{written[-1]} (train on them with --config.data.dataset='{glob}')")
+        return
     out = encode_to_file(args.input, args.output, encoder, combine=args.combine, encoding=args.encoding,
                          encoding_errors=args.encoding_errors)
     print(f"wrote {out}")
@@ -311,13 +320,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
     p.set_defaults(func=_cmd_lm_eval)
 
-    p = sub.add_parser("encode", help="pre-encode a dataset to .npz (as the original encode.py) or flat .bin")
+    p = sub.add_parser("encode", help="pre-encode a dataset to .npz (as the original encode.py), flat .bin or llm.c "
+                       "token shards")
     p.add_argument("input", help="text file, directory (recursive) or glob")
-    p.add_argument("output", help="OUT.npz (one array per chunk) or OUT.bin (flat tokens, memory-mapped)")
+    p.add_argument("output", help="OUT.npz (one array per chunk) or OUT.bin (flat tokens, memory-mapped; with "
+                   "--shard_tokens, the shards OUT_000000.bin, ...)")
     p.add_argument("--model_dir", default="models/124M", help="directory holding the vocabulary")
     p.add_argument("--combine", type=int, default=50000, help="concatenate files into chunks of >= N characters")
     p.add_argument("--encoding", default="utf-8", help="text encoding of the input files")
     p.add_argument("--encoding_errors", default="strict", help="strict, or replace to substitute bad bytes")
+    p.add_argument("--shard_tokens", type=int, default=0, help="> 0: llm.c-format shards of at most N tokens "
+                   "(OUT_000000.bin, ...; --combine does not apply) instead of one OUT.bin; 0: one file")
     p.set_defaults(func=_cmd_encode)
 
     p = sub.add_parser("compare", help="one table and plot of several training runs, by the settings that differ")

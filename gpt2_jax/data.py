@@ -1,4 +1,5 @@
-"""Datasets: text files, directories and globs encoded to token chunks, or pre-encoded .npz files."""
+"""Datasets: text files, directories and globs encoded to token chunks, pre-encoded .npz and .bin files, token
+shards (shards.py); the samplers that draw batches from them; what a run trains and validates on."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gpt2_jax import encoder as encoder_module
-from gpt2_jax import storage
+from gpt2_jax import mixture, shards, storage
 from gpt2_jax.encoder import Encoder, last_safe_cut
 from gpt2_jax.errors import UserError, reason
 
@@ -53,14 +54,13 @@ def load_npz(path: Path, n_vocab: int) -> list[np.ndarray]:
     return [c.astype(token_dtype(n_vocab)) for c in chunks]
 
 
-def load_flat(path: Path, n_vocab: int) -> list[np.ndarray]:
-    """Token chunks of a flat .bin file (memory-mapped, never read whole; a URL's is read into memory), split as
-    its .json sidecar says."""
+def load_flat(path: Path, n_vocab: int) -> list[np.ndarray | shards.Tokens]:
+    """Token chunks of the project's flat .bin file, split as its .json sidecar says: memory-mapped on a disk,
+    read by ranges in a store (shards.Tokens); never read whole."""
     meta_path = storage.path(str(path) + ".json")
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     dtype = np.dtype(meta.get("dtype", "uint16"))
-    tokens = np.memmap(path, dtype=dtype, mode="r") if not storage.is_url(path) else \
-        np.frombuffer(storage.path(path).read_bytes(), dtype)
+    tokens = np.memmap(path, dtype=dtype, mode="r") if not storage.is_url(path) else shards.flat_file(path, dtype)
     if meta.get("n_vocab", n_vocab) > n_vocab:
         raise UserError(f"{path}: encoded with a vocabulary of {meta['n_vocab']} ids but the model has {n_vocab}; "
                         "encode it again with this model's vocabulary")
@@ -139,20 +139,28 @@ def load_dataset(spec: str | os.PathLike, encoder: Encoder, combine: int = 50000
 
     Each text file after the first is preceded by the end-of-text token (the id itself, never the
     string), and a chunk closes after the file that brings it to `combine` characters. .npz and
-    .bin files contribute their chunks as they are.
+    .bin files contribute their chunks as they are: a .bin with a .bin.json sidecar is the project's flat
+    encode (load_flat), one without is a token shard, nanoGPT's or llm.c's (shards.open_shards: one chunk each,
+    read by ranges).
     """
     dtype = token_dtype(encoder.n_vocab)
     files = resolve_paths(spec)
-    chunks: list[np.ndarray] = []
+    chunks: list[np.ndarray | shards.Tokens] = []
+    bins = [p for p in files if p.suffix == ".bin"]
+    sizes = shards.listing(bins) if bins else {}  # which .bin has a sidecar: one listing per folder in a store
     for path in files:
         if path.suffix == ".npz":
             chunks.extend(load_npz(path, encoder.n_vocab))
-        elif path.suffix == ".bin":
+        elif path.suffix == ".bin" and f"{path}.json" in sizes:
             chunks.extend(load_flat(path, encoder.n_vocab))
+    shard_paths = [p for p in bins if f"{p}.json" not in sizes]
+    if shard_paths:
+        chunks.extend(shards.open_shards(shard_paths, encoder.n_vocab, sizes))
     texts = [p for p in files if p.suffix not in (".npz", ".bin") and not p.name.endswith(".bin.json")]
     pending: list[np.ndarray] = []
     pending_chars = 0
-    for ids, chars, file_end in _encoded_files(texts, encoder, encoding, encoding_errors, progress):
+    encoded = _encoded_files(texts, encoder, encoding, encoding_errors, progress) if texts else ()  # pre-encoded only
+    for ids, chars, file_end in encoded:
         pending.append(ids)
         pending_chars += chars
         if file_end and pending_chars >= combine:  # a chunk closes after the file that fills it
@@ -236,25 +244,95 @@ def _encode_locally(spec: str | os.PathLike, out: Path, encoder: Encoder, combin
     return out
 
 
-def fingerprint(spec: str | os.PathLike, chunks: list[np.ndarray]) -> dict:
+def encode_to_shards(spec: str | os.PathLike, out: str | os.PathLike, encoder: Encoder, shard_tokens: int,
+                     encoding: str = "utf-8", encoding_errors: str = "strict", progress: bool = True
+                     ) -> tuple[list, int]:
+    """Encode a dataset to llm.c's shards beside `out` (OUT.bin -> OUT_000000.bin, OUT_000001.bin, ...), each
+    the llm.c header and at most `shard_tokens` uint16 ids: the token stream of a flat encode (files joined by
+    the end-of-text id), streamed (shards.write_shards). A URL's shards are encoded locally and uploaded one by
+    one, each removed locally once uploaded. Returns (the shards, their tokens).
+
+    Refuses an output whose name already has shards (a glob would mix the old ones in); an interrupted encode
+    leaves the shards completed so far, never a partial one.
+    """
+    if encoder.n_vocab > 1 << 16:
+        raise UserError(f"--shard_tokens writes llm.c's uint16 shards, but this vocabulary has {encoder.n_vocab} ids; "
+                        "write a flat OUT.bin instead")
+    target = storage.path(out)
+    if target.suffix != ".bin":
+        raise UserError(f"{out}: with --shard_tokens the output is OUT.bin (the shards are OUT_000000.bin, ...)")
+    pattern = str(shards.shard_path(target, 0)).replace("000000", "[0-9]" * 6)
+    try:
+        existing = storage.files_of(pattern)
+    except OSError as e:
+        raise UserError(f"{out}: its folder cannot be listed ({reason(e)})") from None
+    if existing:
+        raise UserError(f"{existing[0]} already exists ({len(existing)} shard(s) match {pattern}): remove them or "
+                        "write elsewhere, so that no glob mixes two encodes (nothing was written)")
+    files = resolve_paths(spec)
+    blocks = (ids for ids, _, _ in _encoded_files(files, encoder, encoding, encoding_errors, progress))
+    if not storage.is_url(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        written, total = shards.write_shards(blocks, target, shard_tokens)
+    else:
+        import tempfile
+
+        uploaded = []
+
+        def upload(local: Path) -> None:
+            uploaded.append(target.parent / local.name)
+            storage.upload(local, uploaded[-1])
+            local.unlink()
+
+        with tempfile.TemporaryDirectory(prefix="gpt2_jax_encode_") as tmp:
+            _, total = shards.write_shards(blocks, Path(tmp) / target.name, shard_tokens, done=upload)
+        written = uploaded
+    if not total:
+        raise UserError(f"dataset {str(spec)!r} is empty: its files hold no text")
+    return written, total
+
+
+# How the fingerprint of data read by ranges (token shards, a .bin in a bucket) hashes it: a sample, not every token.
+SAMPLED_HASH = "sampled: each file's size, its first 65 KiB (an llm.c header and 64 KiB) and its last 64 KiB"
+
+
+def fingerprint(spec: str | os.PathLike, chunks: list[np.ndarray | shards.Tokens]) -> dict:
     """What a dataset was: its files with their sizes, its chunk and token counts, and a BLAKE2 hash of
-    the token stream (so a change of text, files or vocabulary shows), for a run to compare on resume."""
+    the token stream (so a change of text, files or vocabulary shows), for a run to compare on resume.
+
+    Data read by ranges (shards.Tokens: token shards, a .bin in a bucket) is not read whole for it: its hash
+    covers each file's size and the two ends SAMPLED_HASH says (`hash` in the record), weaker than the hash of
+    every token: a change in the middle of a shard that keeps its size goes unseen.
+    """
     digest = hashlib.blake2b(digest_size=16)
+    sampled = False
     for chunk in chunks:
         digest.update(np.int64(len(chunk)).tobytes())
+        if isinstance(chunk, shards.Tokens):
+            digest.update(chunk.digest())
+            sampled = True
+            continue
         for start in range(0, len(chunk), 1 << 24):  # memory-mapped chunks are hashed a slice at a time
             digest.update(np.ascontiguousarray(chunk[start:start + (1 << 24)], dtype="<u4").tobytes())
-    files = [{"path": str(storage.absolute(p)), "bytes": storage.size(p)} for p in resolve_paths(spec)]
-    return {"files": files, "chunks": len(chunks), "tokens": int(sum(len(c) for c in chunks)),
-            "blake2b": digest.hexdigest()}
+    known = {c.file.path: c.file.size for c in chunks if isinstance(c, shards.Tokens)}  # no request per shard
+    files = [{"path": str(storage.absolute(p)), "bytes": known[str(p)] if str(p) in known else storage.size(p)}
+             for p in resolve_paths(spec)]
+    record = {"files": files, "chunks": len(chunks), "tokens": int(sum(len(c) for c in chunks)),
+              "blake2b": digest.hexdigest()}
+    return {**record, "hash": SAMPLED_HASH} if sampled else record
 
 
 def describe_change(before: dict, after: dict) -> str | None:
-    """How a dataset changed between two fingerprints, in a few words; None when its tokens are the same."""
-    if before.get("blake2b") == after.get("blake2b") and before.get("tokens") == after.get("tokens"):
-        return None
+    """How a dataset changed between two fingerprints, in a few words; None when its tokens are the same.
+    A mixture's (mixture_fingerprint) names the source that changed, or its weights. Hashes of two kinds (every
+    token, sampled) are not compared: then only the files, their sizes and the token counts are."""
+    if "sources" in before or "sources" in after:
+        return _describe_mixture_change(before, after)
     old = {f["path"]: f["bytes"] for f in before.get("files", [])}
     new = {f["path"]: f["bytes"] for f in after.get("files", [])}
+    same_hash = before.get("blake2b") == after.get("blake2b") if before.get("hash") == after.get("hash") else old == new
+    if same_hash and before.get("tokens") == after.get("tokens"):
+        return None
     changes = [f"{p} added" for p in new if p not in old] + [f"{p} removed" for p in old if p not in new]
     changes += [f"{p} {old[p]} -> {new[p]} bytes" for p in new if p in old and old[p] != new[p]]
     if not changes:
@@ -263,6 +341,23 @@ def describe_change(before: dict, after: dict) -> str | None:
                    else "same files and sizes, other tokens (the text or the vocabulary changed)"]
     more = f" and {len(changes) - 3} more" if len(changes) > 3 else ""
     return ", ".join(changes[:3]) + more
+
+
+def mixture_fingerprint(data: Any, sources: dict[str, dict]) -> dict:
+    """A mixture's record: its sources' fingerprints by name, and the settings that place their rows."""
+    return {"mixture": data.mixture, "stages": data.mixture_stages, "block": data.mixture_block, "sources": sources}
+
+
+def _describe_mixture_change(before: dict, after: dict) -> str | None:
+    old, new = before.get("sources", {}), after.get("sources", {})
+    changes = [f"source {n!r} added" for n in new if n not in old] + [f"source {n!r} removed" for n in old
+                                                                        if n not in new]
+    changes += [f"source {n!r}: {change}" for n in new if n in old
+                if (change := describe_change(old[n], new[n])) is not None]
+    changes += [f"{what} {before.get(key)!r} -> {after.get(key)!r}" for key, what in
+                (("mixture", "data.mixture"), ("stages", "data.mixture_stages"), ("block", "data.mixture_block"))
+                if before.get(key) != after.get(key)]
+    return "; ".join(changes) if changes else None
 
 
 def split_tail(chunks: list[np.ndarray], fraction: float) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -289,9 +384,10 @@ class WindowSampler:
 
     The original's "fair" sampler, made stateless: batch number k is a pure function of (seed, k),
     so a resumed run, or any number of hosts each taking its slice, sees the same global batches.
+    Chunks may be arrays or shards.Tokens (read by ranges: only the windows a batch's rows hold).
     """
 
-    def __init__(self, chunks: list[np.ndarray], window: int, seed: int, what: str = "dataset"):
+    def __init__(self, chunks: list[np.ndarray | shards.Tokens], window: int, seed: int, what: str = "dataset"):
         lengths = np.array([len(c) for c in chunks], np.int64)
         if lengths.max(initial=0) < window:
             raise UserError(f"{what} is too small: its largest chunk has {lengths.max(initial=0)} tokens "
@@ -301,18 +397,26 @@ class WindowSampler:
         self.bounds = np.concatenate([[0], np.cumsum(lengths)])  # chunk i is tokens [bounds[i], bounds[i+1])
         self.valid_starts = int(np.sum(np.maximum(lengths - window + 1, 0)))
 
-    def batch(self, index: int, batch_size: int) -> np.ndarray:
-        """Batch number `index`: [batch_size, window] token ids."""
+    def batch(self, index: int, batch_size: int, rows: slice | None = None) -> np.ndarray:
+        """Batch number `index`: [batch_size, window] token ids; with `rows`, only those rows of it (the
+        draws made for the whole batch, so every process agrees; only those rows' windows read)."""
         rng = np.random.default_rng([self.seed, index])
-        rows: list[np.ndarray] = []
-        while len(rows) < batch_size:
+        picked = np.zeros(0, np.int64)  # window starts, in the order drawn
+        while len(picked) < batch_size:
             starts = rng.integers(0, self.bounds[-1] - self.window + 1, size=2 * batch_size)
             chunk = np.searchsorted(self.bounds, starts, side="right") - 1
-            for start, c in zip(starts, chunk):  # rejection: keep windows inside one chunk
-                if start + self.window <= self.bounds[c + 1] and len(rows) < batch_size:
-                    offset = start - self.bounds[c]
-                    rows.append(np.asarray(self.chunks[c][offset:offset + self.window]))
-        return np.stack(rows).astype(np.int32)
+            inside = starts + self.window <= self.bounds[chunk + 1]  # rejection: keep windows inside one chunk
+            picked = np.concatenate([picked, starts[inside][:batch_size - len(picked)]])
+        picked = picked[_row_indices(rows, batch_size)]
+        chunk = np.searchsorted(self.bounds, picked, side="right") - 1
+        offsets = picked - self.bounds[chunk]
+        windows = shards.read([self.chunks[c][o:o + self.window] for c, o in zip(chunk, offsets)])
+        return np.stack(windows).astype(np.int32) if windows else np.zeros((0, self.window), np.int32)
+
+
+def _row_indices(rows: slice | None, batch_size: int) -> np.ndarray:
+    """The indices of `rows` (all when None) of a batch of batch_size rows."""
+    return np.arange(batch_size)[rows if rows is not None else slice(None)]
 
 
 # --- Prompt/completion examples (.jsonl) ----------------------------------------------------------
@@ -412,10 +516,12 @@ class ExampleSampler:
     def __init__(self, examples: Examples, seed: int):
         self.examples, self.seed = examples, seed
 
-    def batch(self, index: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-        """Batch number `index`: tokens [batch_size, window] and their target weights."""
-        rows = np.random.default_rng([self.seed, index]).integers(0, len(self.examples.tokens), batch_size)
-        return self.examples.tokens[rows], self.examples.weights[rows]
+    def batch(self, index: int, batch_size: int, rows: slice | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Batch number `index`: tokens [batch_size, window] and their target weights; with `rows`, only those
+        rows (drawn for the whole batch)."""
+        picked = np.random.default_rng([self.seed, index]).integers(0, len(self.examples.tokens), batch_size)
+        picked = picked[_row_indices(rows, batch_size)]
+        return self.examples.tokens[picked], self.examples.weights[picked]
 
 
 # --- Preference pairs (.jsonl of prompt/chosen/rejected), for train.objective=dpo -------------------
@@ -517,10 +623,13 @@ class PairSampler:
         self.pairs, self.seed = pairs, seed
         self.reference = reference if reference is not None else np.zeros((pairs.count, 2), np.float32)
 
-    def batch(self, index: int, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Batch number `index`: tokens and weights [batch_size, 2, window], reference log-probs [batch_size, 2]."""
-        rows = np.random.default_rng([self.seed, index]).integers(0, self.pairs.count, batch_size)
-        return self.pairs.tokens[rows], self.pairs.weights[rows], self.reference[rows]
+    def batch(self, index: int, batch_size: int, rows: slice | None = None
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Batch number `index`: tokens and weights [batch_size, 2, window], reference log-probs [batch_size, 2];
+        with `rows`, only those pairs (drawn for the whole batch)."""
+        picked = np.random.default_rng([self.seed, index]).integers(0, self.pairs.count, batch_size)
+        picked = picked[_row_indices(rows, batch_size)]
+        return self.pairs.tokens[picked], self.pairs.weights[picked], self.reference[picked]
 
 
 # What a run trains and validates on, from its config (the loop's data setup). Validation batches are drawn
@@ -530,16 +639,20 @@ DATA_RECORD = "dataset.json"  # in the run directory: what the run's data was (f
 
 
 def datasets(config: Any, encoder: Encoder, seq_len: int, seed: int, is_main: bool
-             ) -> tuple[WindowSampler, list[np.ndarray], dict]:
+             ) -> tuple[Any, list | dict[str, list], dict]:
     """The training sampler, the fixed validation batches (none when data.val_every is 0) and the
     fingerprints of both datasets (for DATA_RECORD).
 
     Validation data is data.val_dataset, else the last data.val_split of the training data (held out:
-    never trained on), else, with a warning, windows of the training data itself.
+    never trained on), else, with a warning, windows of the training data itself. A mixture (data.mixture)
+    gives a mixture.MixtureSampler and its validation batches by source: {name: [batches]}.
     """
     data = config.data  # its split and validation settings checked by settings.check_config
+    if data.mixture:
+        return mixture_datasets(config, encoder, seq_len, seed, is_main)
     if not data.dataset:
-        raise UserError("data.dataset is empty: set --config.data.dataset=PATH (a file, directory, glob or .npz)")
+        raise UserError("data.dataset is empty: set --config.data.dataset=PATH (a file, directory, glob, .npz or "
+                        ".bin shards), or data.mixture")
     if is_examples(data.dataset):
         return example_datasets(config, encoder, seq_len, seed)
     data_kw = dict(combine=data.combine, encoding=data.encoding, encoding_errors=data.encoding_errors, progress=is_main)
@@ -560,6 +673,42 @@ def datasets(config: Any, encoder: Encoder, seq_len: int, seed: int, is_main: bo
                    "from the training data")
     record["validation"] = fingerprint(data.val_dataset or data.dataset, val_chunks)
     return sampler, _validation_batches(WindowSampler(val_chunks, seq_len + 1, seed=1, what=val_name), data), record
+
+
+def mixture_datasets(config: Any, encoder: Encoder, seq_len: int, seed: int, is_main: bool
+                     ) -> tuple[mixture.MixtureSampler, dict[str, list], dict]:
+    """datasets for data.mixture: one WindowSampler per source (seeded by mixture.source_seed), each source's
+    validation its own last data.val_split, else, with a warning, windows of its training data; the record
+    holds every source's fingerprint."""
+    data = config.data
+    if data.dataset or data.val_dataset:
+        which = "data.dataset" if data.dataset else "data.val_dataset"
+        raise UserError(f"{which} and data.mixture are both set: a mixture names its datasets itself, and each "
+                        "source validates on its own last data.val_split; unset " + which)
+    sources = mixture.parse_mixture(data.mixture)
+    schedule = mixture.parse_stages(data.mixture_stages, sources)
+    data_kw = dict(combine=data.combine, encoding=data.encoding, encoding_errors=data.encoding_errors, progress=is_main)
+    samplers, val_batches, train_prints, val_prints = [], {}, {}, {}
+    for i, source in enumerate(sources):
+        what = f"mixture source {source.name!r} ({source.spec!r})"
+        if is_examples(source.spec):
+            raise UserError(f"data.mixture: {what} is a .jsonl of examples; a mixture mixes windows of text, .npz, "
+                            ".bin or token shards")
+        chunks = val_chunks = load_dataset(source.spec, encoder, **data_kw)
+        if data.val_split:
+            chunks, val_chunks = split_tail(chunks, data.val_split)
+        samplers.append(WindowSampler(chunks, seq_len + 1, mixture.source_seed(seed, i), what))
+        train_prints[source.name] = fingerprint(source.spec, chunks)
+        if data.val_every > 0:
+            val_name = f"validation of {what}" + (f" (its last {data.val_split:g})" if data.val_split else "")
+            val_batches[source.name] = _validation_batches(WindowSampler(val_chunks, seq_len + 1, 1, val_name), data)
+            val_prints[source.name] = fingerprint(source.spec, val_chunks)
+    if data.val_every > 0 and not data.val_split:
+        tqdm.write("validation: data.val_split is not set, validating each mixture source on batches drawn from its "
+                   "training data")
+    record = {"train": mixture_fingerprint(data, train_prints),
+              "validation": mixture_fingerprint(data, val_prints) if val_prints else None}
+    return mixture.MixtureSampler(samplers, schedule, data.mixture_block, seed), val_batches, record
 
 
 def _validation_batches(sampler: Any, data: Any) -> list:
@@ -619,6 +768,9 @@ def pair_datasets(config: Any, encoder: Encoder, seq_len: int) -> tuple[Pairs, P
     """The training pairs, the validation pairs (None when data.val_every is 0) and their fingerprints:
     data.val_dataset, else the last data.val_split of the file, else, with a warning, the training pairs."""
     data, tokenize = config.data, config.dpo.tokenize
+    if data.mixture:
+        raise UserError("data.mixture: train.objective=dpo trains on one .jsonl of preference pairs, not a mixture; "
+                        "unset data.mixture and set data.dataset")
     if not is_examples(data.dataset):
         raise UserError(f"data.dataset={data.dataset!r}: train.objective=dpo trains on preference pairs, a .jsonl of "
                         '{"prompt", "chosen", "rejected"} lines')
