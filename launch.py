@@ -199,7 +199,7 @@ def run_sweep(config, spec: str) -> None:
 
     axes = sweep.parse(_SWEEP.value, config)
     path, _, variant = spec.partition(":")
-    name = _SWEEP_NAME.value or Path(path).stem + (f"-{variant}" if variant else "")
+    name = _SWEEP_NAME.value or path.rpartition("/")[2].removesuffix(".py") + (f"-{variant}" if variant else "")
     if _DRY_RUN.value:
         print(sweep.describe(config, name, axes))
         return
@@ -297,7 +297,7 @@ def main(argv: list[str]) -> None:
             from gpt2_jax.ablation import run_ablation
             from gpt2_jax.resolve import model_config_of
 
-            out = Path(config.workdir) / "ablation" / config.run_name
+            out = f"{config.workdir.rstrip('/')}/ablation/{config.run_name}"  # a path or a URL, for storage.path
             if target is not None:
                 config.ablation.compile_only = True  # nothing runs on a target
                 if not any(a.startswith("--config.ablation.memory_budget_gb") for a in argv):

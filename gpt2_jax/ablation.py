@@ -2,21 +2,23 @@
 
 For each pair it records XLA's compiled memory (memory_analysis) and FLOPs (cost_analysis), and,
 unless compile-only, the median step time after warm-up and the first step's loss (every policy
-must give no-remat's loss). Writes ablation.json, ablation.md and ablation.png to the output dir.
+must give no-remat's loss). Writes ablation.json, ablation.md and ablation.png to the output dir (a local
+path or a URL).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
+import os
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
-from gpt2_jax import parallel
+from gpt2_jax import parallel, storage
 from gpt2_jax.errors import UserError
 from gpt2_jax.model import REMAT_POLICIES, GPT2Config, init_params
 from gpt2_jax.settings import seq_len_of
@@ -72,7 +74,7 @@ def largest_batch_within(rows: list[dict], budget_bytes: float) -> int | None:
     return max(0, int((budget_bytes - fixed) // per_row))
 
 
-def run_ablation(config: Any, model_config: GPT2Config, out_dir: Path, target: Any = None) -> list[dict]:
+def run_ablation(config: Any, model_config: GPT2Config, out_dir: str | os.PathLike, target: Any = None) -> list[dict]:
     """Measure every (policy, micro-batch) and write ablation.json/.md/.png into out_dir; for a compile
     target (targets.Target) every row is compiled for it and none is run."""
     ab = config.ablation
@@ -127,13 +129,14 @@ def run_ablation(config: Any, model_config: GPT2Config, out_dir: Path, target: A
     return rows
 
 
-def write_report(rows: list[dict], meta: dict, out_dir: Path) -> None:
-    """ablation.json, ablation.md and ablation.png from the measured rows."""
+def write_report(rows: list[dict], meta: dict, out_dir: str | os.PathLike) -> None:
+    """ablation.json, ablation.md and ablation.png from the measured rows, in a local directory or a URL."""
     budget = meta["memory_budget_gb"] * GiB
     policies = list(dict.fromkeys(r["policy"] for r in rows))
     meta["largest_micro_batch_within_budget"] = {
         p: largest_batch_within([r for r in rows if r["policy"] == p], budget) for p in policies}
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = storage.path(out_dir)
+    storage.mkdir(out_dir)
     (out_dir / "ablation.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     (out_dir / "ablation.md").write_text(_markdown(rows, meta))
     _plot(rows, out_dir / "ablation.png", meta)
@@ -181,7 +184,7 @@ def _markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(rows: list[dict], path: Path, meta: dict) -> None:
+def _plot(rows: list[dict], path: storage.AnyPath, meta: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -204,5 +207,7 @@ def _plot(rows: list[dict], path: Path, meta: dict) -> None:
     ax.set_title(f"Remat policies: L={m['n_layer']} C={m['n_embd']}, micro-batch {top}, T={meta['seq_len']}")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    buffer = io.BytesIO()  # written whole, so that a store's object is too
+    fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
+    path.write_bytes(buffer.getvalue())

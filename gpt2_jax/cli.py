@@ -16,8 +16,10 @@ from gpt2_jax.errors import UserError
 
 
 def _cmd_download(args: argparse.Namespace) -> None:
+    from gpt2_jax import storage
     from gpt2_jax.download import download_model
 
+    storage.check_writable(args.models_dir, "--models_dir")  # a missing bucket: one line before any download
     out = download_model(args.model, args.models_dir, base_url=args.base_url, retries=args.retries)
     print(f"downloaded {args.model} to {out}")
 
@@ -59,10 +61,14 @@ def _sample_prompts(args: argparse.Namespace, stdin: TextIO) -> Iterator[str | N
 def _cmd_sample(args: argparse.Namespace) -> None:
     import jax
 
+    from gpt2_jax import storage
     from gpt2_jax.api import load
     from gpt2_jax.sampling import SAMPLE_HEADER
 
     _check_sampling_args(args)
+    out = storage.path(args.out) if args.out else None
+    if out is not None:
+        storage.check_writable(out.parent, "--out")  # a missing bucket: one line before the model loads
     model = load(args.model_dir, dtype=args.dtype)
     enc, cfg = model.encoder, model.config
     length = args.length or cfg.n_ctx // 2
@@ -71,7 +77,8 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     stop_ids = [enc.encode(s) for s in args.stop]
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
     rng = jax.random.key(seed)
-    out_file = open(args.out, "w", encoding="utf-8") if args.out else None
+    out_file = open(out, "w", encoding="utf-8") if out is not None and not storage.is_url(out) else None
+    written: list[str] = []  # a URL's lines, written whole at the end (a store cannot append)
     try:
         count = 0
         for prompt in _sample_prompts(args, sys.stdin):
@@ -93,11 +100,15 @@ def _cmd_sample(args: argparse.Namespace) -> None:
                     print(line, flush=True)
                     if out_file:
                         out_file.write(line + "\n")
+                    elif out is not None:
+                        written.append(line + "\n")
             if not args.json:
                 print("=" * 80)
     finally:
         if out_file:
             out_file.close()
+        elif out is not None:
+            out.write_text("".join(written), encoding="utf-8")
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
@@ -193,10 +204,13 @@ def _cmd_encode(args: argparse.Namespace) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
+    from gpt2_jax import storage
     from gpt2_jax.checkpoints import is_run_dir, load_run_params
     from gpt2_jax.weights import export_peft, export_transformers, find_model_dir, load_weights
 
     model_dir = find_model_dir(args.model_dir)
+    storage.check_writable(args.out, "--out")  # a missing bucket: one line before the weights load
+    hint = ", from a local copy" if storage.is_url(args.out) else ""  # transformers and peft read local files
     if args.adapter_only:  # a LoRA run's adapters alone, in peft's format
         if not is_run_dir(model_dir):
             raise UserError(f"--adapter_only: {model_dir} is not a training run; give a run trained with "
@@ -205,11 +219,11 @@ def _cmd_export(args: argparse.Namespace) -> None:
         base = json.loads((model_dir / "run_config.json").read_text()).get("model", {}).get("name", "")
         out = export_peft(config, params, args.out, base or "gpt2")
         print(f"exported the adapters to {out} (peft: PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained("
-              f"{base or 'gpt2'!r}), {str(out)!r}))")
+              f"{base or 'gpt2'!r}), {str(out)!r}){hint})")
         return
     config, params = load_weights(model_dir)  # a LoRA run's adapters merged in
     out = export_transformers(config, params, model_dir, args.out)
-    print(f"exported to {out} (transformers: GPT2LMHeadModel.from_pretrained({str(out)!r}))")
+    print(f"exported to {out} (transformers: GPT2LMHeadModel.from_pretrained({str(out)!r}){hint})")
 
 
 def _cmd_lm_eval(args: argparse.Namespace) -> None:
@@ -247,7 +261,8 @@ class _ShowDefaults(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text or action.default in (None, False, [], argparse.SUPPRESS) or not action.option_strings:
+        unset = action.default is None or action.default is False or action.default in ([], argparse.SUPPRESS)
+        if "default" in text or unset or not action.option_strings:  # `is`: 0 and 0.0 are defaults to show
             return text
         return f"{text} (default: %(default)s)"
 
@@ -262,13 +277,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("download", help="download a released GPT-2 (124M, 355M, 774M, 1558M)")
     p.add_argument("model", help="124M, 355M, 774M or 1558M")
-    p.add_argument("--models_dir", default="models", help="where <model>/ is created")
+    p.add_argument("--models_dir", default="models", help="where <model>/ is created: a directory or a URL "
+                   "(gs://BUCKET/models)")
     p.add_argument("--base_url", default=DEFAULT_BASE_URL, help="server holding <model>/<file>")
     p.add_argument("--retries", type=int, default=5, help="retries per file, resuming each time")
     p.set_defaults(func=_cmd_download)
 
     p = sub.add_parser("sample", help="generate text (conditional, interactive or unconditional)")
-    p.add_argument("--model_dir", default="models/124M", help="a model or run directory, or a cached hub id (gpt2, ...)")
+    p.add_argument("--model_dir", default="models/124M",
+                   help="a model or run directory, or a cached hub id (gpt2, ...)")
     p.add_argument("--prompt", help="text to continue (default: unconditional, from <|endoftext|>)")
     p.add_argument("--interactive", action="store_true", help="read prompts from stdin, one per line")
     p.add_argument("--nsamples", type=int, default=1, help="samples per prompt")
@@ -276,13 +293,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length", type=int, default=None, help="tokens to generate (default n_ctx/2)")
     p.add_argument("--temperature", type=float, default=1.0, help="> 0; lower is more deterministic")
     p.add_argument("--top_k", type=int, default=0, help="sample among the k likeliest tokens (0 = off, 1 = greedy)")
-    p.add_argument("--top_p", type=float, default=0.0, help="nucleus sampling: the smallest set of tokens with probability >= p, p in [0, 1] (0 = off); "
-                   "> 0 overrides --top_k")
+    p.add_argument("--top_p", type=float, default=0.0, help="nucleus sampling: the smallest set of tokens with "
+                   "probability >= p, p in [0, 1] (0 = off); > 0 overrides --top_k")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one)")
     p.add_argument("--stop", action="append", default=[], help="end a sample where this text appears (repeatable)")
     p.add_argument("--include_prompt", action="store_true", help="print the prompt before each sample")
     p.add_argument("--json", action="store_true", help='one {"text", "tokens"} JSON object per sample per line')
-    p.add_argument("--out", help="also write the samples to this file")
+    p.add_argument("--out", help="also write the samples to this file (a path or a URL: gs://...)")
     p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
     p.set_defaults(func=_cmd_sample)
 
@@ -341,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write a model in transformers' layout (config.json + model.safetensors)")
     p.add_argument("--model_dir", required=True, help="a model or run directory, or a cached hub id (gpt2, ...)")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, help="output directory (a path or a URL: gs://...)")
     p.add_argument("--adapter_only", action="store_true", help="a LoRA run: its adapters in peft's format "
                    "(adapter_config.json + adapter_model.safetensors) instead of the merged model")
     p.set_defaults(func=_cmd_export)

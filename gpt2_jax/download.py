@@ -1,9 +1,15 @@
-"""Download OpenAI's released GPT-2 files: temporary name then rename, resume, retry, size and hash checks."""
+"""Download OpenAI's released GPT-2 files: temporary name then rename, resume, retry, size and hash checks.
+
+Into a URL (gs://...), each file is downloaded the same way into a local staging directory (kept between
+attempts, so a failed download resumes), then uploaded once verified and removed locally.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -11,7 +17,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from gpt2_jax.errors import UserError
+from gpt2_jax import storage
+from gpt2_jax.errors import UserError, reason
 
 DEFAULT_BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
 FILES = ("checkpoint", "encoder.json", "hparams.json", "model.ckpt.data-00000-of-00001",
@@ -24,9 +31,9 @@ SHA256 = {
 _CHUNK = 1 << 20
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: storage.AnyPath) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         for block in iter(lambda: f.read(_CHUNK), b""):
             h.update(block)
     return h.hexdigest()
@@ -86,19 +93,44 @@ def download_file(url: str, dest: Path, *, retries: int = 5, progress: bool = Tr
     return dest
 
 
+def _complete(path: storage.AnyPath, name: str) -> bool:
+    """Whether a release file is already there (and, where its hash is known, has it)."""
+    return path.exists() and (name not in SHA256 or _sha256(path) == SHA256[name])
+
+
+def _staging_dir(out: storage.AnyPath) -> Path:
+    """The local directory a download into the URL `out` goes through: one per destination, so that running
+    the command again resumes it."""
+    return Path(tempfile.gettempdir()) / "gpt2_jax_download" / hashlib.sha256(str(out).encode()).hexdigest()[:16]
+
+
 def download_model(model: str, models_dir: str | os.PathLike = "models", *, base_url: str = DEFAULT_BASE_URL,
-                   retries: int = 5, progress: bool = True) -> Path:
-    """Download every release file of one size ('124M', '355M', '774M' or '1558M') into models_dir/<size>."""
+                   retries: int = 5, progress: bool = True) -> storage.AnyPath:
+    """Download every release file of one size ('124M', '355M', '774M' or '1558M') into models_dir/<size>, a
+    local directory or a URL (each file staged locally, then uploaded once verified)."""
     from gpt2_jax.model import PRESETS  # here: the CLI's --help imports this module for its default URL
 
     if model not in PRESETS:
         raise UserError(f"unknown model size {model!r}; use one of {', '.join(PRESETS)}")
-    out = Path(models_dir) / model
-    out.mkdir(parents=True, exist_ok=True)
+    out = storage.path(models_dir) / model
+    into_store = storage.is_url(out)
+    staging = _staging_dir(out) if into_store else out
+    storage.mkdir(out)
+    staging.mkdir(parents=True, exist_ok=True)
     for name in FILES:
-        dest = out / name
-        if dest.exists() and (name not in SHA256 or _sha256(dest) == SHA256[name]):
+        dest, local = out / name, staging / name
+        if _complete(dest, name):
             continue
-        download_file(f"{base_url.rstrip('/')}/{model}/{name}", dest, retries=retries, progress=progress,
-                      sha256=SHA256.get(name))
+        if not _complete(local, name):
+            download_file(f"{base_url.rstrip('/')}/{model}/{name}", local, retries=retries, progress=progress,
+                          sha256=SHA256.get(name))
+        if into_store:
+            try:
+                storage.upload(local, dest)
+            except (OSError, *storage.store_errors()) as e:
+                raise UserError(f"{dest}: the upload failed ({reason(e)}); run the same command again to upload "
+                                f"{local}, downloaded and verified") from None
+            local.unlink()
+    if into_store:
+        shutil.rmtree(staging, ignore_errors=True)
     return out

@@ -19,22 +19,22 @@ from gpt2_jax.settings import lora_fields
 from gpt2_jax.weights import find_model_dir, load_weights, read_config
 
 
-def find_vocab_dir(config: Any) -> Path | None:
-    """For training from scratch: the configured vocabulary, else a GPT-2 vocabulary found locally."""
+def find_vocab_dir(config: Any) -> storage.AnyPath | None:
+    """For training from scratch: the configured vocabulary, else a GPT-2 vocabulary found in model.models_dir
+    (a directory or a URL), else in $GPT2_JAX_SHARED/gpt2 (when set: nowhere else), else in ../shared/gpt2."""
     if config.model.vocab:
         return None if config.model.vocab == "bytes" else storage.path(config.model.vocab)
-    candidates = sorted(Path(config.model.models_dir).glob("*/encoder.json"))
-    shared = os.environ.get("GPT2_JAX_SHARED")
-    candidates += [Path(shared) / "gpt2" / "encoder.json"] if shared else []
-    candidates += [Path("../shared/gpt2/encoder.json")]
-    return next((c.parent for c in candidates if c.is_file() and (c.parent / "vocab.bpe").is_file()), None)
+    models_dir = storage.path(config.model.models_dir)
+    candidates = sorted(models_dir.iterdir()) if models_dir.is_dir() else []
+    candidates.append(storage.path(os.environ.get("GPT2_JAX_SHARED") or "../shared") / "gpt2")
+    return next((d for d in candidates if (d / "encoder.json").is_file() and (d / "vocab.bpe").is_file()), None)
 
 
-def model_dir_of(config: Any) -> Path:
+def model_dir_of(config: Any) -> storage.AnyPath:
     """The pretrained model directory named by model.name: a size under model.models_dir, a path, or a
     Hugging Face hub id in the local hub cache."""
     name = config.model.name
-    if name in PRESETS and not Path(name).is_dir():
+    if name in PRESETS and not storage.path(name).is_dir():
         path = storage.path(config.model.models_dir) / name
         if not path.is_dir():
             raise UserError(f"model.name={name!r}: no model directory at {path}; run "
@@ -70,7 +70,8 @@ def model_config_of(config: Any) -> GPT2Config:
     if config.model.from_scratch:
         return _scratch_config(config, _scratch_encoder(config).n_vocab)
     name = config.model.name
-    if name in PRESETS and not (storage.path(config.model.models_dir) / name).is_dir() and not Path(name).is_dir():
+    if name in PRESETS and not (storage.path(config.model.models_dir) / name).is_dir() and \
+            not storage.path(name).is_dir():
         return preset(name, **compute_settings(config))  # the released shape, before it is downloaded
     return read_config(model_dir_of(config), **compute_settings(config))
 

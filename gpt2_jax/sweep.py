@@ -3,17 +3,16 @@
 Each point is an ordinary run with its overrides applied and run_name SWEEP/KEY=V,KEY=V, so it is
 identical to launching those overrides alone under that run name. Started again, a sweep skips the
 points that reached train.total_steps and resumes an interrupted one (restore_from=latest). The
-report goes to WORKDIR/sweeps/SWEEP/sweep.{md,png,json} (process 0 only).
+report goes to WORKDIR/sweeps/SWEEP/sweep.{md,png,json} (process 0 only); WORKDIR may be a URL (gs://).
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
-from pathlib import Path
 from typing import Any, Callable
 
-from gpt2_jax import checkpoints, report
+from gpt2_jax import checkpoints, report, storage
 from gpt2_jax.errors import UserError
 
 NOT_SWEPT = ("run_name", "workdir", "mode")
@@ -78,7 +77,7 @@ def point_config(config: Any, name: str, overrides: dict[str, Any]) -> Any:
 
 
 def _finished(config: Any) -> bool:
-    run_dir = Path(config.workdir) / "checkpoint" / config.run_name
+    run_dir = storage.path(config.workdir) / "checkpoint" / config.run_name
     if not run_dir.is_dir():
         return False
     latest = checkpoints.make_manager(run_dir, read_only=True).latest_step()
@@ -86,7 +85,7 @@ def _finished(config: Any) -> bool:
 
 
 def run(config: Any, name: str, axes: list[tuple[str, list[Any]]], train: Callable[[Any], Any],
-        is_main: Callable[[], bool]) -> Path:
+        is_main: Callable[[], bool]) -> storage.AnyPath:
     """Run every point with `train(config)` (skipping finished ones), then write the report; returns its folder."""
     if config.train.total_steps <= 0:
         raise UserError("a sweep needs train.total_steps > 0, so that each point ends (and a finished one is "
@@ -98,10 +97,11 @@ def run(config: Any, name: str, axes: list[tuple[str, list[Any]]], train: Callab
             continue
         print(f"sweep {name}: point {i}/{len(configs)} {c.run_name}", flush=True)
         train(c)
-    out = Path(config.workdir) / "sweeps" / name
+    workdir = storage.path(config.workdir)
+    out = workdir / "sweeps" / name
     if is_main():
         runs = [{"run_name": c.run_name, "overrides": overrides,
-                 "records": report.read_metrics(Path(c.workdir) / "logs" / c.run_name)} for overrides, c in configs]
+                 "records": report.read_metrics(workdir / "logs" / c.run_name)} for overrides, c in configs]
         report.write_comparison(runs, out, f"Sweep {name}: {len(runs)} runs", "sweep")
     return out
 

@@ -238,21 +238,33 @@ def load_weights(model_dir: str | Path, **config_overrides) -> tuple[GPT2Config,
     raise UserError(f"{d}: not a model directory in a known layout. Known layouts: {known}")
 
 
-def _as_readable_as_other_files(path: Path) -> None:
-    """The mode a plain write gives (0666 less the umask): safetensors writes its files 0600."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
-def export_transformers(config: GPT2Config, params: Params, vocab_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write `out_dir` in transformers' layout so GPT2LMHeadModel.from_pretrained(out_dir) loads it."""
+def _save_safetensors(tensors: dict[str, np.ndarray], dest: storage.AnyPath) -> None:
+    """A safetensors file with the mode a plain write gives (0666 less the umask: safetensors writes 0600); at a
+    URL, written to a local temporary file and uploaded (the object appears whole)."""
     from safetensors.numpy import save_file
 
+    if storage.is_url(dest):
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="gpt2_jax_export_") as tmp:
+            local = os.path.join(tmp, dest.name)
+            save_file(tensors, local, metadata={"format": "pt"})
+            storage.upload(local, dest)
+        return
+    save_file(tensors, str(dest), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(dest, 0o666 & ~umask)
+
+
+def export_transformers(config: GPT2Config, params: Params, vocab_dir: str | Path,
+                        out_dir: str | os.PathLike) -> storage.AnyPath:
+    """Write `out_dir` (a local directory or a URL) in transformers' layout so
+    GPT2LMHeadModel.from_pretrained(out_dir) loads it (from a local copy, for a URL)."""
     get_encoder(vocab_dir)  # the vocabulary parses (or one line naming its file) before anything is written
     vocab = find_vocab(vocab_dir)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = storage.path(out_dir)
+    storage.mkdir(out)
     p = convert_layout(params, False)["params"]
     tensors = {}
     for name in _tensor_names(config.n_layer):
@@ -260,8 +272,7 @@ def export_transformers(config: GPT2Config, params: Params, vocab_dir: str | Pat
         for key in name.path:
             value = value[key]
         tensors["transformer." + name.hf] = np.ascontiguousarray(np.asarray(value, dtype=np.float32))
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    _as_readable_as_other_files(out / "model.safetensors")
+    _save_safetensors(tensors, out / "model.safetensors")
     hf_config = {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
         "vocab_size": config.n_vocab, "n_positions": config.n_ctx, "n_ctx": config.n_ctx,
@@ -277,16 +288,15 @@ def export_transformers(config: GPT2Config, params: Params, vocab_dir: str | Pat
     return out
 
 
-def export_peft(config: GPT2Config, params: Params, out_dir: str | Path, base_model: str) -> Path:
-    """A LoRA model's adapters in peft's format (adapter_config.json + adapter_model.safetensors), so
-    PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base_model), out_dir) loads them."""
-    from safetensors.numpy import save_file
-
+def export_peft(config: GPT2Config, params: Params, out_dir: str | os.PathLike, base_model: str) -> storage.AnyPath:
+    """A LoRA model's adapters in peft's format (adapter_config.json + adapter_model.safetensors) in a local
+    directory or a URL, so PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base_model), out_dir) loads
+    them (from a local copy, for a URL)."""
     if not config.lora_rank:
         raise UserError("--adapter_only: this model has no LoRA adapters (it was trained with train.lora_rank=0); "
                         "export it whole, without --adapter_only")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = storage.path(out_dir)
+    storage.mkdir(out)
     p = convert_layout(params, False)["params"]
     tensors = {}
     for i in range(config.n_layer):
@@ -296,8 +306,7 @@ def export_peft(config: GPT2Config, params: Params, out_dir: str | Path, base_mo
             key = f"base_model.model.transformer.h.{i}.{target}"  # peft's Linear: A [r, in], B [out, r]
             tensors[f"{key}.lora_A.weight"] = np.ascontiguousarray(np.asarray(adapter["a"], np.float32).T)
             tensors[f"{key}.lora_B.weight"] = np.ascontiguousarray(np.asarray(adapter["b"], np.float32).T)
-    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    _as_readable_as_other_files(out / "adapter_model.safetensors")
+    _save_safetensors(tensors, out / "adapter_model.safetensors")
     adapter_config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
         "r": config.lora_rank, "lora_alpha": config.lora_alpha, "lora_dropout": 0.0,

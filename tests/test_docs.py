@@ -122,8 +122,10 @@ def test_every_commands_help_states_each_default():
     commands = build_parser()._subparsers._group_actions[0].choices
     for name, sub in commands.items():
         formatter = sub.formatter_class(prog=name)
-        for action in sub._actions:
-            if action.option_strings and action.default not in (None, False, [], argparse.SUPPRESS):
+        for action in sub._actions:  # `is`, not `in`: 0 == False, and a default of 0 is still one to state
+            unset = action.default is None or action.default is False or action.default in ([], argparse.SUPPRESS)
+            if action.option_strings and not unset:
                 assert "default" in formatter._get_help_string(action), f"{name} {action.option_strings[0]}"
     sample = " ".join(commands["sample"].format_help().split())
     assert "(default: 1.0)" in sample and "(default: models/124M)" in sample  # --temperature, --model_dir
+    assert "1 = greedy) (default: 0)" in sample and "overrides --top_k (default: 0.0)" in sample  # --top_k, --top_p
