@@ -1,7 +1,8 @@
 """Reports from training logs: a run's curves, and one table and plot comparing runs (sweeps, `gpt2-jax compare`).
 
 Everything here reads what the loop wrote: WORKDIR/logs/RUN/metrics.jsonl (one JSON object per step:
-loss, learning_rate, tokens_per_sec, val_loss, time, ...) and run_config.json beside it.
+loss, learning_rate, tokens_per_sec, val_loss, time, ...; in a store, also its parts, metrics.jsonl.parts/)
+and run_config.json beside it.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ IGNORED_FIELDS = ("run_name", "workdir")  # never what tells runs apart
 
 
 def read_metrics(log_dir: Path) -> list[dict]:
-    """The records of a run's metrics.jsonl, in order (a line cut short by a kill is skipped)."""
-    path = storage.path(log_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise UserError(f"{log_dir}: no metrics.jsonl (give a WORKDIR/logs/RUN directory or a run name)")
+    """The records of a run's metrics.jsonl, in order: the file, then the parts a run in a store wrote
+    (storage.read_log); a line cut short by a kill is skipped."""
+    try:
+        lines = storage.read_log(storage.path(log_dir) / "metrics.jsonl")
+    except FileNotFoundError:
+        raise UserError(f"{log_dir}: no metrics.jsonl (give a WORKDIR/logs/RUN directory or a run name)") from None
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in lines:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:

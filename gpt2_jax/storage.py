@@ -15,17 +15,20 @@ import contextlib
 import glob as globlib
 import importlib
 import importlib.util
-import io
+import math
 import os
+import queue
+import re
 import shutil
 import socket
 import threading
 import time
 import uuid
+import weakref
 from pathlib import Path
-from typing import IO, Any, Iterator, Union
+from typing import IO, Any, Callable, Iterator, Union
 
-from gpt2_jax.errors import UserError, reason
+from gpt2_jax.errors import StorageError, UserError, reason
 
 AnyPath = Union[Path, Any]  # pathlib.Path, or etils.epath.Path for a URL
 # The fsspec file system each URL scheme needs (etils.epath reads and writes through it).
@@ -226,83 +229,210 @@ def check_writable(directory: AnyPath, what: str) -> None:
                         "exists and that these credentials may write to it (nothing was written)") from None
 
 
+class _Uploads:
+    """Objects written by a thread of their own, in the order their bytes were handed over, so that whoever hands
+    them over never waits on the store. The n-th is named `name(n)`, numbered after `last()` (asked once, in the
+    thread). The first failure is kept, raised as one line by check(), and nothing is written after it: what is in
+    the store is always a whole prefix of what was handed over."""
+
+    def __init__(self, where: str, name: Callable[[int], str], last: Callable[[], int] = lambda: 0):
+        self.where, self.name, self.last = where, name, last
+        self.error: str | None = None
+        self.abandoned = self.closed = False
+        self.queue: queue.Queue[bytes | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name=f"upload {where}", daemon=True)
+        self.thread.start()
+        _UPLOADS.add(self)
+
+    def put(self, data: bytes) -> None:
+        """Write data as the next object, in the background (dropped once a write failed: none follows it)."""
+        if self.error is None and not self.abandoned:
+            self.queue.put(data)
+
+    def _run(self) -> None:
+        number = None
+        while True:
+            data = self.queue.get()
+            try:
+                if data is None:
+                    return
+                if self.error is None and not self.abandoned:
+                    number = self._write(data, number)
+            finally:
+                self.queue.task_done()
+
+    def _write(self, data: bytes, number: int | None) -> int | None:
+        doing = f"list {self.where}"
+        try:
+            number = (self.last() if number is None else number) + 1
+            doing = f"write {self.name(number)}"
+            fs, inner = _fs(self.name(number))
+            fs.pipe_file(inner, data)
+        except Exception as e:  # noqa: BLE001 - a store's client fails in many types: kept for check()
+            self.error = f"could not {doing}: {reason(e)}"
+        return number
+
+    def check(self) -> None:
+        """Raise the kept failure as one line (StorageError)."""
+        if self.error is not None and not self.abandoned:
+            raise StorageError(f"{self.error}; what was written there before is intact, nothing more is written")
+
+    def wait(self) -> None:
+        """Until everything handed over is written (or dropped after a failure), then check()."""
+        if not self.abandoned:
+            self.queue.join()
+        self.check()
+
+    def close(self) -> None:
+        """Write what is pending, end the thread, then check() (the first close only: tensorboardX closes its
+        writers again at exit)."""
+        if self.closed:
+            return
+        self.closed = True
+        if not self.abandoned:
+            self.queue.put(None)
+            self.thread.join()
+        self.check()
+
+    def abandon(self) -> None:
+        """Write nothing more (what is pending is dropped), end the thread after its current write."""
+        self.abandoned = True
+        self.queue.put(None)
+
+
+_UPLOADS: weakref.WeakSet[_Uploads] = weakref.WeakSet()  # the writers whose thread runs (it holds them)
+PARTS = ".parts"  # a log in a store is kept as numbered parts: metrics.jsonl.parts/000000000001.jsonl, ...
+_PART_NAME = re.compile(r"\d{12}\.jsonl")
+
+
+def log_parts(p: AnyPath) -> list[AnyPath]:
+    """The parts an AppendLog at p wrote in a store (P.parts/NNNNNNNNNNNN.jsonl), in order; [] if none."""
+    parts = path(f"{p}{PARTS}")
+    if not is_url(parts):
+        return sorted(f for f in parts.iterdir() if _PART_NAME.fullmatch(f.name)) if parts.is_dir() else []
+    fs, inner = _fs(parts)
+    scheme = str(parts).split("://", 1)[0]
+    return [path(f"{scheme}://{f}") for f in sorted(fs.find(inner)) if _PART_NAME.fullmatch(f.rsplit("/", 1)[-1])]
+
+
+def read_log(p: AnyPath) -> list[str]:
+    """The lines of an AppendLog at p: the file itself where there is one (on a disk, or written in a store before
+    logs were kept in parts), then its parts in order (fetched concurrently). Each file is split on its own, so
+    that a line cut short by a kill stays a line of its own. FileNotFoundError where there is neither."""
+    p = path(p)
+    files = ([p] if p.is_file() else []) + log_parts(p)
+    if not files:
+        raise FileNotFoundError(f"{p}: no such file, nor {p}{PARTS}")
+    if is_url(p):
+        inner = [_fs(f)[1] for f in files]
+        contents = _fs(p)[0].cat(inner)
+        blobs = [contents[name] for name in inner]
+    else:
+        blobs = [Path(f).read_bytes() for f in files]
+    return [line for blob in blobs for line in blob.decode("utf-8", errors="replace").splitlines()]
+
+
 class AppendLog:
-    """A text file written line by line (metrics.jsonl). On a disk: appended and flushed as today. In a store,
-    which cannot append: the whole object rewritten with what the file held before plus the new lines, at
-    most every `upload_every_s` seconds and at close()."""
+    """A text file written line by line (metrics.jsonl). On a disk: appended and flushed. In a store, which cannot
+    append: at most every `upload_every_s` seconds (and at close()) the lines written since the last upload are
+    handed to a thread that writes them as the next part, P.parts/NNNNNNNNNNNN.jsonl, numbered after the parts
+    already there (a resumed run continues them): a flush's cost does not grow with the log, and the caller never
+    waits on the store. read_log() reads the file and its parts back as one."""
 
     def __init__(self, p: AnyPath, upload_every_s: float = 10.0):
         self.path, self.upload_every_s = path(p), upload_every_s
+        self._file: IO[str] | None = None
+        self._uploads: _Uploads | None = None
         if not is_url(self.path):
-            self._file: IO[str] | None = open(self.path, "a", encoding="utf-8")
+            self._file = open(self.path, "a", encoding="utf-8")
             return
-        self._file = None
-        self._text = self.path.read_text(encoding="utf-8") if self.path.exists() else ""
-        self._uploaded = 0.0
+        parts = f"{self.path}{PARTS}"
+        self._uploads = _Uploads(parts, lambda n: f"{parts}/{n:012d}.jsonl", lambda: _last_part(self.path))
+        self._lines: list[str] = []
+        self._handed = -math.inf  # the first flush hands its lines over at once
 
     def write(self, text: str) -> None:
         """Add text (whole lines)."""
         if self._file is not None:
             self._file.write(text)
         else:
-            self._text += text
+            self._lines.append(text)
 
     def flush(self, force: bool = False) -> None:
-        """Make what was written durable: now on a disk; in a store, if the last upload is old enough (or force)."""
-        if self._file is not None:
+        """Make what was written durable: on a disk, now; in a store, hand the new lines to the uploading thread if
+        the last hand-over is `upload_every_s` old. With `force`, hand them over now and wait until they are in
+        the store (a failure raised as one line)."""
+        if self._uploads is None:
             self._file.flush()
-        elif force or time.monotonic() - self._uploaded >= self.upload_every_s:
-            self.path.write_text(self._text, encoding="utf-8")
-            self._uploaded = time.monotonic()
+            return
+        if force or time.monotonic() - self._handed >= self.upload_every_s:
+            self._hand_over()
+        if force:
+            self._uploads.wait()
+
+    def _hand_over(self) -> None:
+        if self._lines:
+            self._uploads.put("".join(self._lines).encode("utf-8"))
+            self._lines, self._handed = [], time.monotonic()
+
+    def check(self) -> None:
+        """Raise, as one line (StorageError), a failure of the background uploads (nothing on a disk)."""
+        if self._uploads is not None:
+            self._uploads.check()
 
     def close(self) -> None:
-        """Flush and close."""
-        if self._file is not None:
+        """Flush and close; in a store, wait for the uploads and raise their failure as one line."""
+        if self._uploads is None:
             self._file.close()
-        else:
-            self.flush(force=True)
+            return
+        self._hand_over()
+        self._uploads.close()
 
 
-class _RewrittenObject:
-    """A binary file in a store for TensorBoard's event writer: buffered, the object rewritten on flush."""
+def _last_part(p: AnyPath) -> int:
+    """The number of the last part of an AppendLog at p (0: none yet)."""
+    parts = log_parts(p)
+    return int(parts[-1].name.split(".")[0]) if parts else 0
+
+
+class _RolledObject:
+    """A file in a store for TensorBoard's event writer: each flush hands what was written since the last one to a
+    thread that writes it as a new object, FILE.NNNNNNNNNNNN. TensorBoard reads the event files of a directory in
+    name order (a name with "tfevents"), and tensorboardX flushes whole records, so the objects read as one file
+    would; none is rewritten, and nothing is kept after its flush."""
 
     def __init__(self, url: str):
-        self.path, self.buffer, self.lock = path(url), io.BytesIO(), threading.Lock()
-        self.failed = False  # a failed upload is raised once; after it, nothing more is written
+        self.buffer, self.lock = bytearray(), threading.Lock()
+        self.uploads = _Uploads(url, lambda n: f"{url}.{n:012d}")
 
     def write(self, data: bytes) -> None:
         with self.lock:
-            self.buffer.write(data)
+            self.buffer += data
 
     def flush(self) -> None:
         with self.lock:
-            data = self.buffer.getvalue()
-        if self.failed:
-            return
-        try:
-            self.path.write_bytes(data)
-        except BaseException:
-            self.failed = True
-            raise
+            data, self.buffer = bytes(self.buffer), bytearray()
+        if data:
+            self.uploads.put(data)
 
     def close(self) -> None:
         self.flush()
+        self.uploads.close()
 
 
-class _RewrittenObjectFactory:
-    def __init__(self):
-        self.opened: list[_RewrittenObject] = []
+class _RolledObjectFactory:
+    """tensorboardX's writer factory for a store's URLs."""
 
-    def open(self, url: str) -> _RewrittenObject:
-        self.opened.append(_RewrittenObject(url))
-        return self.opened[-1]
+    def open(self, url: str) -> _RolledObject:
+        return _RolledObject(url)
 
     def directory_check(self, url: str) -> None:
         pass  # a store has no directories to create
 
 
 def tensorboard_writer(log_dir: AnyPath) -> Any:
-    """tensorboardX's SummaryWriter for a local directory or a URL (events written through this module)."""
+    """tensorboardX's SummaryWriter for a local directory or a URL (events written through this module, in the
+    background: check_uploads() raises their failure, its close() too)."""
     from tensorboardX import SummaryWriter, record_writer
 
     if is_url(log_dir):
@@ -310,15 +440,26 @@ def tensorboard_writer(log_dir: AnyPath) -> Any:
     return SummaryWriter(str(log_dir))
 
 
+def _uploads_under(log_dir: AnyPath) -> list[_Uploads]:
+    prefix = str(log_dir).rstrip("/") + "/"
+    return [u for u in list(_UPLOADS) if u.where.startswith(prefix)]
+
+
+def check_uploads(log_dir: AnyPath) -> None:
+    """Raise, as one line (StorageError), the first failure of the background uploads of the files under log_dir
+    in a store (metrics.jsonl's parts, TensorBoard's events)."""
+    for uploads in _uploads_under(log_dir):
+        uploads.check()
+
+
 def abandon_uploads(log_dir: AnyPath) -> None:
-    """Write nothing more to the TensorBoard event objects under log_dir (their store is failing: their
-    writer's later flushes, at exit too, would each wait out the client's retries again)."""
-    for obj in _FACTORY.opened:
-        if str(obj.path).startswith(str(log_dir)):
-            obj.failed = True
+    """Write nothing more to the objects under log_dir (their store is failing: each later upload, at exit too,
+    would wait out the client's retries again); their close() neither waits nor raises."""
+    for uploads in _uploads_under(log_dir):
+        uploads.abandon()
 
 
-_FACTORY = _RewrittenObjectFactory()
+_FACTORY = _RolledObjectFactory()
 
 
 @contextlib.contextmanager

@@ -31,6 +31,7 @@ from conftest import FAST_COMPILE_FLAG, REPO, needs_module
     ("lora.py", []),
     ("preemption.py", []),
     ("dpo.py", []),
+    ("logs.py", []),
 ])
 def test_bench_smoke(script, extra, tmp_path, shared_dir):
     # the deviceless compiles: one TPU and one GPU target (targets.py), a GPU target (lora.py, dpo.py)
