@@ -313,6 +313,10 @@ def main(argv: list[str]) -> None:
     except UserError as e:
         print(f"launch.py: error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
+    except KeyboardInterrupt:  # a second Ctrl-C (or SIGINT) while a stop was saving: abort, as asked
+        print("launch.py: interrupted: stopped without saving this step; the last complete checkpoint resumes",
+              file=sys.stderr)
+        sys.exit(130)
     print(_done(config, result))
 
 

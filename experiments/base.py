@@ -110,7 +110,10 @@ def get_config() -> ConfigDict:
     c.checkpoint.keep = 5  # keep the last N checkpoints ...
     c.checkpoint.keep_every_hours = 0.0  # ... plus one every K hours (0 = off)
     c.checkpoint.async_save = True  # write checkpoints in the background while training goes on
-    c.checkpoint.lock_lease_s = 60.0  # gs:// runs: a lock not renewed this long is stale (a killed job) and taken over
+    # gs:// runs: a lock not renewed this long (by the store's clock) is stale, its job killed, and taken over; a
+    # job whose renewals (retried) all fail this long stops before writing more. As long as store_timeout_s, so
+    # that the store answering slowly for as long as a save may take does not cost the run its lock.
+    c.checkpoint.lock_lease_s = 300.0
     c.checkpoint.store_timeout_s = 300.0  # a store (gs://) failing this long fails the save: one line, exit 3
 
     c.mesh = ConfigDict()  # devices as a (data, fsdp) mesh; the product must equal the device count

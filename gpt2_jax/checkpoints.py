@@ -64,22 +64,46 @@ def _busy(run_dir: Path, who: str, more: str = "") -> UserError:
                      f"run_name{more} (nothing was written)")
 
 
+class LeaseLost(UserError):
+    """This job no longer holds its run's lock: it stops before its next write, so that one job writes the run."""
+
+
 class RunLease:
     """The lock of a run in Google Cloud Storage, where there is no flock: an object created only if absent
-    (generation precondition 0), rewritten every lease/3 seconds by a thread of process 0 while it trains
-    (each rewrite conditional on the generation it wrote last), and deleted at the end. A lock object
-    not rewritten for `lease_s` is stale (its job was killed) and is taken over, so kill -9 locks a run
-    out for no longer than the lease. Losing the lock (another job took it over after this one stalled for
-    longer than the lease) is raised by check()."""
+    (generation precondition 0), renewed by a thread of process 0 every lease/4 seconds while it trains (each
+    renewal conditional on the generation it wrote last, retried until it succeeds or the lease runs out),
+    and deleted at the end. Another launch judges the lock stale by the store's clock alone (its object's
+    last update against the time the store gives a probe object just written), after `lease_s`, and takes
+    it over: kill -9 locks a run out for no longer than the lease.
+
+    This job's lease runs from the moment it sent its last renewal that the store took (a conservative bound
+    of the store's own view). `check()`, cheap, raises LeaseLost when the lease lapsed (no renewal got
+    through in `lease_s`) or another job took the lock over; `fence()`, before a checkpoint, also asks the
+    store whether the lock object is still the generation this job wrote (fencing by generation).
+    """
 
     def __init__(self, url: Any, run_dir: Any, lease_s: float):
         from google.cloud import storage as gcs
 
         bucket, _, name = str(url).split("://", 1)[1].partition("/")
         self.blob = gcs.Client().bucket(bucket).blob(name)
-        self.run_dir, self.lease_s, self.lost = run_dir, lease_s, False
+        self.run_dir, self.lease_s = run_dir, lease_s
+        self.lost: str | None = None  # why this job lost the lock (set by the renewing thread)
+        self.renewed_at = time.monotonic()  # when the last renewal the store took was sent
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._refresh_until_stopped, daemon=True)
+        self._thread = threading.Thread(target=self._renew_until_stopped, daemon=True)
+
+    def _store_now(self) -> datetime.datetime:
+        """The store's clock: the update time it gives a probe object written now (then removed)."""
+        probe = self.blob.bucket.blob(f"{self.blob.name}.clock-{socket.gethostname()}-{os.getpid()}")
+        probe.upload_from_string(b"", timeout=self.lease_s)
+        try:
+            return probe.updated
+        finally:
+            try:
+                probe.delete(timeout=self.lease_s)
+            except Exception:  # noqa: BLE001 - an empty probe left behind harms nothing
+                pass
 
     def acquire(self) -> None:
         """Create the lock object, taking over a stale one; a fresh one held by another job: UserError."""
@@ -87,22 +111,24 @@ class RunLease:
 
         for _ in range(3):
             try:
+                sent = time.monotonic()
                 self.blob.upload_from_string(json.dumps({**_holder(), "lease_s": self.lease_s}),
                                              if_generation_match=0)
+                self.renewed_at = sent
                 self._thread.start()
                 return
             except PreconditionFailed:
                 held = self.blob.bucket.get_blob(self.blob.name)
                 if held is None:  # released meanwhile
                     continue
-                age = (datetime.datetime.now(datetime.timezone.utc) - held.updated).total_seconds()
+                age = (self._store_now() - held.updated).total_seconds()
                 try:
                     who = json.loads(held.download_as_text())
                     who = f"host {who['host']}, process id {who['pid']}, since {who['since']}"
                 except Exception:  # noqa: BLE001 - unreadable or deleted meanwhile: say what is known
                     who = "a job that did not say who it is"
                 if age <= self.lease_s:
-                    raise _busy(self.run_dir, f"{who}, its lock {self.blob.name} renewed {age:.0f} s ago",
+                    raise _busy(self.run_dir, f"{who}, its lock {self.blob.name} renewed {max(age, 0):.0f} s ago",
                                 f"; a job that was killed holds it for at most checkpoint.lock_lease_s="
                                 f"{self.lease_s:g} s") from None
                 _warn(f"taking over the lock of {self.run_dir} from {who}: not renewed for {age:.0f} s, longer "
@@ -113,32 +139,56 @@ class RunLease:
                     pass  # another launch took it over first: the next attempt finds out whose it is
         raise _busy(self.run_dir, "another launch is taking it over at this moment")
 
-    def _refresh_until_stopped(self) -> None:
-        from google.api_core.exceptions import PreconditionFailed
+    def _renew_until_stopped(self) -> None:
+        from google.api_core.exceptions import NotFound, PreconditionFailed
 
-        while not self._stop.wait(self.lease_s / 3):
-            try:  # no retries: the next renewal is the retry
-                self.blob.upload_from_string(json.dumps({**_holder(), "lease_s": self.lease_s}),
-                                             if_generation_match=self.blob.generation, retry=None,
-                                             timeout=self.lease_s / 3)
-            except PreconditionFailed:
-                self.lost = True
-                return
-            except Exception:  # noqa: BLE001 - a passing store failure: the next renewal tries again
-                continue
+        while not self._stop.wait(self.lease_s / 4):
+            while not self._stop.is_set():  # retried until it gets through, or the lease has run out
+                left = self.renewed_at + self.lease_s - time.monotonic()
+                if left <= 0:
+                    self.lost = "no renewal of it got through"
+                    return
+                sent = time.monotonic()
+                try:
+                    self.blob.upload_from_string(json.dumps({**_holder(), "lease_s": self.lease_s}),
+                                                 if_generation_match=self.blob.generation, retry=None,
+                                                 timeout=max(left, 1.0))
+                    self.renewed_at = sent
+                    break
+                except (PreconditionFailed, NotFound):
+                    self.lost = "another job took it over"
+                    return
+                except Exception:  # noqa: BLE001 - a passing failure of the store: tried again within the lease
+                    self._stop.wait(min(1.0, max(left - (time.monotonic() - sent), 0.0)))
+
+    def _lost(self, why: str) -> LeaseLost:
+        return LeaseLost(f"lost the lock of {self.run_dir} ({why} within checkpoint.lock_lease_s={self.lease_s:g} s); "
+                         "stopped before writing more, so that one job writes the run. Check that no other job "
+                         "trains it, then launch again: it resumes from the last complete checkpoint")
 
     def check(self) -> None:
-        """Raise when another job has taken the lock over (this one stalled for longer than the lease)."""
+        """Raise LeaseLost when this job's lease lapsed or another job took the lock over."""
         if self.lost:
-            raise UserError(f"another job took over the lock of {self.run_dir} after this one did not renew it for "
-                            f"checkpoint.lock_lease_s={self.lease_s:g} s; stopping without saving so that one job "
-                            "writes the run")
+            raise self._lost(self.lost)
+        if time.monotonic() - self.renewed_at > self.lease_s:
+            raise self._lost("no renewal of it got through")
+
+    def fence(self) -> None:
+        """check(), and the lock object in the store is still the generation this job wrote (before a save)."""
+        self.check()
+        try:
+            held = self.blob.bucket.get_blob(self.blob.name, timeout=self.lease_s)
+        except Exception:  # noqa: BLE001 - the store is failing: the save itself will say so
+            return
+        if held is None or held.generation != self.blob.generation:
+            self.lost = "another job took it over"
+            raise self._lost(self.lost)
 
     def release(self) -> None:
         """Stop renewing and delete the lock object, if it is still this job's."""
         self._stop.set()
         if self._thread.is_alive():
-            self._thread.join(timeout=self.lease_s / 3)
+            self._thread.join(timeout=self.lease_s / 4)
         if not self.lost:
             try:
                 self.blob.delete(if_generation_match=self.blob.generation, retry=None, timeout=10)
@@ -147,7 +197,7 @@ class RunLease:
 
 
 @contextlib.contextmanager
-def claim_run(run_dir: Path, is_main: bool = True, lease_s: float = 60.0):
+def claim_run(run_dir: Path, is_main: bool = True, lease_s: float = 300.0):
     """Hold the run directory for this job while it trains; yields a RunLease in Cloud Storage, else None.
 
     On a disk: process 0 takes an exclusive flock on its run_lock file (naming this host and process id),
@@ -256,8 +306,9 @@ def quiet_orbax() -> None:
 
 
 def make_manager(run_dir: Path, *, keep: int = 5, keep_every_hours: float = 0.0, async_save: bool = True,
-                 read_only: bool = False) -> ocp.CheckpointManager:
-    """An orbax CheckpointManager keeping the last `keep` steps plus one every `keep_every_hours`."""
+                 read_only: bool = False, timeout_s: float | None = None) -> ocp.CheckpointManager:
+    """An orbax CheckpointManager keeping the last `keep` steps plus one every `keep_every_hours`; a background
+    save, its barrier between processes included, gives up after `timeout_s` (default: orbax's 20 minutes)."""
     quiet_orbax()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None if read_only else keep or None,
@@ -266,7 +317,8 @@ def make_manager(run_dir: Path, *, keep: int = 5, keep_every_hours: float = 0.0,
         enable_async_checkpointing=async_save,
         # In a store, the step's directories are made before save() returns: a store that fails then fails
         # the save at once, instead of leaving orbax's writer threads waiting for them until its timeout.
-        async_options=ocp.AsyncOptions(create_directories_asynchronously=not storage.is_url(run_dir)),
+        async_options=ocp.AsyncOptions(create_directories_asynchronously=not storage.is_url(run_dir),
+                                       **({"timeout_secs": max(1, int(timeout_s))} if timeout_s else {})),
         # Remove what a killed save left behind. Not in a store, where orbax takes every folder without its
         # commit file for a partial step (damaged/, superseded/, best/): CheckpointWriter removes those there.
         cleanup_tmp_directories=not read_only and not storage.is_url(run_dir),
@@ -328,14 +380,17 @@ class CheckpointWriter:
     """Saves steps through an orbax manager with checksums, a free-space check before each save, and
     every write failure (synchronous or asynchronous) turned into one StorageError line."""
 
-    def __init__(self, run_dir: Path, *, keep: int = 5, keep_every_hours: float = 0.0, async_save: bool = True):
+    def __init__(self, run_dir: Path, *, keep: int = 5, keep_every_hours: float = 0.0, async_save: bool = True,
+                 store_timeout_s: float | None = None):
         self.run_dir = storage.absolute(run_dir)
         if storage.is_url(self.run_dir) and jax.process_index() == 0 and self.run_dir.is_dir():
             for child in self.run_dir.iterdir():  # before any save: no process writes a step yet
                 if child.name.isdigit():
                     _remove_partial_steps(self.run_dir, int(child.name))
-        self.manager = make_manager(self.run_dir, keep=keep, keep_every_hours=keep_every_hours,
-                                    async_save=async_save)
+        # In a store, a background save that has not finished in store_timeout_s fails (one process's write
+        # failing leaves the others waiting for it at orbax's barrier: they give up then, not after 20 minutes).
+        self.manager = make_manager(self.run_dir, keep=keep, keep_every_hours=keep_every_hours, async_save=async_save,
+                                    timeout_s=store_timeout_s if storage.is_url(self.run_dir) else None)
         self._saving: tuple[int, int] | None = None  # (step, bytes it needs) of the save in flight
         self._failed = False
 

@@ -9,18 +9,12 @@ WORKDIR/logs/RUN/        metrics.jsonl, TensorBoard event files, run_config.json
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import gc
 import io
 import json
-import logging
 import math
-import signal
 import sys
-import threading
 import time
-import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from gpt2_jax import autoremat, checkpoints, data, parallel, report, storage
+from gpt2_jax import autoremat, checkpoints, data, faults, parallel, report, storage
 from gpt2_jax import dpo as dpo_module
 from gpt2_jax.data import PairSampler, Pairs
 from gpt2_jax.encoder import Encoder
@@ -43,114 +37,18 @@ from gpt2_jax.targets import peak_bf16_flops
 from gpt2_jax.train import TrainState
 
 
-class _StopRequest:
-    """SIGINT/SIGTERM set a flag the loop checks after each step; a second Ctrl-C interrupts at once."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        tqdm.write(f"{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping "
-                   "(Ctrl-C again to abort without saving)")
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-class _BackgroundFailures:
-    """While training, background writers' failures become the loop's one line instead of tracebacks.
-
-    An exception in a background thread (TensorBoard's event writer) is kept for `check()` to raise;
-    orbax's logged copies of the save errors that CheckpointWriter raises, the errors a store's client
-    logs before it raises them to its caller (gcsfs, fsspec), and the unraisable leftovers of the
-    coroutines an aborted save abandons ("Event loop is closed"), are dropped. When the run ends on a failed
-    write the logging filters stay: orbax's threads, still retrying, would log the same failure again after
-    its one line.
-    """
-
-    STORE_CLIENTS = ("gcsfs", "fsspec", "aiohttp", "google", "s3fs", "adlfs")
-
-    def __init__(self):
-        self.errors: list[BaseException] = []
-
-    def _handlers(self) -> list[logging.Handler]:
-        """Where records of every logger end (a filter on a logger misses its children's records)."""
-        return [*logging.getLogger().handlers, *([logging.lastResort] if logging.lastResort else [])]
-
-    def __enter__(self):
-        self._hooks = threading.excepthook, sys.unraisablehook
-        threading.excepthook = lambda args: self.errors.append(args.exc_value)
-        sys.unraisablehook = self._unraisable
-        for name in ("absl", "asyncio"):
-            logging.getLogger(name).addFilter(self._filter)
-        self._filtered = self._handlers()
-        for handler in self._filtered:
-            handler.addFilter(self._filter)
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        gc.collect()  # abandoned coroutines are collected (and dropped) while the hooks are ours
-        threading.excepthook, sys.unraisablehook = self._hooks
-        if isinstance(exc, (StorageError, OSError, *storage.store_errors())):
-            return  # the run ends with its one line: orbax's threads, still failing, log the same failure again
-        for name in ("absl", "asyncio"):
-            logging.getLogger(name).removeFilter(self._filter)
-        for handler in self._filtered:
-            handler.removeFilter(self._filter)
-
-    @staticmethod
-    def _from_checkpointing(error: BaseException | None) -> bool:
-        frames = traceback.extract_tb(error.__traceback__) if error is not None else []
-        return "Event loop is closed" in str(error) or any("orbax" in f.filename for f in frames)
-
-    def _unraisable(self, unraisable) -> None:
-        if not self._from_checkpointing(unraisable.exc_value):
-            self._hooks[1](unraisable)
-
-    @staticmethod
-    def _filter(record: logging.LogRecord) -> bool:
-        if record.levelno < logging.ERROR:
-            return True
-        return ("orbax" not in record.pathname and "exception was never retrieved" not in record.getMessage()
-                and record.name.split(".")[0] not in _BackgroundFailures.STORE_CLIENTS)
-
-    def check(self, intact: str) -> None:
-        """Raise the first background failure as one line."""
-        if self.errors:
-            raise StorageError(f"a background writer failed: {reason(self.errors[0])}; {intact}")
-
-
-@contextlib.contextmanager
-def _write_errors_as_one_line(workdir: Path, intact: Callable[[], str]):
-    """An OSError (disk full, permissions) or a store's error from writing logs, samples or run files as a
-    StorageError."""
-    try:
-        yield
-    except (OSError, *storage.store_errors()) as e:
-        raise StorageError(f"a write under {workdir} failed: {reason(e)}; {intact()}") from None
-
-
 class _Logs:
     """metrics.jsonl (each record with its wall-clock time), TensorBoard, the run's config and, at the end,
     curves.png; written by process 0 only."""
 
     def __init__(self, log_dir: Path, enabled: bool, config: Any):
-        self.log_dir, self.enabled = log_dir, enabled
+        self.log_dir, self.enabled, self.closed = log_dir, enabled, False
         if enabled:
             storage.mkdir(log_dir)
             (log_dir / checkpoints.RUN_CONFIG).write_text(config.to_json_best_effort(indent=2))
             self.jsonl = storage.AppendLog(log_dir / "metrics.jsonl")
             self.tb = storage.tensorboard_writer(log_dir)
+            self.in_store, self.tb_flushed = storage.is_url(log_dir), -math.inf
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -159,21 +57,26 @@ class _Logs:
         self.jsonl.flush()
         for key, value in metrics.items():
             self.tb.add_scalar(key, value, step)
+        if self.in_store and time.monotonic() - self.tb_flushed >= self.jsonl.upload_every_s:
+            self.tb.flush()  # in a store, TensorBoard's new records go as the metrics do: at once, then every 10 s
+            self.tb_flushed = time.monotonic()
 
     def close(self, title: str, failing: BaseException | None = None) -> None:
         """Close the files and draw curves.png (loss, validation loss, learning rate) from metrics.jsonl.
         While the run is `failing` (already ending with its one line), a write that fails here is a warning;
         when the store holding the logs is what failed, nothing more is written to it."""
-        if not self.enabled:
+        if not self.enabled or self.closed:
             return
-        if isinstance(failing, (StorageError, OSError, *storage.store_errors())) and storage.is_url(self.log_dir):
+        self.closed = True  # once: the run closes its logs before its last agreement, or on its way out
+        if isinstance(failing, (StorageError, checkpoints.LeaseLost, OSError, *storage.store_errors())) \
+                and storage.is_url(self.log_dir):  # a failing store, or a lock lost: nothing more is written
             storage.abandon_uploads(self.log_dir)
             return
         errors = []
         for close in (self.jsonl.close, self.tb.close):  # each tried: a writer that failed writes no more
             try:
                 close()
-            except (OSError, *storage.store_errors()) as e:
+            except (StorageError, OSError, *storage.store_errors()) as e:
                 errors.append(e)
         if errors:
             if not failing:
@@ -205,7 +108,7 @@ def run(config: Any, on_step: Callable[[int, dict], None] | None = None) -> dict
     """Train as the config says; returns the last step's metrics. `on_step(step, metrics)` is for tests."""
     parallel.init_distributed(config.parallel)  # before anything touches a device
     check_config(config)  # a config that cannot run: one line before anything is written
-    checkpoints.quiet_orbax()  # before _BackgroundFailures saves (and at its end restores) the hooks it wraps
+    checkpoints.quiet_orbax()  # before BackgroundFailures saves (and at its end restores) the hooks it wraps
     workdir = storage.path(config.workdir)
     if storage.is_url(workdir):  # before the first file system is made: each keeps the retries it was made with
         storage.bound_retries(config.checkpoint.store_timeout_s)
@@ -215,16 +118,8 @@ def run(config: Any, on_step: Callable[[int, dict], None] | None = None) -> dict
     # (a preemption during compilation) is acted on at the first step.
     with parallel.peer_loss_ends_the_job(), checkpoints.claim_run(run_dir, jax.process_index() == 0,
                                                                   config.checkpoint.lock_lease_s) as lease, \
-            _StopRequest() as stop:
+            faults.StopRequest() as stop:
         return _train(config, run_dir, on_step, lease, stop)
-
-
-def _stop_agreement(mesh: Any) -> Callable[[bool], jax.Array]:
-    """A function of this process's stop flag giving whether any process's is set: a [devices] array of the
-    processes' flags reduced by a jitted max (an all-reduce of one scalar, dispatched asynchronously)."""
-    sharding, n = parallel.batch_sharding(mesh), mesh.devices.size
-    reduce = jax.jit(lambda flags: flags.max(), out_shardings=parallel.replicated(mesh))
-    return lambda flag: reduce(parallel.global_batch(np.full((n,), int(flag), np.int32), sharding))
 
 
 @dataclasses.dataclass
@@ -325,10 +220,14 @@ class _Validation(_Hook):
     def __init__(self, config: Any, start: _Start, eval_step: Callable, save_best: Callable | None):
         self.every = config.data.val_every if start.val_batches else 0
         self.eval_step, self.save_best, self.settings = eval_step, save_best, start.settings
+        # A mixture's sources are validated apart (val_loss/SOURCE); val_loss is over all of their batches.
+        by_source = start.val_batches if isinstance(start.val_batches, dict) else {"": start.val_batches}
+        self.sources = [name for name in by_source for _ in by_source[name]]  # each batch's source
         # Each batch's mean counts by its targets: all its tokens, or the weighted ones of examples (pairs: alike).
         self.counts = [float(np.sum(b[1][:, 1:])) if isinstance(b, tuple) and start.settings.dpo is None else 1.0
-                       for b in start.val_batches]
-        self.batches = [parallel.global_batch(b, start.steps.batch_sharding) for b in start.val_batches]
+                       for batches in by_source.values() for b in batches]
+        self.batches = [parallel.global_batch(b, start.steps.batch_sharding) for batches in by_source.values()
+                        for b in batches]
         saved = start.meta.get("best_val_loss")
         self.best_loss = math.inf if saved is None else float(saved)
         self.best_step = start.meta.get("best_step")
@@ -344,9 +243,14 @@ class _Validation(_Hook):
         """val_loss (with DPO, val_ and each of its metrics) over the validation batches."""
         outs = [self.eval_step(params, b) for b in self.batches]
         outs = [{k: float(v) for k, v in o.items()} if isinstance(o, dict) else {"loss": float(o)} for o in outs]
-        total = max(np.sum(self.counts), 1.0)
         names = ["loss", *(k for k in dpo_module.METRICS if k in outs[0])]
-        result = {f"val_{k}": float(np.sum([o[k] * c for o, c in zip(outs, self.counts)]) / total) for k in names}
+
+        def mean(key: str, source: str | None = None) -> float:
+            pairs = [(o[key], c) for o, c, s in zip(outs, self.counts, self.sources) if source in (None, s)]
+            return float(np.sum([v * c for v, c in pairs]) / max(np.sum([c for _, c in pairs]), 1.0))
+
+        result = {f"val_{k}": mean(k) for k in names}
+        result.update({f"val_loss/{s}": mean("loss", s) for s in dict.fromkeys(self.sources) if s})
         tqdm.write(f"[{step} | validation] " + " ".join(f"{k}={v:.4f}" for k, v in result.items()))
         self.validated_at = step
         return result
@@ -373,12 +277,21 @@ class _Sampling(_Hook):
 
     pauses = True
 
-    def __init__(self, config: Any, start: _Start, is_main: bool):
+    def __init__(self, config: Any, start: _Start, is_main: bool, hold: Callable[[Callable[[], Any]], None]):
         self.every, self.config, self.start, self.is_main = config.sample.sample_every, config, start, is_main
+        self.hold = hold  # the file's write: its failure is the job's (faults.JobAgreement.hold)
 
     def __call__(self, step: int, state: TrainState) -> dict[str, float]:
-        _sample(self.config, self.start.model_config, state.params, self.start.encoder,
-                storage.path(self.config.workdir), step, self.is_main)
+        texts = _sample(self.config, self.start.model_config, state.params, self.start.encoder, step)
+        if self.is_main:
+            tqdm.write("\n".join(texts))
+            directory = storage.path(self.config.workdir) / "samples" / self.config.run_name
+
+            def write() -> None:
+                storage.mkdir(directory)
+                (directory / f"samples-{step}").write_text("\n".join(texts) + "\n", encoding="utf-8")
+
+            self.hold(write)
         return {}
 
 
@@ -386,14 +299,24 @@ class _Checkpointing(_Hook):
     """A checkpoint every checkpoint.save_every steps, and at the end (`save`: once per step)."""
 
     def __init__(self, every: int, writer: checkpoints.CheckpointWriter, meta: Callable[[int], dict],
-                 last_saved: int | None):
+                 last_saved: int | None, agreement: faults.JobAgreement):
         self.every, self.writer, self.meta, self.last_saved = every, writer, meta, last_saved
+        self.agreement = agreement
 
     def __call__(self, step: int, state: TrainState) -> dict[str, float]:
         if self.last_saved != step:
-            self.writer.save(step, state.params, state.opt_state, self.meta(step))
+            _save(self.writer, self.agreement, step, state, self.meta(step))
             self.last_saved = step
         return {}
+
+
+def _save(writer: checkpoints.CheckpointWriter, agreement: faults.JobAgreement, step: int, state: TrainState,
+          meta: dict) -> None:
+    """Save a step once the previous save has ended on every process: in a multi-process job, one process's
+    failed background save is the job's failure before any process starts the next (orbax's save is collective)."""
+    agreement.hold(writer.wait)
+    agreement.settle()
+    writer.save(step, state.params, state.opt_state, meta)
 
 
 class _Meter:
@@ -425,7 +348,7 @@ class _Meter:
 
 
 def _train(config: Any, run_dir: Path, on_step: Callable[[int, dict], None] | None,
-           lease: checkpoints.RunLease | None, stop: _StopRequest) -> dict:
+           lease: checkpoints.RunLease | None, stop: faults.StopRequest) -> dict:
     """run(), in a run directory this job holds (through `lease` in Cloud Storage): the start, its writers
     and hooks, then the steps."""
     is_main = jax.process_index() == 0
@@ -435,32 +358,40 @@ def _train(config: Any, run_dir: Path, on_step: Callable[[int, dict], None] | No
     # with one line saying what failed and what is intact.
     writer: checkpoints.CheckpointWriter | None = None
     intact = lambda: writer.intact() if writer else "no checkpoint was written by this run"  # noqa: E731
-    with _BackgroundFailures() as background, _write_errors_as_one_line(workdir, intact):
+    # In a multi-process job, a failure on one process (a log write, its writers, the lock) is held until every
+    # process agrees on it, then all raise its line at the same step (faults.JobAgreement).
+    agreement = faults.JobAgreement(start.steps.mesh, stop, lambda e: faults.write_failure(e, workdir, intact()),
+                                    fence=lease.fence if lease else None)
+    with faults.BackgroundFailures() as background, faults.writes_as_one_line(workdir, intact):
         if is_main:
             _write_run_files(run_dir, start, config)
+        timeout = config.checkpoint.store_timeout_s
         writer = checkpoints.CheckpointWriter(run_dir, keep=config.checkpoint.keep,
                                               keep_every_hours=config.checkpoint.keep_every_hours,
-                                              async_save=config.checkpoint.async_save)
+                                              async_save=config.checkpoint.async_save, store_timeout_s=timeout)
         best_writer = None
         if start.settings.keep_best:  # the best step, outside the keep rotation, in a run directory of its own
             if is_main:
                 _write_run_files(run_dir / checkpoints.BEST, start, config)
             best_writer = checkpoints.CheckpointWriter(run_dir / checkpoints.BEST, keep=1,
-                                                       async_save=config.checkpoint.async_save)
+                                                       async_save=config.checkpoint.async_save, store_timeout_s=timeout)
         train_step, eval_step = _step_functions(start)
 
         def meta(step: int) -> dict:  # saved with each checkpoint
             return {"step": step, "seed": start.seed, "batches_drawn": step, **validation.meta()}
 
-        save_best = (lambda step, state: best_writer.save(step, state.params, state.opt_state, meta(step))
+        save_best = (lambda step, state: _save(best_writer, agreement, step, state, meta(step))
                      ) if best_writer is not None else None
         validation = _Validation(config, start, eval_step, save_best)
         step = int(start.state.step)
-        checkpointing = _Checkpointing(config.checkpoint.save_every, writer, meta, step if start.meta else None)
+        checkpointing = _Checkpointing(config.checkpoint.save_every, writer, meta, step if start.meta else None,
+                                       agreement)
         logs = _Logs(workdir / "logs" / config.run_name, is_main, config)
-        checks = [writer.check, lambda: background.check(intact()), *([lease.check] if lease else [])]
-        loop = _Loop(config, start, train_step, [validation, _Sampling(config, start, is_main), checkpointing], logs,
-                     checks, stop, on_step, lambda n, m: _check_finite(n, m, writer.latest_step(), run_dir))
+        checks = [writer.check, lambda: background.check(intact()), *([lease.check] if lease else []),
+                  *([lambda: storage.check_uploads(logs.log_dir)] if is_main else [])]  # logs sent in the background
+        sampling = _Sampling(config, start, is_main, agreement.hold)
+        loop = _Loop(config, start, train_step, [validation, sampling, checkpointing], logs, checks, agreement,
+                     on_step, lambda n, m: _check_finite(n, m, writer.latest_step(), run_dir))
         try:
             if validation.batches:  # the starting point, so the log shows how far validation loss falls
                 first = validation.validate(loop.step, start.state.params)
@@ -468,16 +399,18 @@ def _train(config: Any, run_dir: Path, on_step: Callable[[int, dict], None] | No
                 if not start.meta:  # a resumed step was judged when it was first validated
                     validation.judge(loop.step, start.state, first["val_loss"])
             loop.run()
+            agreement.settle()  # every process ends here alike, or all raise one process's failure
             total = config.train.total_steps
             if validation.batches and total and loop.step >= total and validation.validated_at != loop.step:
                 last = validation(loop.step, loop.state)  # a run ends validated
                 loop.metrics.update(last)
-                logs.write(loop.step, last)
+                agreement.hold(lambda: logs.write(loop.step, last))
             _say_why_stopped(loop, validation, run_dir, best_writer is not None)
             checkpointing(loop.step, loop.state)
-            writer.wait()
-            if best_writer is not None:
-                best_writer.wait()
+            for w in (writer, best_writer) if best_writer is not None else (writer,):
+                agreement.hold(w.wait)
+            agreement.hold(lambda: logs.close(config.run_name))
+            agreement.settle()  # the last save and the logs ended on every process, or all raise one's failure
         finally:
             failing = sys.exc_info()[1]
             loop.bar.close()
@@ -494,43 +427,42 @@ class _Loop:
     the host), except at a step where a hook is due: hooks act on that step's state."""
 
     def __init__(self, config: Any, start: _Start, train_step: Callable, hooks: list[_Hook], logs: _Logs,
-                 checks: list[Callable[[], None]], stop: _StopRequest, on_step: Callable[[int, dict], None] | None,
-                 check_finite: Callable[[int, dict], None]):
+                 checks: list[Callable[[], None]], agreement: faults.JobAgreement,
+                 on_step: Callable[[int, dict], None] | None, check_finite: Callable[[int, dict], None]):
         steps, settings = start.steps, start.settings
         self.state, self.step, self.train_step, self.hooks, self.logs = start.state, int(start.state.step), \
             train_step, hooks, logs
         self.checks = checks  # after each step: the failures of background writers, the lease
-        self.stop, self.on_step, self.check_finite = stop, on_step, check_finite
+        self.agreement, self.on_step, self.check_finite = agreement, on_step, check_finite
         self.total, self.dispatch_ahead = config.train.total_steps, config.train.dispatch_ahead
         self.sampler, self.rows, self.batch_sharding = start.sampler, settings.rows, steps.batch_sharding
+        self.my_rows = parallel.process_rows(steps.batch_sharding, settings.rows)  # all this process reads
         seed = start.seed
         self.step_key = jax.jit(lambda s: jax.random.fold_in(jax.random.key(seed), s),
                                 out_shardings=parallel.replicated(steps.mesh))
         self.meter = _Meter(settings, flops_per_token(start.model_config, settings.seq_len), _peak_flops(config))
         self.metrics: dict[str, float] = {}  # the last step's
-        # SIGTERM or Ctrl-C to any one process of a multi-process job stops every process after the same step:
-        # each step carries the processes' stop flags, combined by a tiny collective read with its metrics.
-        self.agree = _stop_agreement(steps.mesh) if jax.process_count() > 1 else None
-        self.agreed_stop = False
         self.bar = tqdm(total=self.total or None, initial=self.step, desc=config.run_name, unit="step",
                         disable=jax.process_index() != 0, dynamic_ncols=True)
 
     def stopping(self) -> bool:
-        return self.agreed_stop if self.agree is not None else self.stop.requested
+        a = self.agreement
+        return a.stopping if a.multi else a.stop.requested
 
     def done(self) -> bool:
         return bool(self.total and self.step >= self.total) or self.stopping() or any(h.stops() for h in self.hooks)
 
     def batch(self, step: int) -> Any:
-        return parallel.global_batch(self.sampler.batch(step, self.rows), self.batch_sharding)
+        local = self.sampler.batch(step, self.rows, rows=self.my_rows)
+        return parallel.global_batch(local, self.batch_sharding, rows=self.rows)
 
     def run(self) -> None:
         next_batch = self.batch(self.step)
         pending: tuple[int, dict] | None = None  # (step, metrics on the device) not yet read: dispatch_ahead
         while not self.done():
             self.state, out = self.train_step(self.state, next_batch, self.step_key(self.step))  # asynchronous
-            if self.agree is not None:  # every process's stop flag, combined on the devices after this step
-                out = {**out, "stop": self.agree(self.stop.requested)}
+            if self.agreement.multi:  # SIGTERM, Ctrl-C or a failure on any process: every process acts on it
+                out = {**out, "agreed": self.agreement.combine(self.agreement.code())}  # after the same step
             self.step += 1
             next_batch = self.batch(self.step)  # meanwhile, on the host
             if pending is not None:  # the previous step's metrics, read while this one runs
@@ -546,15 +478,19 @@ class _Loop:
     def record(self, step: int, out: dict, acting: bool) -> None:
         """Step `step`'s metrics (waiting for it), logged; when `acting` (the state is that step's), the hooks
         due at it."""
-        if "stop" in out:
-            self.agreed_stop = self.agreed_stop or bool(out["stop"])
+        if "agreed" in out:
+            self.agreement.act(out["agreed"])
         metrics = self.meter.read(out)
         self.check_finite(step, metrics)
+        for check in self.checks:  # before this step's writes: a failed writer, a lapsed lease
+            self.agreement.hold(check)
         due = [h for h in self.hooks if h.due(step)] if acting else []
+        if due:  # no process enters a hook's collectives (a checkpoint, validation) while another holds a failure
+            self.agreement.settle()
         for hook in due:
             if hook.logged:
                 metrics.update(hook(step, self.state))
-        self.logs.write(step, metrics)
+        self.agreement.hold(lambda: self.logs.write(step, metrics))
         self.bar.set_postfix_str(_postfix(metrics), refresh=False)  # drawn by update(), at most 10 times a second
         self.bar.update(1)
         for hook in due:
@@ -563,8 +499,6 @@ class _Loop:
         if any(h.pauses for h in due):
             self.meter.restart_clock()
         self.metrics = metrics
-        for check in self.checks:
-            check()
         if self.on_step is not None:
             self.on_step(step, metrics)
 
@@ -693,21 +627,13 @@ def _postfix(metrics: dict[str, float]) -> str:
     return " ".join(parts)
 
 
-def _sample(config: Any, model_config: GPT2Config, params: Any, encoder: Encoder, workdir: Path, step: int,
-            is_main: bool) -> None:
-    """Samples continuing sample.prompt (unconditional, from <|endoftext|>, when empty), printed and written
-    to samples/RUN/samples-STEP."""
+def _sample(config: Any, model_config: GPT2Config, params: Any, encoder: Encoder, step: int) -> list[str]:
+    """Samples continuing sample.prompt (unconditional, from <|endoftext|>, when empty), each with its header."""
     s = config.sample
     prompt = encoder.encode(s.prompt)[-(model_config.n_ctx - 1):] or [encoder.eot_token]
     length = min(s.sample_length, model_config.n_ctx - len(prompt))
     out = generate(model_config, params, prompt, length=length, batch_size=s.sample_num,
                    rng=jax.random.fold_in(jax.random.key(config.seed + 1), step), temperature=s.temperature,
                    top_k=s.top_k, top_p=s.top_p, eot=encoder.eot_token)
-    if not is_main:
-        return
-    texts = [SAMPLE_HEADER.format(i + 1) + "\n" + s.prompt + encoder.decode(row[:n]) for i, (row, n) in
-             enumerate(zip(out.tokens, out.lengths))]
-    tqdm.write("\n".join(texts))
-    directory = workdir / "samples" / config.run_name
-    storage.mkdir(directory)
-    (directory / f"samples-{step}").write_text("\n".join(texts) + "\n", encoding="utf-8")
+    return [SAMPLE_HEADER.format(i + 1) + "\n" + s.prompt + encoder.decode(row[:n]) for i, (row, n) in
+            enumerate(zip(out.tokens, out.lengths))]

@@ -199,18 +199,29 @@ def check_batch(batch_size: int, mesh: Mesh) -> None:
                         f"(mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}); use a multiple of {shards}")
 
 
-def global_batch(batch: np.ndarray | tuple, sharding: NamedSharding) -> jax.Array | tuple:
-    """A global array from the full host batch: each process contributes only the rows its devices hold
-    (a tuple of arrays, such as windows and their weights, array by array)."""
+def process_rows(sharding: NamedSharding, rows: int) -> slice:
+    """The rows of a global batch of `rows` that this process's devices hold: one contiguous block, as the mesh
+    lists each process's devices together (all of them in a single-process run)."""
+    if jax.process_count() == 1:
+        return slice(0, rows)
+    index_map = sharding.addressable_devices_indices_map((rows,))
+    starts = [idx[0].start or 0 for idx in index_map.values()]
+    stops = [idx[0].stop if idx[0].stop is not None else rows for idx in index_map.values()]
+    return slice(min(starts), max(stops))
+
+
+def global_batch(batch: np.ndarray | tuple, sharding: NamedSharding, rows: int | None = None) -> jax.Array | tuple:
+    """A global array from a host batch (a tuple of arrays, such as windows and their weights, array by array):
+    the full batch, of which each process contributes the rows its devices hold; or, given the global batch's
+    `rows`, only this process's rows (process_rows), which is all a process then reads."""
     if isinstance(batch, tuple):
-        return tuple(global_batch(b, sharding) for b in batch)
+        return tuple(global_batch(b, sharding, rows) for b in batch)
     if jax.process_count() == 1:
         return jax.device_put(batch, sharding)
-    index_map = sharding.addressable_devices_indices_map(batch.shape)
-    starts = [idx[0].start or 0 for idx in index_map.values()]
-    stops = [idx[0].stop if idx[0].stop is not None else batch.shape[0] for idx in index_map.values()]
-    local = batch[min(starts):max(stops)]
-    return jax.make_array_from_process_local_data(sharding, local, batch.shape)
+    if rows is None:
+        rows = batch.shape[0]
+        batch = batch[process_rows(sharding, rows)]
+    return jax.make_array_from_process_local_data(sharding, batch, (rows, *batch.shape[1:]))
 
 
 def put_tree(tree: Any, shardings: Any) -> Any:

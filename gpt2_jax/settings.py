@@ -78,6 +78,10 @@ def check_config(config: Any) -> None:
                         "set data.val_every > 0 (and data.val_dataset or data.val_split)")
     if not 0.0 <= data.val_split < 1.0:
         raise UserError(f"data.val_split={data.val_split}: must be in [0, 1) (0 = no held-out split)")
+    ck = config.checkpoint
+    if not (ck.lock_lease_s >= 1 and ck.store_timeout_s >= 1):
+        raise UserError(f"checkpoint.lock_lease_s={ck.lock_lease_s} and checkpoint.store_timeout_s={ck.store_timeout_s}: "
+                        "both must be >= 1 (seconds)")
     if data.val_split and data.val_dataset:
         raise UserError("data.val_split and data.val_dataset are both set: use one (val_dataset, or a split of the "
                         "training data)")

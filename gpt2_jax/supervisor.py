@@ -3,7 +3,7 @@
 When the coordination service (or a process's client of it) learns that a peer is gone, JAX's C++
 client logs its errors and aborts the process (SIGABRT, a C++ stack dump) before Python sees
 anything; no Python API catches it. So `launch.py` runs each process of a multi-process job as a
-child of itself: the parent forwards SIGTERM, keeps the child's stdout as it is, copies its stderr
+child of itself: the parent forwards SIGTERM and SIGINT, keeps the child's stdout as it is, copies its stderr
 except JAX's C++ log lines (absl format, and everything after a fatal one), which go to
 `WORKDIR/logs/RUN/jax-PROCESS.log`, and when the child dies by a signal after the coordination
 service reported a lost task, prints one line naming it and exits with parallel.PEER_LOST_EXIT.
@@ -137,13 +137,14 @@ def supervise(argv: Sequence[str], log: str, job: str) -> int:
 
 
 def _supervise(argv: Sequence[str], log_path: Path, log_name: str, job: str) -> int:
+    # The child runs in a process group of its own, so that a terminal's Ctrl-C reaches it once, through this
+    # process, as `kill -INT` of this process does: both are forwarded, as SIGTERM is (a scheduler, a
+    # preemption). The child saves and stops at the first; a second SIGINT aborts it.
     child = subprocess.Popen([sys.executable, *argv], env={**os.environ, CHILD_ENV: "1"}, stderr=subprocess.PIPE,
-                             preexec_fn=_die_with_parent)
+                             preexec_fn=_die_with_parent, process_group=0)
     filtered = _StderrFilter(child.stderr, log_path)
-    # SIGTERM (a scheduler, a preemption) goes to the child, which saves and stops. Ctrl-C reaches the
-    # child from the terminal itself (same process group), so the parent only ignores it.
-    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, lambda *_: child.send_signal(signal.SIGTERM)),
-                signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN)}
+    previous = {sig: signal.signal(sig, lambda signum, _: child.send_signal(signum))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         code = child.wait()
         filtered.thread.join()

@@ -101,12 +101,15 @@ def environment(variables: dict[str, str]):
 
 class GCS:
     """A local Google Cloud Storage (tests/gcs_emulator.py): `bucket`, the `env` that points orbax, tensorstore,
-    gcsfs and google-cloud-storage at it, and stop()/start() (with `data`, what it holds survives a stop)."""
+    gcsfs and google-cloud-storage at it, and stop()/start() (with `data`, what it holds survives a stop). `raw`:
+    without the generation headers and preconditions of real GCS; `faults`: a file whose lines are object-name
+    prefixes whose writes the store refuses (403), for a test to write mid-run."""
 
     BUCKET = "gpt2-jax-test"
 
-    def __init__(self, data: Path | None = None):
+    def __init__(self, data: Path | None = None, raw: bool = False, faults: Path | None = None):
         self.port, self.data, self.bucket, self.proc = free_port(), data, self.BUCKET, None
+        self.options = [*(["--raw"] if raw else []), *(["--faults", str(faults)] if faults else [])]
         url = f"http://127.0.0.1:{self.port}"
         # gcsfs asks a new bucket's type over gRPC, which the emulator cannot answer (60 s per file system).
         self.env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
@@ -117,7 +120,7 @@ class GCS:
         import subprocess
         import sys
 
-        extra = ["--data", str(self.data)] if self.data is not None else []
+        extra = (["--data", str(self.data)] if self.data is not None else []) + self.options
         for _ in range(20):  # a restart may find the port not yet free
             with tempfile.TemporaryFile() as err:
                 self.proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "gcs_emulator.py"), str(self.port),

@@ -1,11 +1,16 @@
 """A local Google Cloud Storage for the tests: gcp-storage-emulator (a test-only dependency) on 127.0.0.1,
-run as `python tests/gcs_emulator.py PORT BUCKET [--data DIR]` by the `gcs` fixture in conftest.py (in
-memory; with --data, kept in DIR, so that a test can stop the store and start it again).
+run as `python tests/gcs_emulator.py PORT BUCKET [--data DIR] [--raw] [--faults FILE]` by the `gcs` fixture in
+conftest.py (in memory; with --data, kept in DIR, so that a test can stop the store and start it again).
 
 Two things real GCS does that the emulator does not are added here: its upload and delete handlers answer
 412 when `ifGenerationMatch` does not hold (gpt2-jax's run lock relies on it: an object created only if
 absent, renewed or deleted only while it is the generation the job wrote), and reads name the object's
 generation and honour generation conditions (tensorstore's reads of orbax's OCDBT manifests rely on them).
+With --raw neither is added: a store that is not quite GCS, whose answers orbax and tensorstore do not expect.
+
+With --faults FILE, an upload or delete of an object whose name starts with one of FILE's lines (read at each
+request; no file, no faults) is answered 403 Forbidden, as GCS answers a write it refuses: a test makes one
+kind of write fail mid-run by writing the file.
 """
 
 from __future__ import annotations
@@ -93,18 +98,42 @@ def _atomic_write_bytes(write_bytes):
     return wrapped
 
 
+def _failing_writes(faults: str, handler):
+    """Writes of objects under the prefixes listed in the file `faults` answered 403."""
+    def wrapped(request, response, storage, *args, **kwargs):
+        try:
+            with open(faults, encoding="utf-8") as f:
+                prefixes = [line.strip() for line in f if line.strip()]
+        except FileNotFoundError:
+            prefixes = []
+        name = _object_name(request) or ""
+        if any(name.startswith(p) for p in prefixes):
+            response.status = HTTPStatus.FORBIDDEN
+            response.json({"error": {"code": 403, "message": f"writes under this prefix are refused: {name}"}})
+            return None
+        return handler(request, response, storage, *args, **kwargs)
+    return wrapped
+
+
+def _option(name: str) -> str | None:
+    return sys.argv[sys.argv.index(name) + 1] if name in sys.argv else None
+
+
 def main() -> None:
     port, bucket = int(sys.argv[1]), sys.argv[2]
-    data = sys.argv[sys.argv.index("--data") + 1] if "--data" in sys.argv else None
+    data, faults, raw = _option("--data"), _option("--faults"), "--raw" in sys.argv
     logging.basicConfig(level=logging.CRITICAL)
     storage._FileStore.write_bytes = _atomic_write_bytes(storage._FileStore.write_bytes)
-    wrapped = {objects.insert: _with_preconditions(objects.insert), objects.delete: _with_preconditions(objects.delete),
-               objects.download: _reads_with_generations(objects.download),
-               objects.get: _reads_with_generations(objects.get)}
+    wrapped = {} if raw else {
+        objects.insert: _with_preconditions(objects.insert), objects.delete: _with_preconditions(objects.delete),
+        objects.download: _reads_with_generations(objects.download), objects.get: _reads_with_generations(objects.get)}
+    if faults:
+        for write in (objects.insert, objects.delete):
+            wrapped[write] = _failing_writes(faults, wrapped.get(write, write))
     for _, handlers in server.HANDLERS:
         for method, handler in handlers.items():
             handlers[method] = wrapped.get(handler, handler)
-    objects.insert = wrapped[objects.insert]  # the router's fallback for uploads posted without /upload
+    objects.insert = wrapped.get(objects.insert, objects.insert)  # the router's fallback for uploads posted without /upload
     emulator = server.create_server("127.0.0.1", port, in_memory=data is None, default_bucket=bucket, data_dir=data)
     print("ready", flush=True)
     emulator.run()

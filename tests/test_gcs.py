@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURES, GCS, REPO
-from gpt2_jax import checkpoints, loop, storage
+from gpt2_jax import checkpoints, loop, report, storage
 from gpt2_jax.cli import main as cli_main
 from gpt2_jax.errors import UserError
 from test_loop import no_compile, tiny_config  # noqa: F401 - no_compile is a fixture
@@ -82,12 +82,12 @@ def test_a_run_in_a_bucket_keeps_everything_there_sets_a_damaged_step_aside_with
     assert checkpoints.steps_of(run_dir / checkpoints.BEST) != []  # keep_best's run directory survived
     names = {str(p)[len(workdir) + 1:] for p in storage.files_of(workdir)}
     for name in ("checkpoint/run1/hparams.json", "checkpoint/run1/encoder.json", "checkpoint/run1/run_config.json",
-                 "checkpoint/run1/dataset.json", "logs/run1/metrics.jsonl", "logs/run1/curves.png",
+                 "checkpoint/run1/dataset.json", "logs/run1/metrics.jsonl.parts/000000000001.jsonl",
+                 "logs/run1/curves.png",
                  "logs/run1/run_config.json", "samples/run1/samples-2", "samples/run1/samples-6"):
         assert name in names, name
     assert any(n.startswith("logs/run1/events.out.tfevents") for n in names)
-    metrics = (storage.path(workdir) / "logs/run1/metrics.jsonl").read_text()
-    records = [json.loads(line) for line in metrics.splitlines()]
+    records = report.read_metrics(storage.path(workdir) / "logs/run1")  # metrics.jsonl's parts, read as one
     assert {r["step"] for r in records if "loss" in r} == {1, 2, 3, 4, 5, 6}  # both runs' lines, appended
     assert not (run_dir.parent / "run1.lock").exists()  # released at the end
 
@@ -203,3 +203,59 @@ def test_the_store_failing_mid_run_is_one_line_exit_3_and_earlier_steps_are_inta
             checkpoints.load_run_params(run_dir / str(max(steps)))
     finally:
         store.stop()
+
+
+# --- The lease: renewed within its lease, fenced by generation, judged by the store's clock --------------------
+
+def _lease(store: GCS, name: str, lease_s: float) -> checkpoints.RunLease:
+    return checkpoints.RunLease(store.url(name, "run1.lock"), store.url(name, "run1"), lease_s)
+
+
+def test_a_lease_survives_a_store_outage_shorter_than_it_and_lapses_after_a_longer_one(tmp_path):
+    store = GCS(data=tmp_path / "store")
+    try:
+        with store.active():
+            lease = _lease(store, "outage", 8.0)
+            lease.acquire()  # renewed every 2 s
+            store.stop()
+            time.sleep(4.0)  # renewals fail meanwhile, and are retried
+            store.start()
+            time.sleep(4.0)
+            lease.check()  # a renewal got through within the lease: still this job's
+            assert time.monotonic() - lease.renewed_at < 4.0
+            lease.fence()
+            store.stop()
+            time.sleep(9.0)  # longer than the lease: no renewal got through
+            with pytest.raises(checkpoints.LeaseLost, match=r"lost the lock of .*outage/run1 \(no renewal of it got "
+                                                            r"through within checkpoint.lock_lease_s=8 s\); stopped "
+                                                            r"before writing more"):
+                lease.check()
+            store.start()
+            lease.release()
+    finally:
+        store.stop()
+
+
+def test_a_lock_taken_over_is_fenced_before_the_next_write_and_staleness_is_judged_by_the_store_clock(
+        gcs, monkeypatch):
+    lease = _lease(gcs, "fenced", 60.0)
+    lease.acquire()
+    # The local clock an hour ahead: a fresh lock is still fresh, as the store's own times say.
+    real = checkpoints.datetime.datetime
+
+    class Ahead(real):
+        @classmethod
+        def now(cls, tz=None):
+            return real.now(tz) + checkpoints.datetime.timedelta(hours=1)
+
+    monkeypatch.setattr(checkpoints.datetime, "datetime", Ahead)
+    with pytest.raises(UserError, match="is being trained by another job .*renewed 0 s ago"):
+        _lease(gcs, "fenced", 60.0).acquire()
+    monkeypatch.undo()
+    lease.blob.bucket.blob(lease.blob.name).upload_from_string(b'{"host": "other"}')  # another job took it over
+    with pytest.raises(checkpoints.LeaseLost, match="another job took it over"):
+        lease.fence()  # the generation in the store is not this job's: no more writes
+    with pytest.raises(checkpoints.LeaseLost):
+        lease.check()
+    lease.release()  # not deleted: it is the other job's now
+    assert storage.path(gcs.url("fenced", "run1.lock")).read_text() == '{"host": "other"}'

@@ -189,3 +189,22 @@ def test_a_mixture_that_cannot_run_is_one_line(tmp_path, fields, message):
     with pytest.raises(UserError, match="train.objective=dpo trains on one .jsonl of preference pairs"):
         data.pair_datasets(config, Vocab(), WINDOW - 1)
 
+
+def test_a_run_on_a_mixture_logs_each_sources_validation_and_their_mean(tmp_path):
+    from conftest import FIXTURES
+    from test_loop import read_metrics, tiny_config
+
+    from gpt2_jax import loop
+
+    prose = tmp_path / "prose.txt"
+    prose.write_text("It was the best of times, it was the worst of times. " * 40)
+    code = FIXTURES / "make_openai_checkpoint.py"
+    config = tiny_config(tmp_path, "", **{"data.mixture": f"code:0.75={code};prose:0.25={prose}",
+                                          "data.mixture_block": 4, "data.val_split": 0.2, "data.val_every": 2,
+                                          "data.val_batch_count": 2, "train.total_steps": 4})
+    loop.run(config)
+    validated = [r for r in read_metrics(tmp_path) if "val_loss" in r]
+    assert [r["step"] for r in validated] == [0, 2, 4]
+    for r in validated:  # the mean over both sources' batches (the same number of windows each)
+        assert r["val_loss/prose"] != r["val_loss/code"]  # validated apart, each on its own held-out tail
+        assert r["val_loss"] == pytest.approx((r["val_loss/code"] + r["val_loss/prose"]) / 2, rel=1e-6)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -14,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import FAST_COMPILE_FLAG, FIXTURES, REPO
+from conftest import FAST_COMPILE_FLAG, FIXTURES, GCS, REPO
 from gpt2_jax import checkpoints
 from gpt2_jax.parallel import PEER_LOST_EXIT
 
@@ -166,15 +167,16 @@ def _stopped_at(err: str) -> int:
                .split(":")[0])
 
 
-@pytest.mark.parametrize("who", ["process 1 alone", "both, a second apart"])
-def test_a_stop_sent_to_any_process_saves_the_same_step_on_every_process(tmp_path, who):
+@pytest.mark.parametrize("sig, who", [(signal.SIGTERM, "process 1 alone"), (signal.SIGINT, "both, a second apart")])
+def test_a_stop_sent_to_any_process_saves_the_same_step_on_every_process(tmp_path, sig, who):
     workdir = tmp_path / "w"
     procs = _start_pair(workdir, *LONG)
     _lines_after_metrics(procs, workdir / "logs" / "run1" / "metrics.jsonl", 25)
-    procs[1].send_signal(signal.SIGTERM)  # a spot VM's notice reaches one host (the supervisor forwards it)
+    # A spot VM's notice reaches one host, or `kill -INT PID` one process: its supervisor forwards it.
+    procs[1].send_signal(sig)
     if who.startswith("both"):
         time.sleep(1.0)
-        procs[0].send_signal(signal.SIGTERM)
+        procs[0].send_signal(sig)
     start = time.monotonic()
     errors = _finish(procs, timeout=120)
     assert [p.returncode for p in procs] == [0, 0], "\n".join(e[-3000:] for e in errors)
@@ -185,37 +187,105 @@ def test_a_stop_sent_to_any_process_saves_the_same_step_on_every_process(tmp_pat
     # Resuming such a stop bitwise: the job in a bucket, below.
 
 
-def test_a_job_whose_hosts_share_no_disk_keeps_its_run_in_a_bucket_and_survives_a_preempted_host(pair_run, gcs,
-                                                                                                 tmp_path):
+def _ended_as_one(procs: list[subprocess.Popen], code: int, timeout: float = 120) -> str:
+    """Both processes' last line once they ended, the same on both, with exit code `code`, and no traceback."""
+    errors = _finish(procs, timeout=timeout)
+    assert [p.returncode for p in procs] == [code, code], "\n".join(e[-3000:] for e in errors)
+    last = [[line for line in e.splitlines() if line.strip()][-1] for e in errors]
+    assert last[0] == last[1] and last[0].startswith("launch.py: error: "), last
+    assert not any("Traceback" in e for e in errors), errors
+    return last[0]
+
+
+def test_a_job_whose_hosts_share_no_disk_keeps_its_run_in_a_bucket_fails_as_one_and_resumes_bitwise(pair_run,
+                                                                                                     tmp_path):
+    # Each process in a directory of its own, everything in a bucket of a store of this test's own, which refuses
+    # the writes named in `faults`. The job is preempted on one host, loses its lock to another job, has its
+    # TensorBoard writes refused on process 0, then runs to the end: equal to the job never interrupted.
     from test_gcs import upload
 
-    from gpt2_jax import storage
+    from gpt2_jax import report, storage
 
-    model = upload(FIXTURES / "openai_tiny", gcs.url("pair", "openai_tiny"))
-    data = upload(FIXTURES / "make_openai_checkpoint.py", gcs.url("pair", "data.py"))
-    workdir, env = gcs.url("pair", "w"), {**ENV, **gcs.env}
-    pair = dict(logs=tmp_path, hosts=tmp_path / "hosts", env=env, model=model, dataset=data)
-    procs = _start_pair(workdir, *LONG, **pair)
-    run_dir = storage.path(workdir) / "checkpoint" / "run1"
-    deadline = time.monotonic() + 240
-    while not checkpoints.steps_of(run_dir) and time.monotonic() < deadline:  # step 10 saved: well under way
-        assert all(p.poll() is None for p in procs), _finish(procs)
-        time.sleep(0.2)
-    procs[1].send_signal(signal.SIGTERM)
-    errors = _finish(procs, timeout=120)
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(e[-3000:] for e in errors)
-    assert _stopped_at(errors[0]) == _stopped_at(errors[1]) < 60
-    restarted = _start_pair(workdir, *LONG, **pair)
-    errors = _finish(restarted)
-    assert [p.returncode for p in restarted] == [0, 0], "\n".join(e[-3000:] for e in errors)
-    _, params = checkpoints.load_run_params(run_dir)
-    _, reference = checkpoints.load_run_params(pair_run / "checkpoint" / "run1")
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, reference)
-    assert [p for p in (tmp_path / "hosts").rglob("*") if p.is_file()] == []  # nothing of the run on a host's disk
-    assert (storage.path(workdir) / "logs" / "run1" / "metrics.jsonl").read_text().count("\n") >= 60
-    sample = subprocess.run([sys.executable, "-m", "gpt2_jax", "sample", "--model_dir", str(run_dir), "--length", "3",
-                             "--seed", "0"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert sample.returncode == 0 and "SAMPLE 1" in sample.stdout, sample.stderr[-2000:]
+    faults = tmp_path / "faults"
+    store = GCS(faults=faults)
+    try:
+        with store.active():
+            model = upload(FIXTURES / "openai_tiny", store.url("pair", "openai_tiny"))
+            data = upload(FIXTURES / "make_openai_checkpoint.py", store.url("pair", "data.py"))
+            workdir, env = store.url("pair", "w"), {**ENV, **store.env}
+            pair = dict(logs=tmp_path, hosts=tmp_path / "hosts", env=env, model=model, dataset=data)
+            job = (*LONG, "--config.checkpoint.lock_lease_s=4")
+            run_dir = storage.path(workdir) / "checkpoint" / "run1"
+            lock = storage.path(workdir) / "checkpoint" / "run1.lock"
+
+            def saved(step: int) -> bool:
+                try:
+                    return max(checkpoints.steps_of(run_dir), default=0) > step
+                except FileNotFoundError:  # listed while the job was writing or removing a step
+                    return False
+
+            def saved_after(step: int, procs: list[subprocess.Popen]) -> None:
+                deadline = time.monotonic() + 240
+                while not saved(step) and time.monotonic() < deadline:
+                    assert all(p.poll() is None for p in procs), _finish(procs)
+                    time.sleep(0.2)
+
+            procs = _start_pair(workdir, *job, **pair)
+            saved_after(0, procs)  # step 10 saved: well under way
+            procs[1].send_signal(signal.SIGTERM)  # a preempted host
+            errors = _finish(procs, timeout=120)
+            assert [p.returncode for p in procs] == [0, 0], "\n".join(e[-3000:] for e in errors)
+            stopped = _stopped_at(errors[0])
+            assert stopped == _stopped_at(errors[1]) < 60
+
+            procs = _start_pair(workdir, *job, **pair)
+            deadline = time.monotonic() + 120
+            while not lock.exists() and time.monotonic() < deadline:  # claimed by this job (the last released it)
+                assert all(p.poll() is None for p in procs), _finish(procs)
+                time.sleep(0.1)
+            lock.write_text('{"host": "another job"}')  # taken over: process 0's next renewal finds it gone
+            line = _ended_as_one(procs, 2)
+            assert f"lost the lock of {run_dir} (another job took it over" in line, line
+            assert lock.read_text() == '{"host": "another job"}'  # the other job's lock, untouched
+            lock.unlink()  # that job is gone
+
+            faults.write_text(f"pair/w/logs/run1/events\n")  # TensorBoard's writes on process 0 refused
+            line = _ended_as_one(_start_pair(workdir, *job, **pair), 3)
+            assert "could not write" in line and "events.out.tfevents" in line and "nothing more is written" in line
+            faults.unlink()
+
+            restarted = _start_pair(workdir, *job, **pair)
+            errors = _finish(restarted)
+            assert [p.returncode for p in restarted] == [0, 0], "\n".join(e[-3000:] for e in errors)
+            _, params = checkpoints.load_run_params(run_dir)
+            _, reference = checkpoints.load_run_params(pair_run / "checkpoint" / "run1")
+            jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, reference)
+            assert [p for p in (tmp_path / "hosts").rglob("*") if p.is_file()] == []  # nothing on a host's disk
+            logged = {r["step"] for r in report.read_metrics(storage.path(workdir) / "logs" / "run1")}
+            assert logged >= set(range(1, stopped + 1)) | {60}, logged  # metrics.jsonl's parts (not those of a
+            # process that failed or lost its lock: nothing is written after that)
+            sample = subprocess.run([sys.executable, "-m", "gpt2_jax", "sample", "--model_dir", str(run_dir),
+                                     "--length", "3", "--seed", "0"], cwd=REPO, env=env, capture_output=True,
+                                    text=True, timeout=120)
+            assert sample.returncode == 0 and "SAMPLE 1" in sample.stdout, sample.stderr[-2000:]
+    finally:
+        store.stop()
+
+
+def test_a_store_that_answers_oddly_fails_an_async_save_on_every_process_within_its_timeout(tmp_path):
+    # A store that is not quite GCS (no generation headers, no preconditions): process 0's writes of the step fail
+    # while process 1 waits for it at orbax's barrier. Both end with process 0's line within store_timeout_s.
+    store = GCS(raw=True)
+    try:
+        pair = dict(logs=tmp_path, hosts=tmp_path / "hosts", env={**ENV, **store.env})
+        start = time.monotonic()
+        procs = _start_pair(store.url("odd", "w"), "--config.train.total_steps=100000",
+                            "--config.checkpoint.save_every=5", "--config.checkpoint.store_timeout_s=10", **pair)
+        line = _ended_as_one(procs, 3, timeout=240)
+        assert re.search(r"could not write checkpoint step \d+ to gs://", line), line  # the first that fails
+        assert time.monotonic() - start < 150  # start-up, compile, then at most about store_timeout_s more
+    finally:
+        store.stop()
 
 
 def test_distributed_auto_joins_a_slurm_job_from_the_variables_srun_sets(tmp_path):
