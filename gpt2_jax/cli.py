@@ -249,8 +249,11 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     if len(args.runs) < 2:
         raise UserError("compare needs at least two runs (WORKDIR/logs/RUN directories or run names)")
     workdir = storage.path(args.workdir)
-    dirs = [storage.path(r) if (storage.path(r) / "metrics.jsonl").is_file() else workdir / "logs" / r
-            for r in args.runs]
+    def is_log_dir(r: str) -> bool:  # its metrics.jsonl, or (a run in a store) that log's parts
+        log = storage.path(r) / "metrics.jsonl"
+        return log.is_file() or bool(storage.log_parts(log))
+
+    dirs = [storage.path(r) if is_log_dir(r) else workdir / "logs" / r for r in args.runs]
     out = compare(dirs, storage.path(args.out) if args.out else workdir / "compare")
     print((out / "compare.md").read_text(), end="")
     print(f"wrote {out}/compare.md, compare.png and compare.json")

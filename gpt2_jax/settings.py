@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-from gpt2_jax import parallel
+from gpt2_jax import mixture, parallel
 from gpt2_jax.dpo import DPOSettings
 from gpt2_jax.dpo import settings_of as dpo_settings_of
 from gpt2_jax.errors import UserError
@@ -82,6 +82,8 @@ def check_config(config: Any) -> None:
     if not (ck.lock_lease_s >= 1 and ck.store_timeout_s >= 1):
         raise UserError(f"checkpoint.lock_lease_s={ck.lock_lease_s} and checkpoint.store_timeout_s={ck.store_timeout_s}: "
                         "both must be >= 1 (seconds)")
+    if data.mixture:  # a mixture string that cannot be read: one line before anything loads (--dry_run too)
+        mixture.parse_stages(data.mixture_stages, mixture.parse_mixture(data.mixture))
     if data.val_split and data.val_dataset:
         raise UserError("data.val_split and data.val_dataset are both set: use one (val_dataset, or a split of the "
                         "training data)")

@@ -86,6 +86,12 @@ def test_a_sweep_in_a_bucket_reports_there_and_skips_its_finished_points_when_st
     assert trained == [] and (out / "sweep.md").read_text().count("| finetune/train.learning_rate=") == 2
     assert not list(cwd.iterdir())
 
+    # compared by their log directories in the bucket (metrics.jsonl's parts there), the output there too
+    cli_main(["compare", *(f"{workdir}/logs/{run}" for run in runs), "--out", f"{workdir}/compared"])
+    compared = json.loads(storage.path(f"{workdir}/compared/compare.json").read_text())["runs"]
+    assert [r["overrides"] for r in compared] == [{"train.learning_rate": 0.001}, {"train.learning_rate": 0.003}]
+    assert not list(cwd.iterdir())
+
 
 def test_the_remat_ablation_writes_its_report_into_a_bucket(gcs, cwd):
     workdir = gcs.url("ablation-run")
