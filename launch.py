@@ -119,85 +119,14 @@ def parse(argv: list[str]):
     return config
 
 
-def dry_run(config, target=None) -> None:
-    """Print the resolved config, the parameter count and the compiled step's FLOPs and memory; for a
-    compile target (targets.Target), compiled for it, with the line saying whether it fits."""
-    import jax
-
-    from gpt2_jax import parallel
-    from gpt2_jax.model import attention_implementation, vocab_padding
-    from gpt2_jax.resolve import model_config_of
-    from gpt2_jax.settings import check_config, settings_of
-    from gpt2_jax.steps import build_steps, compile_falling_back_to_xla_attention, compile_with_stats, flops_per_token
-
-    check_config(config)
-    model_config = model_config_of(config)
-    if target is None:
-        parallel.init_distributed(config.parallel)
-        mesh, backend = parallel.make_mesh(config.mesh.data, config.mesh.fsdp), jax.default_backend()
-    else:
-        from gpt2_jax import targets
-
-        model_config = targets.for_target(model_config, target)
-        mesh, backend = targets.make_mesh(target, config.mesh.data, config.mesh.fsdp), target.platform
-    # The masked step compiles the same for any end-of-text id: settings_of's default, the vocabulary's last.
-    settings = settings_of(config, model_config, mesh)
-    seq_len, rows, document_eot, dpo = settings.seq_len, settings.rows, settings.document_eot, settings.dpo
-    train = config.train
-    if config.model.remat == "auto":  # prints the candidates and the one line scripts read
-        from gpt2_jax import autoremat
-
-        model_config, train, _ = autoremat.resolve(config, model_config, mesh, settings, target=target)
-    if config.model.attention == "auto":  # auto may give way to XLA's where cuDNN's does not partition
-        model_config, stats, why = compile_falling_back_to_xla_attention(model_config, train, mesh, rows, seq_len,
-                                                                          document_eot, dpo)
-        if why:
-            print(f"attention: cuDNN's fused attention does not partition on this mesh ({why}); compiled with "
-                  "XLA's attention: train with --config.model.attention=xla", flush=True)
-    else:
-        _, stats = compile_with_stats(build_steps(model_config, train, mesh, document_eot=document_eot, dpo=dpo), rows,
-                                      seq_len)
-    shown = config.copy_and_resolve_references()
-    if not config.model.from_scratch:  # the shape comes from model.name: the from-scratch fields do not apply
-        with shown.unlocked():
-            for field in ("n_ctx", "n_embd", "n_head", "n_layer"):
-                del shown.model[field]
-    print(shown)
-    print(f"model: {model_config.hparams()} dtype={model_config.dtype} remat={model_config.remat} "
-          f"scan_layers={model_config.scan_layers} "
-          f"vocab_multiple={vocab_padding(model_config.vocab_multiple, backend)} "
-          f"attention={attention_implementation(model_config.attention, model_config.dtype, backend)}")
-    print(f"parameters: {model_config.num_params():,}")
-    print(f"mesh: data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']} over {mesh.devices.size} "
-          f"{mesh.devices.flat[0].device_kind} device(s)" + (" (compile-only)" if target is not None else ""))
-    if stats["flops"] is not None:
-        flops = f"{stats['flops'] / 1e9:,.1f} GFLOP per device"
-    else:  # XLA's GPU compiler reports no FLOPs without a device: the formula's, remat's recompute not counted
-        sequences = rows * (2 if dpo else 1)  # a pair is two sequences
-        flops = f"{flops_per_token(model_config, seq_len) * sequences * seq_len / mesh.devices.size / 1e9:,.1f} " \
-                "GFLOP per device (6N + attention formula; the compiler reports none)"
-    batch = f"{rows} windows of {seq_len} tokens" if dpo is None else \
-        f"{rows} DPO pairs of 2 x {seq_len} tokens, reference: {REFERENCE_WORDS[dpo.reference]}"
-    print(f"compiled step ({batch}): {flops}, "
-          f"peak memory {stats['peak_bytes'] / 2**30:.3f} GiB per device "
-          f"(arguments {stats['argument_bytes'] / 2**30:.3f}, temporaries {stats['temp_bytes'] / 2**30:.3f})"
-          + ("; the compiler refused it: out of memory" if stats.get("refused") else ""))
-    if target is not None:
-        print(targets.fit_line(target, mesh, stats["peak_bytes"], target.budget_bytes(config.model.memory_budget_gb)))
-
-
-# How a DPO step finds its reference, for the dry run's line.
-REFERENCE_WORDS = {"batch": "precomputed log-probs", "params": "a frozen copy of the weights",
-                   "adapters_off": "the LoRA base, adapters off"}
-
-
-def run_sweep(config, spec: str) -> None:
+def run_sweep(config, target, argv: list[str]) -> None:
     """--sweep: list the points (with --dry_run) or run them all and write the sweep's report."""
     import jax
 
     from gpt2_jax import sweep
 
     axes = sweep.parse(_SWEEP.value, config)
+    spec = next(a.split("=", 1)[1] for a in argv if a.startswith("--config="))
     path, _, variant = spec.partition(":")
     name = _SWEEP_NAME.value or path.rpartition("/")[2].removesuffix(".py") + (f"-{variant}" if variant else "")
     if _DRY_RUN.value:
@@ -205,14 +134,42 @@ def run_sweep(config, spec: str) -> None:
         return
     if config.mode != "train":
         raise UserError(f"mode={config.mode!r}: only training runs can be swept")
-    if config.model.remat == "auto":
-        from gpt2_jax.steps import use_memory_faithful_cpu_scheduler
-
-        use_memory_faithful_cpu_scheduler()
     from gpt2_jax.loop import run
 
     out = sweep.run(config, name, axes, run, lambda: jax.process_index() == 0)
     print(f"wrote {out}/sweep.md, sweep.png and sweep.json")
+
+
+def run_dry(config, target, argv: list[str]) -> None:
+    """--dry_run, or a training config compiled for --target (nothing runs on a target)."""
+    from gpt2_jax.dryrun import dry_run
+
+    dry_run(config, target)
+
+
+def run_ablation(config, target, argv: list[str]) -> None:
+    """mode=remat_ablation: every (policy, micro-batch) compiled, measured and reported."""
+    from gpt2_jax.ablation import run_ablation as ablate
+    from gpt2_jax.resolve import model_config_of
+
+    out = f"{config.workdir.rstrip('/')}/ablation/{config.run_name}"  # a path or a URL, for storage.path
+    if target is not None:
+        config.ablation.compile_only = True  # nothing runs on a target
+        if not any(a.startswith("--config.ablation.memory_budget_gb") for a in argv):
+            config.ablation.memory_budget_gb = target.budget_bytes(config.model.memory_budget_gb) / 2**30
+    ablate(config, model_config_of(config), out, target)
+    print(f"wrote {out}/ablation.md, ablation.png and ablation.json")
+
+
+def run_training(config, target, argv: list[str]) -> None:
+    """mode=train: the run, then a line naming where everything is."""
+    from gpt2_jax.loop import run
+
+    print(_done(config, run(config)))
+
+
+# What launch.py does with a parsed config: the flags' modes first, else config.mode.
+MODES = {"sweep": run_sweep, "dry_run": run_dry, "remat_ablation": run_ablation, "train": run_training}
 
 
 HELP_FLAGS = ("--help", "-h", "--helpfull", "-?")
@@ -272,7 +229,11 @@ def main(argv: list[str]) -> None:
             if _SWEEP.value:
                 raise UserError(f"--target={_TARGET.value} compiles one point; drop --sweep and give each point's "
                                 "values as --config overrides")
-        if config.parallel.distributed and config.mode == "train" and not (_DRY_RUN.value or _SWEEP.value):
+        mode = "sweep" if _SWEEP.value else \
+            "dry_run" if _DRY_RUN.value or (target is not None and config.mode == "train") else config.mode
+        if mode not in MODES:
+            raise UserError(f"mode={config.mode!r}: use train or remat_ablation")
+        if mode == "train" and config.parallel.distributed:
             from gpt2_jax import supervisor
 
             if not supervisor.is_supervised_child():  # JAX's C++ abort on a lost peer becomes one line
@@ -281,35 +242,12 @@ def main(argv: list[str]) -> None:
                       f"{p.process_id if p.distributed == 'explicit' else supervisor.process_name()}.log"
                 job = f"{p.num_processes}-process job" if p.distributed == "explicit" else "multi-process job"
                 sys.exit(supervisor.supervise(argv, log, job))
-        from gpt2_jax.steps import enable_compilation_cache
+        from gpt2_jax.steps import enable_compilation_cache, use_memory_faithful_cpu_scheduler
 
         enable_compilation_cache()  # a second launch loads what the first compiled
-        if _SWEEP.value:
-            return run_sweep(config, next(a.split("=", 1)[1] for a in argv if a.startswith("--config=")))
-        if _DRY_RUN.value or config.mode == "remat_ablation" or config.model.remat == "auto":
-            from gpt2_jax.steps import use_memory_faithful_cpu_scheduler
-
+        if mode in ("dry_run", "remat_ablation") or config.model.remat == "auto":
             use_memory_faithful_cpu_scheduler()  # before the backend starts: memory figures that show remat
-        if _DRY_RUN.value or (target is not None and config.mode == "train"):  # a target runs nothing
-            dry_run(config, target)
-            return
-        if config.mode == "remat_ablation":
-            from gpt2_jax.ablation import run_ablation
-            from gpt2_jax.resolve import model_config_of
-
-            out = f"{config.workdir.rstrip('/')}/ablation/{config.run_name}"  # a path or a URL, for storage.path
-            if target is not None:
-                config.ablation.compile_only = True  # nothing runs on a target
-                if not any(a.startswith("--config.ablation.memory_budget_gb") for a in argv):
-                    config.ablation.memory_budget_gb = target.budget_bytes(config.model.memory_budget_gb) / 2**30
-            run_ablation(config, model_config_of(config), out, target)
-            print(f"wrote {out}/ablation.md, ablation.png and ablation.json")
-            return
-        if config.mode != "train":
-            raise UserError(f"mode={config.mode!r}: use train or remat_ablation")
-        from gpt2_jax.loop import run
-
-        result = run(config)
+        MODES[mode](config, target, argv)
     except UserError as e:
         print(f"launch.py: error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
@@ -317,7 +255,6 @@ def main(argv: list[str]) -> None:
         print("launch.py: interrupted: stopped without saving this step; the last complete checkpoint resumes",
               file=sys.stderr)
         sys.exit(130)
-    print(_done(config, result))
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ def memory_rows(args) -> list[tuple]:
     """Compiled peak per (size, reference mode) for the target, compiled on this machine."""
     from gpt2_jax import targets
     from gpt2_jax.dpo import DPOSettings
+    from gpt2_jax.objectives import NextToken, Preferences
     from gpt2_jax.steps import compile_falling_back_to_xla_attention
 
     target = targets.parse_target(args.target)
@@ -57,11 +58,11 @@ def memory_rows(args) -> list[tuple]:
         lm_peak = None
         for name, reference, rank in ROWS:
             t0 = time.perf_counter()
-            dpo = DPOSettings(reference=reference) if reference else None
-            batch = args.pairs if dpo else 2 * args.pairs  # the LM step on as many sequences
+            objective = Preferences(settings=DPOSettings(reference=reference)) if reference else NextToken()
+            batch = args.pairs if reference else 2 * args.pairs  # the LM step on as many sequences
             _, stats, _ = compile_falling_back_to_xla_attention(
                 targets.for_target(common.with_lora(model, rank), target), common.lora_train(rank), mesh, batch,
-                args.seq_len, dpo=dpo)
+                args.seq_len, objective)
             lm_peak = lm_peak or stats["peak_bytes"]
             rows.append((size, name, f"{stats['argument_bytes'] / GiB:.3f}", f"{stats['temp_bytes'] / GiB:.3f}",
                          f"{stats['peak_bytes'] / GiB:.3f}", f"{stats['peak_bytes'] / lm_peak:.2f}x",
@@ -75,7 +76,7 @@ def time_rows(args) -> list[tuple]:
     import numpy as np
 
     from gpt2_jax import parallel
-    from gpt2_jax.dpo import DPOSettings
+    from gpt2_jax.objectives import NextToken, Preferences
     from gpt2_jax.steps import build_steps
 
     model = common.cpu_model(args.time_size, args.smoke)
@@ -86,8 +87,9 @@ def time_rows(args) -> list[tuple]:
     pairs = (windows.reshape(args.time_pairs, 2, seq_len + 1), np.ones((args.time_pairs, 2, seq_len + 1), np.float32),
              rng.normal(-400, 10, (args.time_pairs, 2)).astype(np.float32))
     rows, lm_ms = [], None
-    for name, dpo, batch in (("LM step", None, windows), ("DPO step, reference precomputed", DPOSettings(), pairs)):
-        ms = common.median_step_ms(build_steps(model, common.lora_train(0), mesh, dpo=dpo), model, batch, args.repeat)
+    for name, objective, batch in (("LM step", NextToken(), windows),
+                                   ("DPO step, reference precomputed", Preferences(), pairs)):
+        ms = common.median_step_ms(build_steps(model, common.lora_train(0), mesh, objective), model, batch, args.repeat)
         lm_ms = lm_ms or ms
         tokens = 2 * args.time_pairs * seq_len
         rows.append((args.time_size if not args.smoke else "tiny", name, f"{2 * args.time_pairs} x {seq_len}",

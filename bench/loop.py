@@ -49,6 +49,7 @@ def main() -> None:
 
     from experiments import base
     from gpt2_jax import loop, parallel
+    from gpt2_jax import start as run_start
     from gpt2_jax.model import init_params
     from gpt2_jax.resolve import model_config_of
     from gpt2_jax.steps import build_steps
@@ -65,7 +66,7 @@ def main() -> None:
 
     # Validation's own time is not the loop's: the eval step is timed (blocking) and taken off the wall clock.
     validating = [0.0]
-    build = loop.build_steps
+    build = run_start.build_steps
 
     def build_timing_validation(*a, **kw):
         steps = build(*a, **kw)
@@ -77,7 +78,7 @@ def main() -> None:
             return out
         return dataclasses.replace(steps, eval_step=timed)
 
-    loop.build_steps = build_timing_validation
+    run_start.build_steps = build_timing_validation
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "vocab").mkdir()

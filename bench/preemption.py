@@ -55,8 +55,7 @@ def worker(args: argparse.Namespace) -> None:
     from jax.experimental import multihost_utils
 
     from experiments import base
-    from gpt2_jax import parallel
-    from gpt2_jax.loop import _stop_agreement
+    from gpt2_jax import faults, parallel
     from gpt2_jax.model import GPT2Config, init_params
     from gpt2_jax.steps import build_steps
 
@@ -68,7 +67,7 @@ def worker(args: argparse.Namespace) -> None:
     rows = 2 * mesh.devices.size
     batch = parallel.global_batch(np.random.default_rng(0).integers(0, 256, (rows, args.seq_len + 1), dtype=np.int32),
                                   steps.batch_sharding)
-    agree, key = _stop_agreement(mesh), jax.random.key(0)
+    agree, key = faults.JobAgreement(mesh, faults.StopRequest(), lambda e: None).combine, jax.random.key(0)
     step_number = 0
 
     def run(way: str) -> float:
@@ -80,7 +79,7 @@ def worker(args: argparse.Namespace) -> None:
             state, out = steps.train_step(state, batch, key)
             step_number += 1
             if way == WAYS[1]:
-                out = {**out, "stop": agree(False)}
+                out = {**out, "stop": agree(faults.NOTHING)}
             elif way == WAYS[2]:
                 multihost_utils.reached_preemption_sync_point(step_number)
             if pending is not None:

@@ -17,16 +17,16 @@ import dataclasses
 import json
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
-from gpt2_jax import parallel
-from gpt2_jax.dpo import DPOSettings
+from gpt2_jax import parallel, storage
 from gpt2_jax.errors import UserError
 from gpt2_jax.model import GPT2Config, init_params, split_lora
+from gpt2_jax.objectives import Objective
+from gpt2_jax.rundir import RunDir
 from gpt2_jax.settings import RunSettings, rows_of
 from gpt2_jax.steps import build_steps, compile_with_stats
 from gpt2_jax.targets import HEADROOM  # the default budget leaves this fraction of the device's memory free
@@ -34,7 +34,6 @@ from gpt2_jax.targets import HEADROOM  # the default budget leaves this fraction
 GiB = 2**30
 # Least recompute first: a policy later in the list keeps less, so it fits larger micro-batches.
 POLICY_ORDER = ("none", "dots", "dots_no_batch", "save_attn", "save_named", "save_qkv", "full")
-AUTO_FILE = "remat_auto.json"  # in the run directory: the choice, reused when the run resumes
 
 
 @dataclasses.dataclass
@@ -63,10 +62,11 @@ def _splits(global_batch: int, shards: int) -> list[int]:
 
 
 def choose(model_config: GPT2Config, train: Any, mesh: Any, seq_len: int, budget_bytes: float, *,
-           timed_steps: int = 3, max_compiles: int = 24, seed: int = 0, dpo: DPOSettings | None = None
+           objective: Objective, sections: dict | None = None, timed_steps: int = 3, max_compiles: int = 24,
+           seed: int = 0
            ) -> tuple[Candidate, list[Candidate]]:
     """(the chosen candidate, every candidate tried) for the global batch train.batch_size x accumulate_gradients
-    (of windows, or with `dpo` of preference pairs)."""
+    (of the objective's rows: windows, examples or preference pairs)."""
     global_batch = rows_of(train)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     splits = _splits(global_batch, shards)
@@ -78,7 +78,7 @@ def choose(model_config: GPT2Config, train: Any, mesh: Any, seq_len: int, budget
             if len(tried) >= max_compiles:
                 raise _OutOfCompiles
             steps = build_steps(dataclasses.replace(model_config, remat=policy), split_train(train, m, global_batch),
-                                mesh, dpo=dpo)
+                                mesh, objective, sections=sections)
             exe, stats = compile_with_stats(steps, global_batch, seq_len)
             peak = stats["peak_bytes"] if exe is not None else max(stats["peak_bytes"], budget_bytes + 1)
             tried[policy, m] = Candidate(policy, m, global_batch // m, peak, peak <= budget_bytes)
@@ -181,17 +181,17 @@ def summary(chosen: Candidate, budget_bytes: float) -> str:
             f"peak {chosen.peak_bytes / GiB:.3f} GiB of budget {budget_bytes / GiB:.3f} GiB")
 
 
-def resolve(config: Any, model_config: GPT2Config, mesh: Any, settings: RunSettings, run_dir: Path | None = None,
-            log_dir: Path | None = None, target: Any = None) -> tuple[GPT2Config, Any, str]:
+def resolve(config: Any, model_config: GPT2Config, mesh: Any, settings: RunSettings, run_dir: RunDir | None = None,
+            log_dir: Any = None, target: Any = None) -> tuple[GPT2Config, Any, str]:
     """The model config and train section with model.remat=auto resolved, and the summary line.
 
-    A run that chose before (run_dir/AUTO_FILE) keeps its choice, so that it resumes exactly; a
+    A run that chose before (its remat_auto.json) keeps its choice, so that it resumes exactly; a
     new choice is written there, and the candidates' table to log_dir/remat_auto.md. For a compile
     target (targets.Target, whose devices `mesh` holds) the budget is the target's and nothing is
     timed: nothing can run on it, so the largest micro-batch that fits is taken.
     """
     global_batch = settings.rows
-    saved = run_dir / AUTO_FILE if run_dir is not None else None
+    saved = run_dir.remat_auto if run_dir is not None else None
     if saved is not None and saved.is_file():
         record = json.loads(saved.read_text())
         if record["global_batch"] == global_batch:
@@ -208,17 +208,17 @@ def resolve(config: Any, model_config: GPT2Config, mesh: Any, settings: RunSetti
         budget = config.model.memory_budget_gb * GiB if config.model.memory_budget_gb > 0 else default_budget_bytes()
         timed_steps = config.model.remat_auto_steps
     chosen, candidates = choose(model_config, config.train, mesh, settings.seq_len, budget, timed_steps=timed_steps,
-                                seed=config.seed, dpo=settings.dpo)
+                                seed=config.seed, objective=settings.objective, sections=settings.sections)
     text, line = table(candidates, budget), summary(chosen, budget)
     print(text + "\n" + line, flush=True)
     if jax.process_index() == 0:
         if saved is not None:
-            saved.parent.mkdir(parents=True, exist_ok=True)
+            storage.mkdir(saved.parent)
             saved.write_text(json.dumps({"global_batch": global_batch, "budget_bytes": budget,
                                          "chosen": dataclasses.asdict(chosen),
                                          "candidates": [dataclasses.asdict(c) for c in candidates]}, indent=2))
         if log_dir is not None:
-            log_dir.mkdir(parents=True, exist_ok=True)
+            storage.mkdir(log_dir)
             (log_dir / "remat_auto.md").write_text(text + "\n\n" + line + "\n")
     return dataclasses.replace(model_config, remat=chosen.policy), split_train(config.train, chosen.micro_batch,
                                                                                global_batch), line

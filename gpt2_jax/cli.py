@@ -10,7 +10,7 @@ import functools
 import json
 import os
 import sys
-from typing import Callable, Iterator, Sequence, TextIO
+from typing import Any, Callable, Iterator, Sequence, TextIO
 
 from gpt2_jax.errors import UserError
 
@@ -112,43 +112,35 @@ def _cmd_sample(args: argparse.Namespace) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from gpt2_jax import objectives
     from gpt2_jax.api import load
-    from gpt2_jax.data import is_examples, is_pairs, layout_examples, load_dataset, read_examples
-    from gpt2_jax.evaluate import evaluate, evaluate_examples
 
     model = load(args.model_dir, dtype=args.dtype)
-    if is_pairs(args.dataset):  # preference pairs: the DPO loss and metrics against a reference
-        return _evaluate_pairs(args, model)
-    if is_examples(args.dataset):  # prompt/completion examples: each on its own, the loss on the completions
-        window = args.window or model.config.n_ctx
-        rows = layout_examples(read_examples(args.dataset, model.encoder), window + 1, model.encoder.eot_token,
-                               pack=False)
-        result = evaluate_examples(model.config, model.params, rows, batch_size=args.batch_size,
-                                   progress=not args.json)
+    kind = objectives.for_file(args.dataset)  # the objective the file's rows are for, and its evaluation
+    if kind == "dpo":
+        objective, reference = _pair_objective(args)
     else:
-        chunks = load_dataset(args.dataset, model.encoder, combine=args.combine, encoding=args.encoding)
-        result = evaluate(model.config, model.params, chunks, window=args.window, stride=args.stride,
-                          batch_size=args.batch_size, progress=not args.json)
-    if args.json:
-        print(json.dumps(result._asdict()))
-    else:
-        print(f"loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  over {result.tokens} tokens")
+        objective, reference = (objectives.Examples() if kind == "sft" else objectives.NextToken()), None
+    options = objectives.EvalOptions(args.window, args.stride, args.batch_size, args.combine, args.encoding,
+                                     progress=not args.json)
+    result = objective.evaluate_dataset(model, args.dataset, options, reference)
+    print(json.dumps(result) if args.json else objective.result_line(result))
 
 
-def _evaluate_pairs(args: argparse.Namespace, model) -> None:
-    """gpt2-jax evaluate on preference pairs: the reference is --reference_model, else the weights the run
-    (--model_dir) started from; beta, loss type, label smoothing and tokenization default to the run's."""
+def _pair_objective(args: argparse.Namespace) -> tuple[Any, tuple]:
+    """gpt2-jax evaluate on preference pairs: the objective with the run's DPO settings (beta, loss type, label
+    smoothing and tokenization; flags override them), and the reference: --reference_model, else the run's own
+    (resolve.dpo_reference, as its training chose it)."""
     import ml_collections
 
-    from gpt2_jax import dpo, storage
+    from gpt2_jax import dpo
     from gpt2_jax.api import load
-    from gpt2_jax.data import layout_pairs, read_pairs
-    from gpt2_jax.evaluate import evaluate_pairs
-    from gpt2_jax.resolve import initial_model
+    from gpt2_jax.objectives import Preferences
+    from gpt2_jax.resolve import dpo_reference
+    from gpt2_jax.rundir import RunDir
     from gpt2_jax.weights import find_model_dir
 
-    run_config = storage.path(find_model_dir(args.model_dir)) / "run_config.json"
-    run = json.loads(run_config.read_text()) if run_config.is_file() else {}
+    run = RunDir(find_model_dir(args.model_dir)).saved_config()
     trained = run.get("dpo", {}) if run.get("train", {}).get("objective") == "dpo" else {}
     pick = lambda given, name, default: given if given is not None else trained.get(name, default)  # noqa: E731
     settings = dpo.DPOSettings(beta=float(pick(args.beta, "beta", 0.1)), loss_type=pick(args.loss_type, "loss_type",
@@ -156,31 +148,15 @@ def _evaluate_pairs(args: argparse.Namespace, model) -> None:
     dpo.check(settings.beta, settings.loss_type, settings.label_smoothing)
     if args.reference_model:
         reference = load(args.reference_model, dtype=args.dtype)
-        reference_config, reference_params = reference.config, reference.params
-    elif run:  # the weights the run started from (a LoRA run: its base, adapters off)
-        start = ml_collections.ConfigDict(run)
-        start.model.dtype, start.model.remat = args.dtype, "none"
-        if trained.get("reference"):
-            reference = load(trained["reference"], dtype=args.dtype)
-            reference_config, reference_params = reference.config, reference.params
-        else:
-            reference_config, reference_params, _ = initial_model(start, None)
-            if reference_config.lora_rank:
-                reference_config, reference_params = dpo.base_of(reference_config, reference_params)
+        reference = (reference.config, reference.params)
+    elif run:  # the weights the run started from (a LoRA run: its base, adapters off), or its dpo.reference
+        config = ml_collections.ConfigDict(run)
+        config.model.remat = "none"
+        reference = dpo_reference(config, dtype=args.dtype)
     else:
         raise UserError(f"--reference_model is required: {args.model_dir} is not a training run, so the weights it "
                         "started from are not known")
-    tokenize = trained.get("tokenize", "apart")
-    window = args.window or model.config.n_ctx
-    pairs = layout_pairs(read_pairs(args.dataset, model.encoder, tokenize), window + 1, model.encoder.eot_token,
-                         start_with_eot=tokenize == "apart")
-    result = evaluate_pairs(model.config, model.params, reference_config, reference_params, pairs, settings,
-                            batch_size=args.batch_size, progress=not args.json)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"DPO loss {result['loss']:.4f} ({settings.loss_type}, beta {settings.beta:g}) over {result['pairs']} "
-              "pairs; " + "  ".join(f"{k} {result[k]:.4f}" for k in dpo.METRICS))
+    return Preferences(settings=settings, tokenize=trained.get("tokenize", "apart")), reference
 
 
 def _cmd_encode(args: argparse.Namespace) -> None:
@@ -205,7 +181,7 @@ def _cmd_encode(args: argparse.Namespace) -> None:
 
 def _cmd_export(args: argparse.Namespace) -> None:
     from gpt2_jax import storage
-    from gpt2_jax.checkpoints import is_run_dir, load_run_params
+    from gpt2_jax.rundir import RunDir, is_run_dir, load_run_params
     from gpt2_jax.weights import export_peft, export_transformers, find_model_dir, load_weights
 
     model_dir = find_model_dir(args.model_dir)
@@ -216,7 +192,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
             raise UserError(f"--adapter_only: {model_dir} is not a training run; give a run trained with "
                             "train.lora_rank > 0 (WORKDIR/checkpoint/RUN)")
         config, params = load_run_params(model_dir, keep_adapters=True)
-        base = json.loads((model_dir / "run_config.json").read_text()).get("model", {}).get("name", "")
+        base = RunDir(model_dir).saved_config().get("model", {}).get("name", "")
         out = export_peft(config, params, args.out, base or "gpt2")
         print(f"exported the adapters to {out} (peft: PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained("
               f"{base or 'gpt2'!r}), {str(out)!r}){hint})")
@@ -339,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="write lm-eval's results JSON (and samples) under this folder")
     p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
     p.set_defaults(func=_cmd_lm_eval)
+
 
     p = sub.add_parser("encode", help="pre-encode a dataset to .npz (as the original encode.py), flat .bin or llm.c "
                        "token shards")

@@ -635,13 +635,12 @@ class PairSampler:
 # What a run trains and validates on, from its config (the loop's data setup). Validation batches are drawn
 # once, with seed 1: the same for every run of the same data.
 
-DATA_RECORD = "dataset.json"  # in the run directory: what the run's data was (fingerprint)
 
 
 def datasets(config: Any, encoder: Encoder, seq_len: int, seed: int, is_main: bool
              ) -> tuple[Any, list | dict[str, list], dict]:
     """The training sampler, the fixed validation batches (none when data.val_every is 0) and the
-    fingerprints of both datasets (for DATA_RECORD).
+    fingerprints of both datasets (the run directory's dataset.json).
 
     Validation data is data.val_dataset, else the last data.val_split of the training data (held out:
     never trained on), else, with a warning, windows of the training data itself. A mixture (data.mixture)
@@ -805,9 +804,10 @@ def pair_batches(config: Any, pairs: Pairs, val_pairs: Pairs | None, seed: int, 
                                                                     config.data)
 
 
-def check_same_data(run_dir: Path, record: dict, allow_changed: bool) -> None:
-    """A run resumes on the data it started on (DATA_RECORD), unless data.allow_changed says otherwise."""
-    path = storage.path(run_dir) / DATA_RECORD
+def check_same_data(run: Any, record: dict, allow_changed: bool) -> None:
+    """A run (rundir.RunDir) resumes on the data it started on (its dataset.json), unless data.allow_changed says
+    otherwise."""
+    path = run.data_record
     if not path.is_file():  # a run from before the record existed: nothing to compare
         return
     recorded = json.loads(path.read_text())

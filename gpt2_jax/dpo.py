@@ -45,13 +45,8 @@ class DPOSettings:
     reference: str = "batch"
 
 
-def settings_of(config: Any) -> DPOSettings | None:
-    """The DPO settings of an experiment config (None for the language-model objective), checked."""
-    objective = config.train.get("objective", "lm")
-    if objective == "lm":
-        return None
-    if objective != "dpo":
-        raise UserError(f"train.objective={objective!r}: use lm (next-token loss) or dpo (preference pairs)")
+def settings_of(config: Any) -> DPOSettings:
+    """The DPO settings of an experiment config (train.objective=dpo), checked."""
     d = config.dpo
     check(d.beta, d.loss_type, d.label_smoothing, prefix="dpo.")
     if config.train.loss_chunk:

@@ -6,7 +6,8 @@ one line, and keeps the clients' own logged copies of a failure off the terminal
 makes a multi-process job stop as one: every step carries each process's code (nothing, a stop asked
 for, or a failure held), combined by a tiny all-reduce; a failure on any process (a lost lock, a log or
 TensorBoard write, orbax) is held there until the job agrees on it, then every process raises the same
-one line with the same exit code at the same step.
+one line with the same exit code at the same step. `quiet_orbax` keeps orbax's own logged copies of
+failures it also raises (and the leftovers of an aborted read) off the terminal: the run says each once.
 """
 
 from __future__ import annotations
@@ -213,3 +214,62 @@ class JobAgreement:
         error = StorageError(message) if int(exit_code) == StorageError.exit_code else UserError(message)
         error.exit_code = int(exit_code)
         raise error
+
+
+# --- orbax's own logging of failures it has already raised ----------------------------------------------
+
+class _QuietReadOnly(logging.Filter):
+    """Drops orbax's notice that a read-only manager is read-only (logged for every restore)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "read only" not in record.getMessage() and "read_only=True" not in record.getMessage()
+
+
+class _AbandonedSaveFutures(logging.Filter):
+    """Drops asyncio's "exception was never retrieved" for futures an aborted orbax save left behind:
+    CheckpointWriter has already reported that failure, in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "exception was never retrieved" not in record.getMessage():
+            return True
+        error = (record.exc_info or (None, None, None))[1] or getattr(record, "exception", None)
+        context = getattr(record, "context", None) or {}
+        error = error or context.get("exception")
+        text = f"{record.getMessage()} {error!r}"
+        return "orbax" not in text and "ocdbt" not in text.lower() and "RESOURCE_EXHAUSTED" not in text
+
+
+_quieted = False
+
+
+def quiet_orbax() -> None:
+    """Installed once, when this process first uses orbax (not at import): the filters above, and the
+    unraisable-exception hook that drops what a failed restore leaves behind (_drop_abandoned_reads)."""
+    global _quieted
+    if not _quieted:
+        logging.getLogger("absl").addFilter(_QuietReadOnly())
+        logging.getLogger("asyncio").addFilter(_AbandonedSaveFutures())
+        sys.unraisablehook = _drop_abandoned_reads(sys.unraisablehook)
+        _quieted = True
+
+
+
+
+def _drop_abandoned_reads(previous: Callable[[Any], None]) -> Callable[[Any], None]:
+    """An unraisable-exception hook that drops what a failed orbax restore leaves behind: its read
+    coroutines, never awaited (Python prints each one's traceback, "Exception ignored in ...", when it is
+    collected, as late as exit), and tensorstore's callbacks into that restore's event loop, already
+    closed. The failure itself is reported once, by restore_verified; everything else goes to `previous`."""
+
+    def abandoned(unraisable: Any) -> bool:
+        code = getattr(unraisable.object, "cr_code", None)
+        if code is not None:
+            return "orbax" in code.co_filename and "read" in code.co_name
+        frames = [f.f_code.co_name for f, _ in traceback.walk_tb(unraisable.exc_traceback)]
+        return str(unraisable.exc_value) == "Event loop is closed" and "call_soon_threadsafe" in frames
+
+    def hook(unraisable: Any) -> None:
+        if not abandoned(unraisable):
+            previous(unraisable)
+
+    return hook

@@ -11,7 +11,7 @@ import dataclasses
 import functools
 import math
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -474,6 +474,20 @@ def join_lora(adapters: dict, base: dict) -> dict:
     from flax import traverse_util
 
     return traverse_util.unflatten_dict({**traverse_util.flatten_dict(base), **traverse_util.flatten_dict(adapters)})
+
+
+LORA_DEFAULTS = {"lora_alpha": 16.0, "lora_targets": "attn.c_attn"}  # documented in experiments/base.py
+
+
+def lora_fields(train: Mapping[str, Any]) -> dict[str, Any]:
+    """train.lora_* (of a config, or of a saved run_config.json's "train") as GPT2Config fields; {} without LoRA:
+    the one reader of train.lora_*."""
+    rank = int(train.get("lora_rank") or 0)
+    if not rank:
+        return {}
+    targets = str(train.get("lora_targets", LORA_DEFAULTS["lora_targets"]))
+    return {"lora_rank": rank, "lora_alpha": float(train.get("lora_alpha", LORA_DEFAULTS["lora_alpha"])),
+            "lora_targets": tuple(t.strip() for t in targets.split(",") if t.strip())}
 
 
 def add_lora(config: GPT2Config, params: Any, rng: jax.Array) -> dict:

@@ -1,53 +1,109 @@
-"""Optax chains built from the `train` section of an experiment config."""
+"""Optax chains from the `train` section (and an optimizer's own section), as a table.
+
+`OPTIMIZERS` maps train.optimizer to its row: the builder (the config's sections and the learning-rate
+schedule -> an optax transformation), the section it reads beside `train`, the settings that decide its
+state's layout (what resuming with other settings would not fit: `state_layout`), and its checks.
+`make_optimizer` wraps the row's transformation in what every optimizer shares: clipping first, freezing
+around it. A new optimizer is one module and a row here.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Callable, Mapping
 
 import jax
 import optax
 
 from gpt2_jax.errors import UserError
 from gpt2_jax.model import is_lora_path
-
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("constant", "linear", "cosine")
+from gpt2_jax.schedules import check_schedule, learning_rate_schedule  # noqa: F401 - check_schedule re-exported
 
 
-def check_schedule(train: Any) -> None:
-    """One line for schedule settings learning_rate_schedule cannot build."""
-    lr, warmup = float(train.learning_rate), int(train.warmup_steps)
-    if train.lr_schedule not in SCHEDULES:
-        raise UserError(f"train.lr_schedule={train.lr_schedule!r}: use one of {', '.join(SCHEDULES)}")
-    if lr <= 0:
-        raise UserError(f"train.learning_rate={lr}: must be > 0")
-    decay_steps = int(train.decay_steps) or int(train.total_steps)
-    if train.lr_schedule != "constant" and decay_steps <= warmup:
-        raise UserError(f"train.lr_schedule={train.lr_schedule!r} needs train.decay_steps (or train.total_steps) "
-                        f"> train.warmup_steps={warmup}; got {decay_steps}")
-
-
-def learning_rate_schedule(train: Any) -> optax.Schedule:
-    """Linear warmup over `warmup_steps`, then constant, linear decay or cosine decay to lr * min_lr_ratio."""
-    check_schedule(train)
-    lr, warmup = float(train.learning_rate), int(train.warmup_steps)
-    decay_steps = int(train.decay_steps) or int(train.total_steps)
-    if train.lr_schedule == "constant":
-        after = optax.constant_schedule(lr)
-    else:
-        end = lr * float(train.min_lr_ratio)
-        if train.lr_schedule == "linear":
-            after = optax.linear_schedule(lr, end, decay_steps - warmup)
-        else:
-            after = optax.cosine_decay_schedule(lr, decay_steps - warmup, alpha=float(train.min_lr_ratio))
-    if warmup <= 0:
-        return after
-    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
-
-
-def _decay_mask(params: Any) -> Any:
+def decay_mask(params: Any) -> Any:
     """True for the dense-layer weight matrices; biases, LayerNorm and the embeddings are not decayed."""
     return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
+
+
+def _flat(train: Any) -> Callable[[optax.GradientTransformation], optax.GradientTransformation]:
+    """optax.flatten under train.flat_optimizer: the elementwise update on all parameters raveled into one vector
+    (one array per moment instead of one per parameter; the same update up to float rounding, SGD bitwise)."""
+    return optax.flatten if train.flat_optimizer else (lambda transform: transform)
+
+
+def _adam(train: Any, section: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
+    return _flat(train)(optax.adam(schedule, b1=train.b1, b2=train.b2, eps=train.eps))
+
+
+def _adamw(train: Any, section: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
+    if train.flat_optimizer:  # optax.adamw spelled out: the weight decay outside the flattening, its mask sees names
+        return optax.chain(optax.flatten(optax.scale_by_adam(b1=train.b1, b2=train.b2, eps=train.eps)),
+                           optax.add_decayed_weights(train.weight_decay, mask=decay_mask),
+                           optax.scale_by_learning_rate(schedule))
+    return optax.adamw(schedule, b1=train.b1, b2=train.b2, eps=train.eps, weight_decay=train.weight_decay,
+                       mask=decay_mask)
+
+
+def _sgd(train: Any, section: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
+    return _flat(train)(optax.sgd(schedule, momentum=train.momentum or None))
+
+
+class _Section(dict):
+    """A config section (or its defaults) as a dict read by attribute, as the builders read sections."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerKind:
+    """One row of OPTIMIZERS."""
+
+    build: Callable[[Any, Any, optax.Schedule], optax.GradientTransformation]  # (train, section, schedule)
+    description: str
+    section: str | None = None  # the config section it reads beside train (muon), passed as `section`
+    layout: Callable[[Mapping[str, Any], Mapping[str, Any]], dict] = lambda train, section: {}  # state-shaping settings
+    check: Callable[[Any, Any], None] = lambda train, section: None  # one-line errors for settings it cannot take
+
+
+OPTIMIZERS: dict[str, OptimizerKind] = {
+    "adam": OptimizerKind(_adam, "Adam (the original fork's), optax.adam"),
+    "adamw": OptimizerKind(_adamw, "AdamW, decoupled weight decay on the dense kernels (train.weight_decay)"),
+    "sgd": OptimizerKind(_sgd, "SGD, with train.momentum > 0 heavy-ball momentum",
+                         layout=lambda train, section: {"train.momentum > 0": bool(train.get("momentum"))}),
+}
+
+
+SECTION_DEFAULTS: dict[str, dict] = {}  # an optimizer's section when a caller gives none
+
+
+def kind_of(train: Any) -> OptimizerKind:
+    """The row of train.optimizer; an unknown name is one line naming the valid ones."""
+    if train.optimizer not in OPTIMIZERS:
+        raise UserError(f"train.optimizer={train.optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
+    return OPTIMIZERS[train.optimizer]
+
+
+def check_optimizer(train: Any, sections: Mapping[str, Any]) -> None:
+    """One line for optimizer settings the row cannot take (config checks call this)."""
+    kind = kind_of(train)
+    kind.check(train, sections.get(kind.section) if kind.section else None)
+
+
+def state_layout(train: Mapping[str, Any], sections: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings that decide the optimizer state's layout (not its values), read from a config or a saved
+    run_config.json: the optimizer's own (its row's `layout`) and what every chain shares."""
+    name = train.get("optimizer")
+    kind = OPTIMIZERS.get(name)
+    own = kind.layout(train, (sections.get(kind.section) if kind.section else None) or {}) if kind else {}
+    return {"train.optimizer": name, **own, "train.grad_clip > 0": bool(train.get("grad_clip")),
+            "train.flat_optimizer": bool(train.get("flat_optimizer")),
+            "train.only_train_transformer_layers": bool(train.get("only_train_transformer_layers")),
+            "train.lora_rank": int(train.get("lora_rank") or 0),
+            "train.lora_targets": train.get("lora_targets") if train.get("lora_rank") else None}
 
 
 def _trainable_labels(params: Any, only_blocks: bool, lora: bool = False) -> Any:
@@ -61,34 +117,17 @@ def _trainable_labels(params: Any, only_blocks: bool, lora: bool = False) -> Any
     return jax.tree_util.tree_map_with_path(label, params)
 
 
-def make_optimizer(train: Any, params: Any) -> optax.GradientTransformation:
-    """clip -> optimizer (adam | adamw | sgd) with the schedule -> freezing, as one optax chain.
-
-    With train.flat_optimizer the optimizer's elementwise update runs on all parameters raveled into one
-    vector (optax.flatten): one array per moment instead of one per parameter, the same update up to
-    float rounding (SGD bitwise). AdamW's weight decay stays outside it, where its mask sees the names.
-    """
-    schedule = learning_rate_schedule(train)
-    name = train.optimizer
-    flat = optax.flatten if train.flat_optimizer else (lambda transform: transform)
-    if name == "adam":
-        opt = flat(optax.adam(schedule, b1=train.b1, b2=train.b2, eps=train.eps))
-    elif name == "adamw" and train.flat_optimizer:  # optax.adamw, spelled out
-        opt = optax.chain(flat(optax.scale_by_adam(b1=train.b1, b2=train.b2, eps=train.eps)),
-                          optax.add_decayed_weights(train.weight_decay, mask=_decay_mask),
-                          optax.scale_by_learning_rate(schedule))
-    elif name == "adamw":
-        opt = optax.adamw(schedule, b1=train.b1, b2=train.b2, eps=train.eps, weight_decay=train.weight_decay,
-                          mask=_decay_mask)
-    elif name == "sgd":
-        opt = flat(optax.sgd(schedule, momentum=train.momentum or None))
-    else:
-        raise UserError(f"train.optimizer={name!r}: use one of {', '.join(OPTIMIZERS)}")
-    parts = []
-    if train.grad_clip > 0:
-        parts.append(optax.clip_by_global_norm(train.grad_clip))
-    parts.append(opt)
-    chain = optax.chain(*parts)
+def make_optimizer(train: Any, params: Any, sections: Mapping[str, Any] | None = None) -> optax.GradientTransformation:
+    """clip -> the optimizer of train.optimizer (its row of OPTIMIZERS, with the schedule) -> freezing, as one
+    optax chain. `sections`: the config's sections an optimizer reads beside train, by name (muon); a missing
+    one takes experiments/base.py's defaults."""
+    kind = kind_of(train)
+    section = (sections or {}).get(kind.section) if kind.section else None
+    if kind.section and section is None:  # the section's documented defaults
+        section = _Section(SECTION_DEFAULTS[kind.section])
+    kind.check(train, section)
+    parts = [optax.clip_by_global_norm(train.grad_clip)] if train.grad_clip > 0 else []
+    chain = optax.chain(*parts, kind.build(train, section, learning_rate_schedule(train)))
     lora = bool(train.get("lora_rank", 0))
     if train.only_train_transformer_layers or lora:  # the frozen part keeps no optimizer state
         chain = optax.multi_transform({"train": chain, "frozen": optax.set_to_zero()},

@@ -1,12 +1,12 @@
 """From an experiment config to what a run starts from: the model config, its params and tokenizer,
-and whether (and from where) to resume. Used by the loop, `launch.py --dry_run` and the ablation.
+whether (and from where) to resume, and a DPO run's reference model. Used by the run's start, the dry run,
+the ablation and `gpt2-jax evaluate`.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -14,8 +14,10 @@ import jax
 from gpt2_jax import checkpoints, storage
 from gpt2_jax.encoder import Encoder, byte_level_encoder, get_encoder
 from gpt2_jax.errors import UserError
-from gpt2_jax.model import PRESETS, GPT2Config, add_lora, init_params, preset
-from gpt2_jax.settings import lora_fields
+from gpt2_jax.model import PRESETS, GPT2Config, add_lora, init_params, lora_fields, preset, split_lora
+from gpt2_jax.optim import state_layout
+from gpt2_jax.rundir import RunDir, resolve_checkpoint
+from gpt2_jax.settings import optimizer_sections
 from gpt2_jax.weights import find_model_dir, load_weights, read_config
 
 
@@ -76,11 +78,11 @@ def model_config_of(config: Any) -> GPT2Config:
     return read_config(model_dir_of(config), **compute_settings(config))
 
 
-def initial_model(config: Any, resume_dir: Path | None) -> tuple[GPT2Config, Any, Encoder]:
+def initial_model(config: Any, resume_dir: RunDir | None) -> tuple[GPT2Config, Any, Encoder]:
     """Model config, starting params (None when resuming: the checkpoint supplies them) and tokenizer."""
     if resume_dir is not None:
-        hparams = json.loads((resume_dir / "hparams.json").read_text())
-        return GPT2Config(**hparams, **compute_settings(config)), None, get_encoder(resume_dir)
+        shape = resume_dir.model_config()
+        return dataclasses.replace(shape, **compute_settings(config)), None, get_encoder(resume_dir.path)
     if config.model.from_scratch:
         encoder = _scratch_encoder(config)
         model_config = _scratch_config(config, encoder.n_vocab)
@@ -92,20 +94,34 @@ def initial_model(config: Any, resume_dir: Path | None) -> tuple[GPT2Config, Any
     return model_config, params, get_encoder(model_dir)
 
 
+def dpo_reference(config: Any, dtype: str | None = None) -> tuple[GPT2Config, Any]:
+    """A DPO run's reference as a plain GPT-2 (config, host params): dpo.reference's model, else the weights the
+    run started from, loaded again (a LoRA run's: its base, adapters off). Training and `gpt2-jax evaluate` on
+    pairs both ask here; `dtype` overrides the run's compute dtype."""
+    plain = {k: v for k, v in compute_settings(config).items() if not k.startswith("lora")}
+    plain.update({"dtype": dtype} if dtype else {})
+    if config.dpo.reference:
+        return load_weights(config.dpo.reference, **plain)
+    start_config, params, _ = initial_model(config, None)
+    if start_config.lora_rank:
+        params = split_lora(params)[1]
+    return dataclasses.replace(start_config, lora_rank=0, **plain), params
+
+
 class Resume(NamedTuple):
     """Where a run resumes from: a run directory and one of its steps."""
 
-    run_dir: Path
+    run_dir: RunDir
     step: int
     latest: bool = False  # restore_from=latest: a step that fails to verify gives way to an older one
 
     def candidates(self) -> list[int]:
         """The steps to try, newest first: this one, then (latest) every older complete one."""
-        older = [s for s in checkpoints.steps_of(self.run_dir) if s < self.step] if self.latest else []
+        older = [s for s in checkpoints.steps_of(self.run_dir.path) if s < self.step] if self.latest else []
         return [self.step, *sorted(older, reverse=True)]
 
 
-def decide_resume(restore_from: str, run_dir: Path) -> Resume | None:
+def decide_resume(restore_from: str, run: RunDir) -> Resume | None:
     """checkpoint.restore_from for a run writing to run_dir: what to restore, or None to start anew.
 
     "latest": the run's newest checkpoint, if it has one; "fresh": start anew, refusing a run
@@ -114,48 +130,38 @@ def decide_resume(restore_from: str, run_dir: Path) -> Resume | None:
     directory (its newest step) or step directory, refusing to write its continuation into another
     run's directory.
     """
-    run_dir = storage.absolute(run_dir)
-    existing = checkpoints.make_manager(run_dir, read_only=True).latest_step() if run_dir.is_dir() else None
+    existing = checkpoints.latest_step(run.path) if run.path.is_dir() else None
     if restore_from == "best":
-        best = run_dir / checkpoints.BEST
-        step = checkpoints.make_manager(best, read_only=True).latest_step() if best.is_dir() else None
+        best = run.best
+        step = checkpoints.latest_step(best.path) if best.path.is_dir() else None
         if step is None:
             raise UserError(f"checkpoint.restore_from=best but {best} holds no checkpoint; the run must have "
                             "validated with checkpoint.keep_best=True (data.val_every > 0)")
         return Resume(best, step)
     if restore_from == "latest":
-        return Resume(run_dir, existing, latest=True) if existing is not None else None
+        return Resume(run, existing, latest=True) if existing is not None else None
     if restore_from == "fresh":
         if existing is not None:
-            raise UserError(f"checkpoint.restore_from=fresh but {run_dir} already holds checkpoints up to step "
+            raise UserError(f"checkpoint.restore_from=fresh but {run} already holds checkpoints up to step "
                             f"{existing}; pick another run_name, or restore_from=latest to resume "
                             "(nothing was deleted)")
         return None
-    resume = Resume(*checkpoints.resolve_checkpoint(storage.path(restore_from)))
-    if existing is not None and resume.run_dir != run_dir:
-        raise UserError(f"{run_dir} already holds checkpoints; restore {restore_from} under a new run_name")
+    resume = Resume(*resolve_checkpoint(restore_from))
+    if existing is not None and resume.run_dir != run:
+        raise UserError(f"{run} already holds checkpoints; restore {restore_from} under a new run_name")
     return resume
-
-
-def _state_layout(train: Any) -> dict[str, Any]:
-    """The train settings that decide the optimizer state's layout (not its values)."""
-    return {"train.optimizer": train.get("optimizer"), "train.grad_clip > 0": bool(train.get("grad_clip")),
-            "train.momentum > 0": bool(train.get("momentum")) if train.get("optimizer") == "sgd" else None,
-            "train.only_train_transformer_layers": bool(train.get("only_train_transformer_layers")),
-            "train.lora_rank": int(train.get("lora_rank") or 0), "train.lora_targets": train.get("lora_targets")
-            if train.get("lora_rank") else None}
 
 
 def check_resumable(config: Any, resume: Resume) -> None:
     """One line when the checkpoint's run was trained with settings that lay its optimizer state out differently
     (the model's shape comes from the run directory itself)."""
-    try:
-        saved = json.loads((resume.run_dir / checkpoints.RUN_CONFIG).read_text()).get("train", {})
-    except (OSError, json.JSONDecodeError, AttributeError):
+    saved = resume.run_dir.saved_config()
+    if not isinstance(saved.get("train"), dict):
         return  # no record: the restore itself says what does not fit
-    before, now = _state_layout(saved), _state_layout(config.train)
-    changed = [f"{k}: {before[k]} (now {now[k]})" for k in now
-               if before[k] != now[k] and None not in (before[k], now[k])]
+    before = state_layout(saved["train"], {k: v for k, v in saved.items() if isinstance(v, dict)})
+    now = state_layout(config.train, optimizer_sections(config))
+    changed = [f"{k}: {before[k]} (now {now[k]})" for k in now  # an optimizer's own settings once both are it
+               if k in before and before[k] != now[k] and None not in (before[k], now[k])]
     if changed:
         raise UserError(f"{resume.run_dir} was trained with {'; '.join(changed)}, so its optimizer state has another "
                         "layout; resume with the settings it was trained with, or start anew under another run_name")

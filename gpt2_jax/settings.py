@@ -2,34 +2,20 @@
 
 `check_config` holds every check of the config alone (each a one-line UserError); `settings_of` adds what
 needs the model and the mesh and returns a frozen RunSettings that the loop, `launch.py --dry_run`, the
-ablation and remat=auto read instead of recomputing. `lora_fields` is the one reader of train.lora_*.
+ablation and remat=auto read instead of recomputing.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any
 
 from gpt2_jax import mixture, parallel
-from gpt2_jax.dpo import DPOSettings
-from gpt2_jax.dpo import settings_of as dpo_settings_of
 from gpt2_jax.errors import UserError
 from gpt2_jax.model import GPT2Config
-from gpt2_jax.optim import check_schedule
+from gpt2_jax.objectives import Objective, objective_of
+from gpt2_jax.optim import OPTIMIZERS, check_optimizer, check_schedule
 from gpt2_jax.sampling import check_settings as check_sampling
-
-LORA_DEFAULTS = {"lora_alpha": 16.0, "lora_targets": "attn.c_attn"}  # documented in experiments/base.py
-
-
-def lora_fields(train: Mapping[str, Any]) -> dict[str, Any]:
-    """train.lora_* (of a config, or of a saved run_config.json's "train") as GPT2Config fields; {} without LoRA."""
-    rank = int(train.get("lora_rank") or 0)
-    if not rank:
-        return {}
-    targets = str(train.get("lora_targets", LORA_DEFAULTS["lora_targets"]))
-    return {"lora_rank": rank, "lora_alpha": float(train.get("lora_alpha", LORA_DEFAULTS["lora_alpha"])),
-            "lora_targets": tuple(t.strip() for t in targets.split(",") if t.strip())}
-
 
 def seq_len_of(config: Any, model_config: GPT2Config) -> int:
     """Tokens a row trains on: data.seq_len, else the model's n_ctx (checked against it)."""
@@ -49,14 +35,20 @@ class RunSettings:
     """What a run derives from its config and model (settings_of)."""
 
     seq_len: int  # tokens a row trains on: data.seq_len, else the model's n_ctx
-    rows: int  # sequences (DPO: pairs) per optimizer step: train.batch_size * train.accumulate_gradients
+    rows: int  # rows (DPO: pairs) per optimizer step: train.batch_size * train.accumulate_gradients
     tokens_per_step: int  # tokens an optimizer step trains on (DPO: the chosen and the rejected sequence both)
-    document_eot: int | None  # data.document_mask: the end-of-text id that ends a document; None: no mask
-    dpo: DPOSettings | None  # train.objective=dpo; None: the next-token loss
+    objective: Objective  # train.objective: what a step trains on and how it scores it
+    sections: dict  # the config sections the optimizer reads beside train (optim.OPTIMIZERS: muon)
     validates: bool  # data.val_every > 0
     patience: int  # train.early_stop_patience (0: no early stop)
     min_delta: float  # train.early_stop_min_delta
     keep_best: bool  # checkpoint.keep_best
+
+
+def optimizer_sections(config: Any) -> dict:
+    """The config's sections an optimizer may read beside train, by name (optim.OPTIMIZERS' `section`)."""
+    names = {kind.section for kind in OPTIMIZERS.values() if kind.section}
+    return {name: config[name] for name in sorted(names) if name in config}
 
 
 def check_config(config: Any) -> None:
@@ -65,6 +57,7 @@ def check_config(config: Any) -> None:
     if train.batch_size < 1 or train.accumulate_gradients < 1:
         raise UserError("train.batch_size and train.accumulate_gradients must be >= 1")
     check_schedule(train)
+    check_optimizer(train, optimizer_sections(config))
     if not 0.0 <= train.noise < 1.0:
         raise UserError(f"train.noise={train.noise}: must be in [0, 1)")
     if config.sample.sample_every:
@@ -92,14 +85,14 @@ def check_config(config: Any) -> None:
 def settings_of(config: Any, model_config: GPT2Config, mesh: Any, eot_token: int | None = None) -> RunSettings:
     """The run's settings for this model on this mesh (after check_config), checked; `eot_token` (default: the
     vocabulary's last id, as in GPT-2's and the byte-level vocabulary) ends documents under data.document_mask."""
-    dpo, seq_len = dpo_settings_of(config), seq_len_of(config, model_config)
+    eot = model_config.n_vocab - 1 if eot_token is None else eot_token
+    objective, seq_len = objective_of(config, eot), seq_len_of(config, model_config)
     train, data = config.train, config.data
     parallel.check_batch(train.batch_size, mesh)
     if data.val_every > 0:
         parallel.check_batch(data.val_batch_size, mesh)
     rows = rows_of(train)
-    eot = model_config.n_vocab - 1 if eot_token is None else eot_token
-    return RunSettings(seq_len=seq_len, rows=rows, tokens_per_step=rows * seq_len * (2 if dpo else 1),
-                       document_eot=eot if data.document_mask else None, dpo=dpo, validates=data.val_every > 0,
+    return RunSettings(seq_len=seq_len, rows=rows, tokens_per_step=rows * seq_len * objective.sequences_per_row,
+                       objective=objective, sections=optimizer_sections(config), validates=data.val_every > 0,
                        patience=train.early_stop_patience, min_delta=train.early_stop_min_delta,
                        keep_best=bool(config.checkpoint.keep_best))

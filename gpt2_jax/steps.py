@@ -12,7 +12,7 @@ import dataclasses
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
@@ -20,17 +20,19 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from gpt2_jax import parallel
-from gpt2_jax.dpo import DPOSettings
 from gpt2_jax.model import GPT2Config, param_shapes
+from gpt2_jax.objectives import NextToken, Objective
 from gpt2_jax.optim import learning_rate_schedule, make_optimizer
 from gpt2_jax.train import TrainState, make_eval_step, make_train_step
 
 
-def abstract_state(model_config: GPT2Config, train: Any, mesh: Mesh) -> tuple[optax.GradientTransformation, TrainState]:
+def abstract_state(model_config: GPT2Config, train: Any, mesh: Mesh, sections: Mapping[str, Any] | None = None
+                   ) -> tuple[optax.GradientTransformation, TrainState]:
     """The optimizer and the train state as ShapeDtypeStructs carrying their shardings on the mesh
-    (params and optimizer state replicated, or FSDP-sharded; the step counter replicated)."""
+    (params and optimizer state replicated, or FSDP-sharded; the step counter replicated). `sections`: the
+    config sections an optimizer reads beside train (optim.OPTIMIZERS)."""
     params = param_shapes(model_config)
-    optimizer = make_optimizer(train, params)
+    optimizer = make_optimizer(train, params, sections)
     state = jax.eval_shape(lambda p: TrainState.create(p, optimizer), params)  # nothing allocated
     shardings = state.replace(step=parallel.replicated(mesh), params=parallel.state_shardings(mesh, state.params),
                               opt_state=parallel.state_shardings(mesh, state.opt_state))
@@ -48,9 +50,9 @@ class Steps:
     batch_sharding: NamedSharding  # windows [rows, T+1] split by rows over every device
     step_fn: Callable  # the pure step (state, batch, rng[, reference]) -> (state, metrics), before jit
     train_step: Callable  # jitted over the mesh; donates the state it is given
-    eval_step: Callable  # jitted (params, batch[, reference]) -> mean loss, or (DPO) a dict of metrics (replicated)
-    dpo: DPOSettings | None = None  # the preference objective (batches of pairs), or None: the next-token loss
-    reference: Any = None  # dpo.reference "params": the frozen reference's params as ShapeDtypeStructs with shardings
+    eval_step: Callable  # jitted (params, batch[, reference]) -> {"loss", *metrics} (replicated)
+    objective: Objective  # what a batch is and how a step scores it
+    reference: Any = None  # the frozen reference's params (objective.takes_reference), ShapeDtypeStructs with shardings
 
     def init_state(self, params: Any) -> TrainState:
         """A step-0 state on the mesh from params (host or device arrays), the optimizer freshly initialised."""
@@ -58,12 +60,8 @@ class Steps:
         return jax.jit(lambda p: TrainState.create(p, self.optimizer), out_shardings=self.state_sharding)(params)
 
     def abstract_batch(self, rows: int, seq_len: int) -> Any:
-        """A batch of `rows` windows (or pairs) of seq_len + 1 tokens as ShapeDtypeStructs."""
-        sharded = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=self.batch_sharding)  # noqa: E731
-        if self.dpo is None:
-            return sharded((rows, seq_len + 1), np.int32)
-        return (sharded((rows, 2, seq_len + 1), np.int32), sharded((rows, 2, seq_len + 1), np.float32),
-                sharded((rows, 2), np.float32))
+        """A batch of `rows` rows (windows, examples or pairs) of seq_len + 1 tokens as ShapeDtypeStructs."""
+        return self.objective.abstract_batch(rows, seq_len, self.batch_sharding)
 
     def abstract_inputs(self, rows: int, seq_len: int) -> tuple:
         """The train step's arguments as ShapeDtypeStructs: state, a batch of `rows` windows (or pairs), an rng key
@@ -84,25 +82,24 @@ def reference_shapes(model_config: GPT2Config, mesh: Mesh) -> Any:
                         parallel.state_shardings(mesh, shapes))
 
 
-def build_steps(model_config: GPT2Config, train: Any, mesh: Mesh, *, donate: bool = True,
-                document_eot: int | None = None, dpo: DPOSettings | None = None) -> Steps:
-    """The sharded train and eval steps for a model, the `train` config section and a device mesh;
-    with document_eot (data.document_mask), the documents of a window do not see each other; with `dpo`,
-    the steps of the preference objective on batches of pairs."""
-    optimizer, state = abstract_state(model_config, train, mesh)
-    step_fn = make_train_step(model_config, optimizer, learning_rate_schedule(train),
-                              accumulate=train.accumulate_gradients, noise=train.noise, loss_chunk=train.loss_chunk,
-                              document_eot=document_eot, dpo=dpo)
+def build_steps(model_config: GPT2Config, train: Any, mesh: Mesh, objective: Objective = NextToken(), *,
+                sections: Mapping[str, Any] | None = None, donate: bool = True) -> Steps:
+    """The sharded train and eval steps for a model, the `train` config section, a device mesh and the run's
+    objective (objectives.py: the batches and how a step scores them; default the plain next-token loss);
+    `sections`: the config sections an optimizer reads beside train (settings.optimizer_sections)."""
+    optimizer, state = abstract_state(model_config, train, mesh, sections)
+    step_fn = make_train_step(model_config, optimizer, learning_rate_schedule(train), objective,
+                              accumulate=train.accumulate_gradients)
     state_sh = jax.tree.map(lambda a: a.sharding, state)
     batch_sh, repl = parallel.batch_sharding(mesh), parallel.replicated(mesh)
-    reference = reference_shapes(model_config, mesh) if dpo is not None and dpo.reference == "params" else None
+    reference = reference_shapes(model_config, mesh) if objective.takes_reference else None
     reference_sh = (jax.tree.map(lambda a: a.sharding, reference),) if reference is not None else ()
     train_step = jax.jit(parallel.with_mesh_rules(step_fn, mesh),
                          in_shardings=(state_sh, batch_sh, repl, *reference_sh), out_shardings=(state_sh, repl),
                          donate_argnums=0 if donate else ())
-    eval_step = jax.jit(parallel.with_mesh_rules(make_eval_step(model_config, document_eot, dpo), mesh),
+    eval_step = jax.jit(parallel.with_mesh_rules(make_eval_step(model_config, objective), mesh),
                         in_shardings=(state_sh.params, batch_sh, *reference_sh), out_shardings=repl)
-    return Steps(mesh, optimizer, state, state_sh, batch_sh, step_fn, train_step, eval_step, dpo, reference)
+    return Steps(mesh, optimizer, state, state_sh, batch_sh, step_fn, train_step, eval_step, objective, reference)
 
 
 # --- What a compiled step costs -------------------------------------------------------------------
@@ -139,13 +136,13 @@ def compile_with_stats(steps: Steps, rows: int, seq_len: int) -> tuple[Any, dict
 
 
 def compile_falling_back_to_xla_attention(model_config: GPT2Config, train: Any, mesh: Mesh, rows: int, seq_len: int,
-                                          document_eot: int | None = None, dpo: DPOSettings | None = None
+                                          objective: Objective = NextToken(), sections: Mapping[str, Any] | None = None
                                           ) -> tuple[GPT2Config, dict[str, float | None], str | None]:
     """compile_with_stats of the built step; where JAX's partitioning rule for cuDNN's fused attention
     refuses the mesh (some FSDP layouts: docs/targets.md), the step with XLA's
     attention instead. Returns the model config compiled, its stats, and why it fell back (or None)."""
     try:
-        steps = build_steps(model_config, train, mesh, document_eot=document_eot, dpo=dpo)
+        steps = build_steps(model_config, train, mesh, objective, sections=sections)
         return model_config, compile_with_stats(steps, rows, seq_len)[1], None
     except jax.errors.JaxRuntimeError as e:
         if model_config.attention != "cudnn" or "custom_partitioner" not in str(e):
@@ -154,7 +151,7 @@ def compile_falling_back_to_xla_attention(model_config: GPT2Config, train: Any, 
                     if line.strip().split(":")[0].endswith("Error") and not line.strip().startswith("jax")),
                    "custom_partitioner")
     model_config = dataclasses.replace(model_config, attention="xla")
-    steps = build_steps(model_config, train, mesh, document_eot=document_eot, dpo=dpo)
+    steps = build_steps(model_config, train, mesh, objective, sections=sections)
     return model_config, compile_with_stats(steps, rows, seq_len)[1], why
 
 

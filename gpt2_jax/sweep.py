@@ -80,7 +80,7 @@ def _finished(config: Any) -> bool:
     run_dir = storage.path(config.workdir) / "checkpoint" / config.run_name
     if not run_dir.is_dir():
         return False
-    latest = checkpoints.make_manager(run_dir, read_only=True).latest_step()
+    latest = checkpoints.latest_step(run_dir)
     return latest is not None and latest >= config.train.total_steps
 
 

@@ -12,16 +12,20 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gpt2_jax.dpo import METRICS, DPOSettings, dpo_loss
 from gpt2_jax.model import GPT2, GPT2Config, document_segments, join_lora, split_lora, tied_logits
 
 
 class TrainState(flax.struct.PyTreeNode):
-    """Everything a step updates: the update count, the parameters and the optimizer state."""
+    """Everything a step updates: the update count, the parameters, the optimizer state, and what the run's
+    settings add (None where they add nothing)."""
 
     step: jax.Array  # int32 scalar: updates applied so far
     params: Any
     opt_state: Any
+
+    def trees(self) -> dict[str, Any]:
+        """The state's trees but the step, by name (a checkpoint's items), those that are present."""
+        return {name: getattr(self, name) for name in ("params", "opt_state") if getattr(self, name) is not None}
 
     @classmethod
     def create(cls, params: Any, optimizer: optax.GradientTransformation) -> "TrainState":
@@ -108,27 +112,22 @@ def loss_fn(params: Any, batch: Batch, rng: jax.Array, config: GPT2Config, noise
     return jnp.mean(losses) if target_weights is None else jnp.sum(losses * target_weights) / normalizer
 
 
-def make_train_step(config: GPT2Config, optimizer: optax.GradientTransformation, schedule: optax.Schedule, *,
-                    accumulate: int = 1, noise: float = 0.0, loss_chunk: int = 0,
-                    document_eot: int | None = None, dpo: DPOSettings | None = None) -> Callable:
-    """The step for a batch of `accumulate` micro-batches stacked along axis 0 ([accumulate * B, ...]).
-
-    The objective is the next-token loss, or with `dpo` the preference loss of pairs (dpo.py), whose
-    metrics the step returns too; `reference` is the frozen reference's params where dpo.reference is
-    "params". With LoRA (config.lora_rank > 0) only the adapters are differentiated: the frozen base
-    gets no gradient at all (the optimizer, optim.make_optimizer, keeps no state for it either).
+def make_train_step(config: GPT2Config, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+                    objective: Any, *, accumulate: int = 1) -> Callable:
+    """The step for a batch of `accumulate` micro-batches stacked along axis 0 ([accumulate * B, ...]), scored by
+    `objective` (objectives.py: its loss and the metrics beside it); `reference` is the frozen reference's params
+    where the objective takes one. With LoRA (config.lora_rank > 0) only the adapters are differentiated: the
+    frozen base gets no gradient at all (the optimizer, optim.make_optimizer, keeps no state for it either).
     """
-    def objective(params, batch, rng, normalizer, reference):  # (loss, metrics beside it)
-        if dpo is not None:
-            return dpo_loss(params, batch, config, dpo, reference)
-        return loss_fn(params, batch, rng, config, noise, loss_chunk, document_eot, normalizer), {}
+    def objective_loss(params, batch, rng, normalizer, reference):  # (loss, metrics beside it)
+        return objective.loss(params, batch, rng, config, normalizer, reference)
 
     if config.lora_rank:
         def grad_fn(params, *args):  # ((loss, metrics), gradients of the adapters only)
             adapters, base = split_lora(params)
-            return jax.value_and_grad(lambda a: objective(join_lora(a, base), *args), has_aux=True)(adapters)
+            return jax.value_and_grad(lambda a: objective_loss(join_lora(a, base), *args), has_aux=True)(adapters)
     else:
-        grad_fn = jax.value_and_grad(objective, has_aux=True)
+        grad_fn = jax.value_and_grad(objective_loss, has_aux=True)
 
     def train_step(state: TrainState, batch: Batch, rng: jax.Array, reference: Any = None
                    ) -> tuple[TrainState, dict]:
@@ -138,8 +137,7 @@ def make_train_step(config: GPT2Config, optimizer: optax.GradientTransformation,
         keys = jax.random.split(rng, accumulate)
         # Weighted targets (examples): every micro-batch's sum is divided by the whole batch's count, so
         # the summed micro-batch losses are the batch's mean however the targets fall between them.
-        weights = split_batch(batch)[1] if dpo is None else None
-        normalizer = None if weights is None else jnp.maximum(jnp.sum(weights[:, 1:]), 1.0)
+        normalizer = objective.normalizer(batch)
         if accumulate == 1:
             (loss, extra), grads = grad_fn(state.params, jax.tree.map(lambda x: x[0], micro), keys[0], normalizer,
                                            reference)
@@ -152,11 +150,11 @@ def make_train_step(config: GPT2Config, optimizer: optax.GradientTransformation,
                         jax.tree.map(jnp.add, grad_sum, grads)), None
 
             zeros = jax.tree.map(jnp.zeros_like, split_lora(state.params)[0] if config.lora_rank else state.params)
-            no_extra = {name: jnp.zeros((), jnp.float32) for name in (METRICS if dpo is not None else ())}
+            no_extra = {name: jnp.zeros((), jnp.float32) for name in objective.metrics}
             (loss, extra, grads), _ = jax.lax.scan(accumulate_one, (jnp.zeros((), jnp.float32), no_extra, zeros),
                                                    (micro, keys))
             extra = jax.tree.map(lambda m: m / accumulate, extra)  # equal micro-batches: the mean of their means
-            if weights is None:  # each micro-batch's loss was its own mean
+            if normalizer is None:  # each micro-batch's loss was its own mean
                 loss, grads = loss / accumulate, jax.tree.map(lambda g: g / accumulate, grads)
         grad_norm = global_norm(grads)  # of what trains
         if config.lora_rank:  # the base's gradient: zeros, which the optimizer's frozen branch never reads
@@ -169,13 +167,9 @@ def make_train_step(config: GPT2Config, optimizer: optax.GradientTransformation,
     return train_step
 
 
-def make_eval_step(config: GPT2Config, document_eot: int | None = None, dpo: DPOSettings | None = None) -> Callable:
-    """Mean next-token loss of one batch of windows [B, T+1], without noise (documents as in training); with
-    `dpo`, the preference loss and its metrics of a batch of pairs, as a dict."""
-    def eval_step(params: Any, batch: Batch, reference: Any = None) -> jax.Array | dict:
-        if dpo is not None:
-            loss, metrics = dpo_loss(params, batch, config, dpo, reference)
-            return {"loss": loss, **metrics}
-        return loss_fn(params, batch, jax.random.key(0), config, document_eot=document_eot)
+def make_eval_step(config: GPT2Config, objective: Any) -> Callable:
+    """The objective's {"loss", *metrics} of one validation batch (no noise)."""
+    def eval_step(params: Any, batch: Batch, reference: Any = None) -> dict:
+        return objective.evaluate(params, batch, config, reference)
 
     return eval_step

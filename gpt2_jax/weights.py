@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from gpt2_jax import storage
-from gpt2_jax.checkpoints import is_run_dir, load_run_params
+from gpt2_jax.rundir import is_run_dir, load_run_params
 from gpt2_jax.encoder import find_vocab, get_encoder
 from gpt2_jax.errors import UserError
 from gpt2_jax.model import GPT2Config, convert_layout, param_shapes

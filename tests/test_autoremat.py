@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from gpt2_jax import autoremat, checkpoints, loop, parallel
+from gpt2_jax import autoremat, checkpoints, loop, parallel, rundir
 from gpt2_jax.errors import UserError
 from gpt2_jax.model import REMAT_POLICIES
+from gpt2_jax.objectives import NextToken
 from gpt2_jax.resolve import model_config_of
 from test_loop import TINY_MODEL, read_metrics, tiny_config
 from test_faults import DATASET
@@ -32,12 +33,13 @@ def test_auto_fits_the_budget_and_trains_bitwise_like_its_choice_set_by_hand(tmp
     monkeypatch.setattr(autoremat, "POLICY_ORDER", ("none", "full"))  # all 7 work alike; 2 keep it short
     config = tiny_config(tmp_path / "probe", DATASET, **AUTO)
     mesh = parallel.make_mesh(1, 1)
-    whole, _ = autoremat.choose(model_config_of(config), config.train, mesh, 32, float("inf"), timed_steps=0)
+    whole, _ = autoremat.choose(model_config_of(config), config.train, mesh, 32, float("inf"), objective=NextToken(),
+                                timed_steps=0)
     assert (whole.policy, whole.micro_batch) == ("none", 4)  # everything fits: no remat, no accumulation
     budget_gb = (whole.peak_bytes - 1) / autoremat.GiB  # now the whole batch without remat does not fit
     auto = tiny_config(tmp_path / "auto", DATASET, **AUTO, **{"model.memory_budget_gb": budget_gb})
     loop.run(auto)
-    record = json.loads((tmp_path / "auto" / "checkpoint" / "run1" / autoremat.AUTO_FILE).read_text())
+    record = json.loads((tmp_path / "auto" / "checkpoint" / "run1" / "remat_auto.json").read_text())
     chosen = record["chosen"]
     assert chosen["fits"] and chosen["peak_bytes"] <= budget_gb * autoremat.GiB
     assert (chosen["policy"], chosen["micro_batch"]) != ("none", 4)
@@ -49,8 +51,8 @@ def test_auto_fits_the_budget_and_trains_bitwise_like_its_choice_set_by_hand(tmp
                                                          "train.batch_size": chosen["micro_batch"],
                                                          "train.accumulate_gradients": chosen["accumulate"]})
     loop.run(by_hand)
-    _, a = checkpoints.load_run_params(tmp_path / "auto" / "checkpoint" / "run1")
-    _, b = checkpoints.load_run_params(tmp_path / "hand" / "checkpoint" / "run1")
+    _, a = rundir.load_run_params(tmp_path / "auto" / "checkpoint" / "run1")
+    _, b = rundir.load_run_params(tmp_path / "hand" / "checkpoint" / "run1")
     jax.tree.map(np.testing.assert_array_equal, a, b)  # bitwise
     assert [m["loss"] for m in read_metrics(tmp_path / "auto")] == [m["loss"] for m in read_metrics(tmp_path / "hand")]
     # resuming keeps the recorded choice (a new search could time differently), so the run stays exact

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_hf_dir
-from gpt2_jax import checkpoints, data, dpo, loop
+from gpt2_jax import checkpoints, data, dpo, loop, rundir
 from gpt2_jax.cli import main as cli_main
 from gpt2_jax.errors import UserError
 from gpt2_jax.weights import _tensor_names, load_weights
@@ -158,7 +158,7 @@ def test_a_dpo_run_lowers_its_loss_raises_reward_accuracy_and_logs_trls_metrics(
     steps = [r for r in records if "loss" in r]
     assert all(name in steps[-1] for name in dpo.METRICS)
     assert steps[-1]["loss"] < steps[0]["loss"] and steps[-1]["rewards/accuracies"] > steps[0]["rewards/accuracies"]
-    assert (workdir / "checkpoint" / "run1" / loop.REFERENCE_LOGPS).is_file()
+    assert (workdir / "checkpoint" / "run1" / "reference_logps.npz").is_file()
 
 
 def test_a_dpo_run_resumed_after_sigterm_ends_bitwise_and_reads_its_reference(straight, tmp_path, capsys):
@@ -173,8 +173,8 @@ def test_a_dpo_run_resumed_after_sigterm_ends_bitwise_and_reads_its_reference(st
     capsys.readouterr()
     loop.run(config)
     assert "reference: the log-probs of 32 pairs, computed when the run started" in capsys.readouterr().out
-    _, ours = checkpoints.load_run_params(tmp_path / "checkpoint" / "run1")
-    _, theirs = checkpoints.load_run_params(straight[0] / "checkpoint" / "run1")
+    _, ours = rundir.load_run_params(tmp_path / "checkpoint" / "run1")
+    _, theirs = rundir.load_run_params(straight[0] / "checkpoint" / "run1")
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), ours, theirs)
 
 
@@ -227,8 +227,8 @@ def test_accumulated_micro_batches_train_as_the_whole_batch_and_bfloat16_with_re
                                                               "train.accumulate_gradients": 2}))
     for name in ("loss", *dpo.METRICS):
         assert split[name] == pytest.approx(whole[name], rel=1e-5, abs=1e-6), name
-    _, a = checkpoints.load_run_params(tmp_path / "whole" / "checkpoint" / "run1")
-    _, b = checkpoints.load_run_params(tmp_path / "split" / "checkpoint" / "run1")
+    _, a = rundir.load_run_params(tmp_path / "whole" / "checkpoint" / "run1")
+    _, b = rundir.load_run_params(tmp_path / "split" / "checkpoint" / "run1")
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), a, b)
     half = loop.run(tiny_config(tmp_path / "bf16", pairs, **{**settings, "model.dtype": "bfloat16"}))
     assert half["loss"] == pytest.approx(whole["loss"], rel=0.05)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import tiny_hf_dir
-from gpt2_jax import loop
+from gpt2_jax import loop, rundir
 from gpt2_jax.cli import main as cli_main
 from gpt2_jax.data import read_examples, layout_examples
 from gpt2_jax.encoder import get_encoder
@@ -122,6 +122,6 @@ def test_training_on_examples_lowers_the_completion_loss_and_resumes_bitwise(mod
     loop.run(tiny_config(tmp_path / "b", tmp_path / "train.jsonl", **fields, **{"train.total_steps": 30}))
     from gpt2_jax import checkpoints
 
-    a = checkpoints.load_run_params(tmp_path / "a" / "checkpoint" / "run1")[1]
-    b = checkpoints.load_run_params(tmp_path / "b" / "checkpoint" / "run1")[1]
+    a = rundir.load_run_params(tmp_path / "a" / "checkpoint" / "run1")[1]
+    b = rundir.load_run_params(tmp_path / "b" / "checkpoint" / "run1")[1]
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)

@@ -21,9 +21,10 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURES, REPO
-from gpt2_jax import checkpoints, loop
+from gpt2_jax import checkpoints, loop, rundir
 from gpt2_jax.cli import main as cli_main
 from gpt2_jax.errors import StorageError, UserError
+from gpt2_jax.rundir import RunDir
 from test_loop import TINY_MODEL, read_metrics, tiny_config
 
 DATASET = FIXTURES / "make_openai_checkpoint.py"
@@ -76,11 +77,11 @@ def test_a_damaged_latest_checkpoint_gives_way_to_the_previous_one_and_the_run_e
     assert "restored step 4" in out + err
     assert f"warning: using checkpoint step 4 of {run_dir} (step 6 did not verify)" in err
     # the damaged step is set aside, byte for byte, and out of orbax's sight (it never counts towards keep)
-    (aside,) = (run_dir / checkpoints.DAMAGED).iterdir()
+    (aside,) = RunDir(run_dir).damaged.iterdir()
     assert aside.name.startswith("6.") and _tree(aside) == damaged_bytes
     assert checkpoints.steps_of(run_dir) == [2, 4, 6, 8]
-    _, params = checkpoints.load_run_params(run_dir)
-    _, reference = checkpoints.load_run_params(undamaged / "checkpoint" / "run1")
+    _, params = rundir.load_run_params(run_dir)
+    _, reference = rundir.load_run_params(undamaged / "checkpoint" / "run1")
     jax.tree.map(np.testing.assert_array_equal, params, reference)  # bitwise
     losses = {m["step"]: m["loss"] for m in read_metrics(tmp_path) if "loss" in m}
     assert [losses[s] for s in (5, 6, 7, 8)] == [m["loss"] for m in read_metrics(undamaged) if m["step"] > 4]
@@ -97,7 +98,7 @@ def test_an_explicit_damaged_checkpoint_or_none_that_verifies_is_one_line_and_no
         truncate(source / str(step))
     before = _tree(source)
     with pytest.raises(UserError, match=r"no checkpoint in .*source can be used \(step 8: .*step 2: .*cannot be read"):
-        checkpoints.load_run_params(source)
+        rundir.load_run_params(source)
     assert _tree(source) == before  # nothing deleted or moved
     done = subprocess.run([sys.executable, "-m", "gpt2_jax", "sample", "--model_dir", str(source), "--length", "4"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -117,7 +118,7 @@ def test_sample_and_export_fall_back_to_the_newest_checkpoint_that_verifies(unda
     from gpt2_jax.weights import load_weights
 
     _, exported = load_weights(tmp_path / "hf")
-    _, step6 = checkpoints.load_run_params(undamaged / "checkpoint" / "run1" / "6")
+    _, step6 = rundir.load_run_params(undamaged / "checkpoint" / "run1" / "6")
     jax.tree.map(np.testing.assert_array_equal, exported, step6)
     assert (run_dir / "8").is_dir()  # read-only commands set nothing aside
 
@@ -184,7 +185,7 @@ def test_a_full_disk_keeps_earlier_checkpoints_sync_and_before_writing(small_dis
     step2 = _tree(run_dir / "2")
     fill(small_disk, leave_kib=60)
     with monkeypatch.context() as m:  # the check passes (as when another program fills the disk meanwhile)
-        m.setattr(checkpoints.CheckpointWriter, "_needed_bytes", lambda self, p, o: 1)
+        m.setattr(checkpoints.CheckpointWriter, "_needed_bytes", lambda self, trees: 1)
         with pytest.raises(StorageError, match=r"could not write checkpoint step 3 to .*: No space left on device; "
                                                r".*partial step was removed, .*resumes from step 2"):
             loop.run(tiny_config(workdir, DATASET, **sync, **{"train.total_steps": 6}))
@@ -276,7 +277,7 @@ def test_a_second_launch_on_a_run_in_training_is_refused_in_one_line_and_the_fir
                              text=True)
     try:
         deadline = time.monotonic() + 120
-        while not _held(checkpoints.run_lock(run_dir)) and first.poll() is None and time.monotonic() < deadline:
+        while not _held(RunDir(run_dir).lock) and first.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert first.poll() is None, "the first launch ended before the second could start"
         started = time.monotonic()
@@ -294,9 +295,9 @@ def test_a_second_launch_on_a_run_in_training_is_refused_in_one_line_and_the_fir
     assert first.returncode == 0, first_err[-3000:]
     solo = subprocess.run(_launch_cmd(tmp_path / "solo"), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert solo.returncode == 0, solo.stderr[-3000:]
-    _, params = checkpoints.load_run_params(run_dir)
-    _, reference = checkpoints.load_run_params(tmp_path / "solo" / "checkpoint" / "run1")
+    _, params = rundir.load_run_params(run_dir)
+    _, reference = rundir.load_run_params(tmp_path / "solo" / "checkpoint" / "run1")
     jax.tree.map(np.testing.assert_array_equal, params, reference)  # the first run trained as if alone
     losses = lambda w: [m["loss"] for m in read_metrics(w) if "loss" in m]  # noqa: E731
     assert losses(tmp_path / "a") == losses(tmp_path / "solo") and len(losses(tmp_path / "a")) == 8  # one writer
-    assert not _held(checkpoints.run_lock(run_dir))  # released at the end
+    assert not _held(RunDir(run_dir).lock)  # released at the end

@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURES, GCS, REPO
-from gpt2_jax import checkpoints, loop, report, storage
+from gpt2_jax import checkpoints, lock, loop, report, rundir, storage
 from gpt2_jax.cli import main as cli_main
 from gpt2_jax.errors import UserError
+from gpt2_jax.rundir import RunDir
 from test_loop import no_compile, tiny_config  # noqa: F401 - no_compile is a fixture
 
 DATASET = FIXTURES / "make_openai_checkpoint.py"
@@ -39,8 +40,8 @@ def upload(local: Path, url: str) -> str:
 
 
 def same_params(a, b) -> None:
-    _, pa = checkpoints.load_run_params(a)
-    _, pb = checkpoints.load_run_params(b)
+    _, pa = rundir.load_run_params(a)
+    _, pb = rundir.load_run_params(b)
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), pa, pb)
 
 
@@ -75,11 +76,11 @@ def test_a_run_in_a_bucket_keeps_everything_there_sets_a_damaged_step_aside_with
     loop.run(tiny_config(workdir, data, **RUN, **{"model.name": model, "train.total_steps": 6}))  # resumes from 2
     err = capfd.readouterr().err
     assert "checkpoint step 4" in err and "do not match their checksums" in err, err[-2000:]
-    aside = [p.name for p in (run_dir / checkpoints.DAMAGED).iterdir()]
+    aside = [p.name for p in RunDir(run_dir).damaged.iterdir()]
     assert len(aside) == 1 and aside[0].startswith("4."), aside  # moved within the bucket, never deleted
     same_params(run_dir, local_reference)
     assert checkpoints.steps_of(run_dir) == [4, 6]  # checkpoint.keep=2, in the bucket too
-    assert checkpoints.steps_of(run_dir / checkpoints.BEST) != []  # keep_best's run directory survived
+    assert checkpoints.steps_of(RunDir(run_dir).best.path) != []  # keep_best's run directory survived
     names = {str(p)[len(workdir) + 1:] for p in storage.files_of(workdir)}
     for name in ("checkpoint/run1/hparams.json", "checkpoint/run1/encoder.json", "checkpoint/run1/run_config.json",
                  "checkpoint/run1/dataset.json", "logs/run1/metrics.jsonl.parts/000000000001.jsonl",
@@ -200,15 +201,15 @@ def test_the_store_failing_mid_run_is_one_line_exit_3_and_earlier_steps_are_inta
         with store.active():  # the steps written before the store failed are whole and verify
             steps = checkpoints.steps_of(run_dir)
             assert 4 in steps, steps
-            checkpoints.load_run_params(run_dir / str(max(steps)))
+            rundir.load_run_params(run_dir / str(max(steps)))
     finally:
         store.stop()
 
 
 # --- The lease: renewed within its lease, fenced by generation, judged by the store's clock --------------------
 
-def _lease(store: GCS, name: str, lease_s: float) -> checkpoints.RunLease:
-    return checkpoints.RunLease(store.url(name, "run1.lock"), store.url(name, "run1"), lease_s)
+def _lease(store: GCS, name: str, lease_s: float) -> lock.RunLease:
+    return lock.RunLease(store.url(name, "run1.lock"), store.url(name, "run1"), lease_s)
 
 
 def test_a_lease_survives_a_store_outage_shorter_than_it_and_lapses_after_a_longer_one(tmp_path):
@@ -226,7 +227,7 @@ def test_a_lease_survives_a_store_outage_shorter_than_it_and_lapses_after_a_long
             lease.fence()
             store.stop()
             time.sleep(9.0)  # longer than the lease: no renewal got through
-            with pytest.raises(checkpoints.LeaseLost, match=r"lost the lock of .*outage/run1 \(no renewal of it got "
+            with pytest.raises(lock.LeaseLost, match=r"lost the lock of .*outage/run1 \(no renewal of it got "
                                                             r"through within checkpoint.lock_lease_s=8 s\); stopped "
                                                             r"before writing more"):
                 lease.check()
@@ -241,21 +242,21 @@ def test_a_lock_taken_over_is_fenced_before_the_next_write_and_staleness_is_judg
     lease = _lease(gcs, "fenced", 60.0)
     lease.acquire()
     # The local clock an hour ahead: a fresh lock is still fresh, as the store's own times say.
-    real = checkpoints.datetime.datetime
+    real = lock.datetime.datetime
 
     class Ahead(real):
         @classmethod
         def now(cls, tz=None):
-            return real.now(tz) + checkpoints.datetime.timedelta(hours=1)
+            return real.now(tz) + lock.datetime.timedelta(hours=1)
 
-    monkeypatch.setattr(checkpoints.datetime, "datetime", Ahead)
+    monkeypatch.setattr(lock.datetime, "datetime", Ahead)
     with pytest.raises(UserError, match="is being trained by another job .*renewed 0 s ago"):
         _lease(gcs, "fenced", 60.0).acquire()
     monkeypatch.undo()
     lease.blob.bucket.blob(lease.blob.name).upload_from_string(b'{"host": "other"}')  # another job took it over
-    with pytest.raises(checkpoints.LeaseLost, match="another job took it over"):
+    with pytest.raises(lock.LeaseLost, match="another job took it over"):
         lease.fence()  # the generation in the store is not this job's: no more writes
-    with pytest.raises(checkpoints.LeaseLost):
+    with pytest.raises(lock.LeaseLost):
         lease.check()
     lease.release()  # not deleted: it is the other job's now
     assert storage.path(gcs.url("fenced", "run1.lock")).read_text() == '{"host": "other"}'

@@ -17,9 +17,10 @@ import pytest
 
 from conftest import FIXTURES, REPO
 from experiments import base
-from gpt2_jax import checkpoints, data, loop
+from gpt2_jax import checkpoints, data, loop, rundir
 from gpt2_jax.cli import main as cli_main
 from gpt2_jax.errors import UserError
+from gpt2_jax.rundir import RunDir
 from gpt2_jax.weights import load_weights
 
 TINY_MODEL = str(FIXTURES / "openai_tiny")  # n_ctx 32, byte-level vocabulary, written by TensorFlow
@@ -96,8 +97,8 @@ def test_stop_and_resume_is_exact(tmp_path, straight_run, shakespeare):
     assert resumed["step"] == 8
     losses = [m["loss"] for m in read_metrics(tmp_path)]
     assert losses == [m["loss"] for m in read_metrics(straight_run)]  # bitwise equal floats
-    _, params = checkpoints.load_run_params(run_dir)
-    _, reference = checkpoints.load_run_params(straight_run / "checkpoint" / "run1")
+    _, params = rundir.load_run_params(run_dir)
+    _, reference = rundir.load_run_params(straight_run / "checkpoint" / "run1")
     jax.tree.map(np.testing.assert_array_equal, params, reference)
     assert (tmp_path / "samples" / "run1" / "samples-4").is_file() and (tmp_path / "samples" / "run1" / "samples-8").is_file()
 
@@ -112,8 +113,8 @@ def test_dispatch_ahead_trains_bitwise_alike_and_stops_after_the_step_in_flight(
     assert loop.run(tiny_config(tmp_path, shakespeare[0], **ahead), on_step=ctrl_c_at_5)["step"] == 6
     assert loop.run(tiny_config(tmp_path, shakespeare[0], **ahead))["step"] == 8
     assert [m["loss"] for m in read_metrics(tmp_path)] == [m["loss"] for m in read_metrics(straight_run)]
-    _, params = checkpoints.load_run_params(tmp_path / "checkpoint" / "run1")
-    _, reference = checkpoints.load_run_params(straight_run / "checkpoint" / "run1")
+    _, params = rundir.load_run_params(tmp_path / "checkpoint" / "run1")
+    _, reference = rundir.load_run_params(straight_run / "checkpoint" / "run1")
     jax.tree.map(np.testing.assert_array_equal, params, reference)
     assert sorted(p.name for p in (tmp_path / "samples" / "run1").iterdir()) == ["samples-4", "samples-8"]
 
@@ -169,9 +170,9 @@ def test_restore_from_fresh_never_overwrites_and_a_path_restores(straight_run, t
     # The same checkpoint resumed with stacked blocks: params and Adam's moments are converted.
     scanned = loop.run(tiny_config(tmp_path / "scan", shakespeare[0], **{**restore, "model.scan_layers": True}))
     np.testing.assert_allclose(scanned["loss"], result["loss"], rtol=1e-5)
-    config, params = checkpoints.load_run_params(tmp_path / "scan" / "checkpoint" / "run1")
-    assert checkpoints.saved_scan_layers(tmp_path / "scan" / "checkpoint" / "run1") and not config.scan_layers
-    _, reference = checkpoints.load_run_params(tmp_path / "checkpoint" / "run1")
+    config, params = rundir.load_run_params(tmp_path / "scan" / "checkpoint" / "run1")
+    assert RunDir(tmp_path / "scan" / "checkpoint" / "run1").scan_layers() and not config.scan_layers
+    _, reference = rundir.load_run_params(tmp_path / "checkpoint" / "run1")
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), params, reference)
 
 
@@ -210,7 +211,7 @@ def test_sigkill_while_saving_resumes_from_the_last_complete_checkpoint(tmp_path
     assert caught_mid_write, "never observed a checkpoint being written"
     complete = checkpoints.make_manager(run_dir, read_only=True).latest_step()
     assert complete is not None
-    assert (checkpoints.run_lock(run_dir)).is_file()  # left behind by kill -9, but no longer locked:
+    assert (RunDir(run_dir).lock).is_file()  # left behind by kill -9, but no longer locked:
     result = loop.run(tiny_config(tmp_path, train, **{"train.total_steps": complete + 2}))
     assert result["step"] == complete + 2
     assert not list(run_dir.glob("*tmp*"))  # the partial step was cleaned up
@@ -376,8 +377,8 @@ def test_early_stopping_keeps_the_best_step_and_survives_resume(tmp_path, shakes
     assert "early stop at step 4: validation loss has not improved by more than train.early_stop_min_delta=10 for " \
         "2 validations (train.early_stop_patience=2); the best" in out.out + out.err
     run_dir = tmp_path / "checkpoint" / "run1"
-    assert checkpoints.steps_of(run_dir / checkpoints.BEST) == [0] and checkpoints.steps_of(run_dir) == [4]
-    _params_equal(checkpoints.load_run_params(run_dir / checkpoints.BEST)[1], load_weights(TINY_MODEL)[1])
+    assert checkpoints.steps_of(RunDir(run_dir).best.path) == [0] and checkpoints.steps_of(run_dir) == [4]
+    _params_equal(rundir.load_run_params(RunDir(run_dir).best.path)[1], load_weights(TINY_MODEL)[1])
     # The count is in the checkpoint: the same command stops at once, a larger patience goes one more.
     assert loop.run(tiny_config(tmp_path, train, **fields))["step"] == 4
     assert loop.run(tiny_config(tmp_path, train, **{**fields, "train.early_stop_patience": 3}))["step"] == 6
@@ -392,12 +393,12 @@ def test_keep_best_keeps_the_lowest_validation_step_and_restore_from_best_trains
     run_dir = tmp_path / "checkpoint" / "run1"
     val_losses = {m["step"]: m["val_loss"] for m in read_metrics(tmp_path) if "val_loss" in m}
     best = min(val_losses, key=lambda s: (val_losses[s], s))
-    assert checkpoints.steps_of(run_dir / checkpoints.BEST) == [best] and 0 < best < 12, val_losses
-    _params_equal(checkpoints.load_run_params(run_dir / checkpoints.BEST)[1],
-                  checkpoints.load_run_params(run_dir / str(best))[1])
-    final = checkpoints.load_run_params(run_dir)[1]
+    assert checkpoints.steps_of(RunDir(run_dir).best.path) == [best] and 0 < best < 12, val_losses
+    _params_equal(rundir.load_run_params(RunDir(run_dir).best.path)[1],
+                  rundir.load_run_params(run_dir / str(best))[1])
+    final = rundir.load_run_params(run_dir)[1]
     # restore_from=best: on from the best step; the steps after it set aside; batches are a function
     # of the step, so the run ends where it ended before.
     assert loop.run(tiny_config(tmp_path, train, **{**fields, "checkpoint.restore_from": "best"}))["step"] == 12
-    assert len(list((run_dir / checkpoints.SUPERSEDED).iterdir())) == len([s for s in val_losses if s > best])
-    _params_equal(checkpoints.load_run_params(run_dir)[1], final)
+    assert len(list(RunDir(run_dir).superseded.iterdir())) == len([s for s in val_losses if s > best])
+    _params_equal(rundir.load_run_params(run_dir)[1], final)

@@ -14,7 +14,7 @@ import torch
 
 from conftest import FIXTURES, hf_logits, tiny_hf_dir
 from experiments import base as base_config
-from gpt2_jax import checkpoints, loop, parallel
+from gpt2_jax import checkpoints, loop, parallel, rundir
 from gpt2_jax.cli import main as cli_main
 from gpt2_jax.errors import UserError
 from gpt2_jax.model import GPT2, LORA_TARGETS, add_lora, join_lora, merge_lora, split_lora
@@ -79,8 +79,8 @@ def test_training_moves_only_the_adapters_and_resumes_bitwise(tmp_path):
     loop.run(tiny_config(tmp_path / "resumed", dataset, **_lora_fields(**{"train.total_steps": 4})))
     loop.run(tiny_config(tmp_path / "resumed", dataset, **_lora_fields(**{"train.total_steps": 8})))
     run = tmp_path / "straight" / "checkpoint" / "run1"
-    config, trained = checkpoints.load_run_params(run, keep_adapters=True)
-    _, resumed = checkpoints.load_run_params(tmp_path / "resumed" / "checkpoint" / "run1", keep_adapters=True)
+    config, trained = rundir.load_run_params(run, keep_adapters=True)
+    _, resumed = rundir.load_run_params(tmp_path / "resumed" / "checkpoint" / "run1", keep_adapters=True)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), trained, resumed)
     assert config.lora_rank == 4 and config.lora_targets == ("attn.c_attn", "mlp.c_proj")
     adapters, frozen = split_lora(trained)
@@ -98,7 +98,7 @@ def test_the_exports_of_a_lora_run_are_the_merged_model_and_peft_adapters(tmp_pa
     loop.run(tiny_config(tmp_path / "w", FIXTURES / "make_openai_checkpoint.py",
                          **_lora_fields(**{"train.total_steps": 3})))
     run = tmp_path / "w" / "checkpoint" / "run1"
-    config, params = checkpoints.load_run_params(run, keep_adapters=True)
+    config, params = rundir.load_run_params(run, keep_adapters=True)
     ours = np.asarray(GPT2(config).apply(params, jnp.asarray(TOKENS % 257)))
     cli_main(["export", "--model_dir", str(run), "--out", str(tmp_path / "merged")])
     merged = GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from experiments import base
-from gpt2_jax import data, mixture, shards
+from gpt2_jax import data, mixture, shards, storage
 from gpt2_jax.data import WindowSampler
 from gpt2_jax.errors import UserError
 from gpt2_jax.mixture import MixtureSampler, block_counts, parse_mixture, parse_stages
+from gpt2_jax.rundir import RunDir
 
 WINDOW = 9
 
@@ -161,19 +162,20 @@ def test_datasets_of_a_mixture_validate_each_source_on_its_own_tail(tmp_path):
     assert list(record["train"]["sources"]) == ["web", "code"] and record["train"]["stages"] == "3:code=1"
     assert record["validation"]["sources"]["code"]["tokens"] == 400
     # resuming on changed data or weights: one line naming what changed
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / data.DATA_RECORD).write_text(json.dumps(record))
+    run = RunDir(tmp_path / "run")
+    storage.mkdir(run.path)
+    run.data_record.write_text(json.dumps(record))
     np.savez(tmp_path / "code.npz", np.arange(20_000, 24_000) - (np.arange(4000) == 5))  # one token of its head
     _, _, changed = data.datasets(config, Vocab(), WINDOW - 1, seed=0, is_main=False)
     with pytest.raises(UserError, match=r"data.dataset changed .*: source 'code': same files and sizes, other tokens"):
-        data.check_same_data(tmp_path / "run", changed, allow_changed=False)
+        data.check_same_data(run, changed, allow_changed=False)
     np.savez(tmp_path / "code.npz", np.arange(20_000, 24_000))
     config.data.mixture_stages = "4:code=1"
     _, _, restaged = data.datasets(config, Vocab(), WINDOW - 1, seed=0, is_main=False)
     with pytest.raises(UserError, match=r"data.mixture_stages '3:code=1' -> '4:code=1'"):
-        data.check_same_data(tmp_path / "run", restaged, allow_changed=False)
+        data.check_same_data(run, restaged, allow_changed=False)
     config.data.mixture_stages = "3:code=1"
-    data.check_same_data(tmp_path / "run", data.datasets(config, Vocab(), WINDOW - 1, 0, False)[2], False)
+    data.check_same_data(run, data.datasets(config, Vocab(), WINDOW - 1, 0, False)[2], False)
 
 
 @pytest.mark.parametrize("fields, message", [

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import FAST_COMPILE_FLAG, FIXTURES, GCS, REPO
-from gpt2_jax import checkpoints
+from gpt2_jax import checkpoints, rundir
 from gpt2_jax.parallel import PEER_LOST_EXIT
 
 
@@ -104,8 +104,8 @@ def test_two_processes_train_like_one(pair_run, tmp_path):
     one = subprocess.run(_train_cmd(tmp_path / "one", *LONG), cwd=REPO, env=ENV, capture_output=True, text=True,
                          timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
-    _, two_params = checkpoints.load_run_params(pair_run / "checkpoint" / "run1")
-    _, one_params = checkpoints.load_run_params(tmp_path / "one" / "checkpoint" / "run1")
+    _, two_params = rundir.load_run_params(pair_run / "checkpoint" / "run1")
+    _, one_params = rundir.load_run_params(tmp_path / "one" / "checkpoint" / "run1")
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), two_params, one_params)
     assert (pair_run / "logs" / "run1" / "metrics.jsonl").read_text().count("\n") == 60  # process 0 only
 
@@ -137,8 +137,8 @@ def test_a_lost_coordinator_ends_the_survivor_in_one_line_and_a_restart_resumes_
     restarted = _start_pair(workdir, *LONG)  # the same command on both: resumes from the last complete step
     errors = _finish(restarted)
     assert [p.returncode for p in restarted] == [0, 0], "\n".join(e[-3000:] for e in errors)
-    _, params = checkpoints.load_run_params(workdir / "checkpoint" / "run1")
-    _, reference = checkpoints.load_run_params(pair_run / "checkpoint" / "run1")
+    _, params = rundir.load_run_params(workdir / "checkpoint" / "run1")
+    _, reference = rundir.load_run_params(pair_run / "checkpoint" / "run1")
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, reference)
 
 
@@ -257,8 +257,8 @@ def test_a_job_whose_hosts_share_no_disk_keeps_its_run_in_a_bucket_fails_as_one_
             restarted = _start_pair(workdir, *job, **pair)
             errors = _finish(restarted)
             assert [p.returncode for p in restarted] == [0, 0], "\n".join(e[-3000:] for e in errors)
-            _, params = checkpoints.load_run_params(run_dir)
-            _, reference = checkpoints.load_run_params(pair_run / "checkpoint" / "run1")
+            _, params = rundir.load_run_params(run_dir)
+            _, reference = rundir.load_run_params(pair_run / "checkpoint" / "run1")
             jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, reference)
             assert [p for p in (tmp_path / "hosts").rglob("*") if p.is_file()] == []  # nothing on a host's disk
             logged = {r["step"] for r in report.read_metrics(storage.path(workdir) / "logs" / "run1")}

@@ -274,5 +274,5 @@ def test_a_run_on_shards_in_a_bucket_resumes_bitwise(gcs, tmp_path):
     losses = [[json.loads(line)["loss"] for line in (tmp_path / w / "logs" / "run1" / "metrics.jsonl").read_text()
                .splitlines() if "loss" in json.loads(line)] for w in ("straight", "resumed")]
     assert len(losses[0]) == 6 and losses[0] == losses[1]  # bitwise equal floats
-    record = json.loads((tmp_path / "resumed" / "checkpoint" / "run1" / data.DATA_RECORD).read_text())
+    record = json.loads((tmp_path / "resumed" / "checkpoint" / "run1" / "dataset.json").read_text())
     assert record["train"]["hash"] == data.SAMPLED_HASH and record["train"]["chunks"] == 4

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from gpt2_jax import checkpoints, loop, report, sweep
+from gpt2_jax import checkpoints, loop, report, rundir, sweep
 from gpt2_jax.cli import main as cli_main
 from gpt2_jax.errors import UserError
 from test_faults import DATASET
@@ -60,8 +60,8 @@ def test_a_2x2_sweep_equals_its_single_runs_resumes_and_reports(tmp_path):
                                                                   "train.learning_rate": 0.003,
                                                                   "train.optimizer": "sgd"})
     loop.run(alone)
-    _, a = checkpoints.load_run_params(tmp_path / "alone" / "checkpoint" / "run1")
-    _, b = checkpoints.load_run_params(tmp_path / "checkpoint" / runs[3]["run_name"])
+    _, a = rundir.load_run_params(tmp_path / "alone" / "checkpoint" / "run1")
+    _, b = rundir.load_run_params(tmp_path / "checkpoint" / runs[3]["run_name"])
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
     # and any finished runs compare by the fields that differ

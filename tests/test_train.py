@@ -10,7 +10,9 @@ import pytest
 from experiments import base
 from gpt2_jax.errors import UserError
 from gpt2_jax.model import GPT2, GPT2Config, init_params
-from gpt2_jax.optim import _decay_mask, learning_rate_schedule, make_optimizer
+from gpt2_jax.optim import decay_mask, make_optimizer
+from gpt2_jax.schedules import learning_rate_schedule
+from gpt2_jax.objectives import Examples, NextToken
 from gpt2_jax.train import TrainState, add_noise, cross_entropy, global_norm, loss_fn, make_train_step
 
 CONFIG = GPT2Config(n_vocab=97, n_ctx=16, n_embd=32, n_head=4, n_layer=2)
@@ -31,8 +33,8 @@ def _batch(rows: int, seed: int = 0) -> jnp.ndarray:
 def _run(train, steps: int, batch, config=CONFIG, accumulate: int = 1):
     params = init_params(config, jax.random.key(0))
     optimizer = make_optimizer(train, params)
-    step = jax.jit(make_train_step(config, optimizer, learning_rate_schedule(train), accumulate=accumulate,
-                                   noise=train.noise))
+    objective = (Examples if isinstance(batch, tuple) else NextToken)(noise=train.noise)  # weighted: examples
+    step = jax.jit(make_train_step(config, optimizer, learning_rate_schedule(train), objective, accumulate=accumulate))
     state, history = TrainState.create(params, optimizer), []
     for i in range(steps):
         state, metrics = step(state, batch, jax.random.key(i))
@@ -144,7 +146,7 @@ def test_schedules_produce_the_configured_learning_rates():
 
 
 def test_weight_decay_skips_biases_layernorm_and_embeddings():
-    mask = _decay_mask(init_params(CONFIG, jax.random.key(0)))["params"]
+    mask = decay_mask(init_params(CONFIG, jax.random.key(0)))["params"]
     assert mask["h_0"]["mlp"]["c_fc"]["kernel"] is True
     assert mask["h_0"]["mlp"]["c_fc"]["bias"] is False
     assert mask["h_0"]["ln_1"]["scale"] is False and mask["wte"] is False and mask["wpe"] is False

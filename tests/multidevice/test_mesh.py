@@ -14,9 +14,10 @@ import pytest
 
 from conftest import FAST_COMPILE_FLAG, FIXTURES, REPO
 from experiments import base
-from gpt2_jax import checkpoints, loop, parallel
+from gpt2_jax import checkpoints, loop, parallel, rundir
 from gpt2_jax.errors import UserError
 from gpt2_jax.model import GPT2Config, init_params
+from gpt2_jax.objectives import Preferences
 from gpt2_jax.steps import build_steps, bytes_per_device
 from gpt2_jax.train import TrainState
 
@@ -77,7 +78,8 @@ def test_dpo_mesh_step_equals_single_device_step(data, fsdp, accumulate, referen
     mesh = parallel.make_mesh(data, fsdp)
     train = base.get_config().train
     train.learning_rate, train.optimizer, train.accumulate_gradients, train.lora_rank = 1e-2, "adam", accumulate, lora
-    steps = build_steps(config, train, mesh, donate=False, dpo=DPOSettings(beta=0.5, reference=reference))
+    steps = build_steps(config, train, mesh, Preferences(settings=DPOSettings(beta=0.5, reference=reference)),
+                        donate=False)
     params = init_params(config, jax.random.key(0))
     state = TrainState.create(params, steps.optimizer)
     rng = np.random.default_rng(0)
@@ -158,8 +160,8 @@ def test_checkpoint_from_8_devices_restores_on_1_and_continues_identically(tmp_p
     assert "restored step 2" in done.stderr + done.stdout
     losses = lambda d: [json.loads(x)["loss"] for x in (d / "logs" / "run1" / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     np.testing.assert_allclose(losses(tmp_path / "moved"), losses(tmp_path / "eight"), rtol=1e-5)
-    _, moved = checkpoints.load_run_params(tmp_path / "moved" / "checkpoint" / "run1")
-    _, eight = checkpoints.load_run_params(tmp_path / "eight" / "checkpoint" / "run1")
+    _, moved = rundir.load_run_params(tmp_path / "moved" / "checkpoint" / "run1")
+    _, eight = rundir.load_run_params(tmp_path / "eight" / "checkpoint" / "run1")
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), moved, eight)
     assert int(jnp.asarray(moved["params"]["wte"]).shape[0]) == 257
 
