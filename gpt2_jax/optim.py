@@ -1,4 +1,4 @@
-"""Optax chains from the `train` section (and an optimizer's own section), as a table.
+"""Optax chains from the `train` section (and an optimizer's own section, such as `muon`), as a table.
 
 `OPTIMIZERS` maps train.optimizer to its row: the builder (the config's sections and the learning-rate
 schedule -> an optax transformation), the section it reads beside `train`, the settings that decide its
@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping
 import jax
 import optax
 
+from gpt2_jax import muon as muon_module
 from gpt2_jax.errors import UserError
 from gpt2_jax.model import is_lora_path
 from gpt2_jax.schedules import check_schedule, learning_rate_schedule  # noqa: F401 - check_schedule re-exported
@@ -48,6 +49,17 @@ def _sgd(train: Any, section: Any, schedule: optax.Schedule) -> optax.GradientTr
     return _flat(train)(optax.sgd(schedule, momentum=train.momentum or None))
 
 
+def _muon(train: Any, section: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """Muon on the blocks' matrices at its own peak (muon.learning_rate, the run's schedule shape); AdamW with the
+    run's learning rate, betas, eps and decay mask on the rest (muon.py)."""
+    own = _Section({**{k: train[k] for k in train.keys()}, "learning_rate": float(section.learning_rate)})
+    return muon_module.muon_with_adamw(
+        muon_lr=learning_rate_schedule(own), adamw_lr=schedule, b1=train.b1, b2=train.b2, eps=train.eps,
+        adamw_weight_decay=train.weight_decay, decay_mask=decay_mask, momentum=float(section.momentum),
+        nesterov=bool(section.nesterov), ns_steps=int(section.ns_steps), ns_dtype=str(section.ns_dtype),
+        adjust_lr=str(section.adjust_lr), weight_decay=float(section.weight_decay), split_qkv=bool(section.split_qkv))
+
+
 class _Section(dict):
     """A config section (or its defaults) as a dict read by attribute, as the builders read sections."""
 
@@ -56,6 +68,19 @@ class _Section(dict):
             return self[name]
         except KeyError:
             raise AttributeError(name) from None
+
+
+def _check_muon(train: Any, section: Any) -> None:
+    if train.flat_optimizer:
+        raise UserError("train.optimizer=muon orthogonalizes each weight matrix, whose shape train.flat_optimizer "
+                        "ravels away; set train.flat_optimizer=False")
+    if train.get("lora_rank", 0):
+        raise UserError("train.optimizer=muon with LoRA (train.lora_rank > 0) is not defined here: Muon is for the "
+                        "blocks' full matrices; train LoRA adapters with adam or adamw")
+    if not float(section.learning_rate) > 0:
+        raise UserError(f"muon.learning_rate={section.learning_rate}: must be > 0")
+    muon_module.check(momentum=float(section.momentum), ns_steps=int(section.ns_steps), ns_dtype=str(section.ns_dtype),
+                      adjust_lr=str(section.adjust_lr), weight_decay=float(section.weight_decay))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,10 +99,13 @@ OPTIMIZERS: dict[str, OptimizerKind] = {
     "adamw": OptimizerKind(_adamw, "AdamW, decoupled weight decay on the dense kernels (train.weight_decay)"),
     "sgd": OptimizerKind(_sgd, "SGD, with train.momentum > 0 heavy-ball momentum",
                          layout=lambda train, section: {"train.momentum > 0": bool(train.get("momentum"))}),
+    "muon": OptimizerKind(_muon, "Muon on the blocks' matrices, AdamW on the rest (the muon section)", section="muon",
+                          layout=lambda train, section: {"muon.split_qkv": bool(section.get("split_qkv", False))},
+                          check=_check_muon),
 }
 
 
-SECTION_DEFAULTS: dict[str, dict] = {}  # an optimizer's section when a caller gives none
+SECTION_DEFAULTS = {"muon": muon_module.DEFAULTS}  # an optimizer's section when a caller gives none
 
 
 def kind_of(train: Any) -> OptimizerKind:
