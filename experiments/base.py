@@ -62,17 +62,24 @@ def get_config() -> ConfigDict:
     c.train.batch_size = 1  # --batch_size: windows (dpo: pairs) per micro-batch (the global batch across devices)
     c.train.accumulate_gradients = 1  # --accumulate_gradients: micro-batches summed into one update
     c.train.learning_rate = 2e-5  # --learning_rate: peak learning rate
-    c.train.optimizer = "adam"  # --optimizer: adam, adamw or sgd
+    c.train.optimizer = "adam"  # --optimizer: adam, adamw, sgd or muon (Muon on the blocks' matrices: the muon section)
     c.train.b1 = 0.9  # Adam beta1
     c.train.b2 = 0.999  # Adam beta2
     c.train.eps = 1e-8  # Adam epsilon (TensorFlow's default, as the original)
     c.train.weight_decay = 0.01  # adamw only; biases, LayerNorm and embeddings are not decayed
     c.train.momentum = 0.0  # sgd only; 0 = plain SGD
-    c.train.lr_schedule = "constant"  # constant, linear (decay) or cosine (decay), after warmup
+    c.train.lr_schedule = "constant"  # constant, linear (decay), cosine (decay) or wsd (warmup-stable-decay)
     c.train.warmup_steps = 0  # linear warmup from 0 to learning_rate
     c.train.decay_steps = 0  # where the decay ends; 0 = total_steps
     c.train.min_lr_ratio = 0.1  # the decay ends at learning_rate * min_lr_ratio
+    c.train.decay_fraction = 0.2  # wsd: decay over the last round(fraction * total_steps) steps (needs total_steps)
+    c.train.decay_shape = "1-sqrt"  # wsd: 1-sqrt (Hägele et al. 2024) or linear, to learning_rate * min_lr_ratio
     c.train.grad_clip = 0.0  # clip gradients to this global norm (0 = off)
+    c.train.skip_spikes = False  # a step whose loss is a spike (or not finite) is not applied; logged as `skipped`
+    c.train.spike_sigma = 6.0  # skip_spikes: stds (Bessel) above the mean of past losses (maxtext's, OLMo-core's 6)
+    c.train.spike_window = 128  # skip_spikes: past finite losses kept; judged once it holds about half (63 of 128)
+    c.train.max_consecutive_skips = 10  # skip_spikes: stop the run at this many in a row (a level shift costs ~4)
+    c.train.ema_decay = 0.0  # > 0: a float32 moving average of the weights (val_loss_ema; export/sample --ema)
     c.train.flat_optimizer = False  # optimizer state as one flat vector (optax.flatten): fewer, larger fusions
     c.train.only_train_transformer_layers = False  # --only_train_transformer_layers: freeze embeddings and ln_f
     c.train.noise = 0.0  # --noise: replace each input token by a random one with this probability
@@ -93,6 +100,16 @@ def get_config() -> ConfigDict:
     c.dpo.reference = ""  # "" = the weights the run starts from (LoRA: the base, adapters off); or a model dir/hub id
     c.dpo.precompute_reference = True  # reference log-probs computed once, kept with the run; False: every step
     c.dpo.tokenize = "apart"  # apart: after an end-of-text, each text encoded on its own (as SFT); trl: as trl does
+
+    c.muon = ConfigDict()  # train.optimizer=muon: Muon on the blocks' matrices, AdamW (train.*) on the rest
+    c.muon.learning_rate = 0.02  # Muon's peak, in train.lr_schedule's shape (Keller Jordan's 0.02; speedrun 0.05)
+    c.muon.momentum = 0.95  # torch.optim.Muon's and Keller Jordan's
+    c.muon.nesterov = True  # Nesterov momentum (torch's default)
+    c.muon.ns_steps = 5  # Newton-Schulz iterations (torch's and Keller's 5)
+    c.muon.ns_dtype = "bfloat16"  # the iteration's dtype: bfloat16 (torch's, Keller's) or float32
+    c.muon.adjust_lr = "original"  # lr x sqrt(max(1, out/in)) (original, torch's) or 0.2 sqrt(max(in, out))
+    c.muon.weight_decay = 0.0  # decoupled, p *= 1 - lr * wd (Keller's 0; torch's default 0.1)
+    c.muon.split_qkv = False  # True: q, k and v of attn.c_attn orthogonalized apart (modded-nanogpt)
 
     c.sample = ConfigDict()
     c.sample.sample_every = 100  # --sample_every: unconditional samples every N steps (0 = never)

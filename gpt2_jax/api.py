@@ -52,10 +52,11 @@ class Model:
         return [self.encoder.decode(row[:n]) for row, n in zip(out.tokens, out.lengths)]
 
 
-def load(model_dir: str | os.PathLike, **config_overrides) -> Model:
-    """Load any supported model directory or cached hub id; overrides such as dtype='bfloat16' go to the config."""
+def load(model_dir: str | os.PathLike, ema: bool = False, **config_overrides) -> Model:
+    """Load any supported model directory or cached hub id; overrides such as dtype='bfloat16' go to the config;
+    with `ema`, a training run's moving average of its weights (train.ema_decay)."""
     model_dir = find_model_dir(model_dir)
-    config, params = load_weights(model_dir, **config_overrides)
+    config, params = load_weights(model_dir, ema=ema, **config_overrides)
     encoder = get_encoder(model_dir)
     if encoder.n_vocab > config.n_vocab:
         raise UserError(f"{model_dir}: the vocabulary has {encoder.n_vocab} tokens but the model only "

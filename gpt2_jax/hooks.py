@@ -114,28 +114,36 @@ class Validation(Hook):
         self.stale = int(start.meta.get("validations_without_improvement", 0))
 
     def __call__(self, step: int, state: TrainState) -> dict[str, float]:
-        result = self.validate(step, state.params)
+        result = self.validate(step, state)
         self.judge(step, state, result["val_loss"])
         return result
 
     def start(self, step: int, state: TrainState, resumed: bool) -> dict[str, float]:
         """The starting point, so the log shows how far validation loss falls (a resumed step was judged when it
         was first validated)."""
-        result = self.validate(step, state.params)
+        result = self.validate(step, state)
         if not resumed:
             self.judge(step, state, result["val_loss"])
         return result
 
-    def validate(self, step: int, params: Any) -> dict[str, float]:
-        """val_loss (and val_ each of the objective's metrics) over the validation batches."""
+    def _means(self, params: Any) -> tuple[list[dict[str, float]], Callable[..., float]]:
+        """Each validation batch's outputs under params, and their weighted mean of a key (over one source)."""
         outs = [{k: float(v) for k, v in self.eval_step(params, b).items()} for b in self.batches]
 
         def mean(key: str, source: str | None = None) -> float:
             pairs = [(o[key], c) for o, c, s in zip(outs, self.counts, self.sources) if source in (None, s)]
             return float(np.sum([v * c for v, c in pairs]) / max(np.sum([c for _, c in pairs]), 1.0))
 
+        return outs, mean
+
+    def validate(self, step: int, state: TrainState) -> dict[str, float]:
+        """val_loss (and val_ each of the objective's metrics) over the validation batches; with an average of the
+        weights (train.ema_decay), its val_loss_ema beside."""
+        outs, mean = self._means(state.params)
         result = {f"val_{k}": mean(k) for k in outs[0]}
         result.update({f"val_loss/{s}": mean("loss", s) for s in dict.fromkeys(self.sources) if s})
+        if state.ema is not None:
+            result["val_loss_ema"] = self._means(state.ema)[1]("loss")
         tqdm.write(f"[{step} | validation] " + " ".join(f"{k}={v:.4f}" for k, v in result.items()))
         self.acted_at = step
         return result

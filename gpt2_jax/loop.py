@@ -71,7 +71,7 @@ def _train(config: Any, run_dir: RunDir, on_step: Callable[[int, dict], None] | 
         logs = RunLogs(workdir / "logs" / config.run_name, is_main, config)
         checks = [writer.check, lambda: background.check(intact()), *([lease.check] if lease else []), logs.check]
         loop = _Loop(config, run_dir, begun, train_step, hooks.build_hooks(config, run), logs, checks, agreement,
-                     on_step, lambda n, m: _check_finite(n, m, writer.latest_step(), run_dir))
+                     on_step, lambda n, m: _check_step(config.train, n, m, writer.latest_step(), run_dir))
         try:
             loop.start(resumed=bool(begun.meta))
             loop.run()
@@ -240,10 +240,18 @@ def _step_functions(begun: Start) -> tuple[Callable, Callable]:
     return (lambda s, b, k: steps.train_step(s, b, k, reference)), (lambda p, b: steps.eval_step(p, b, reference))
 
 
-def _check_finite(step: int, metrics: dict[str, float], latest_saved: int | None, run_dir: RunDir) -> None:
-    """A loss or gradient norm that is no longer finite ends the run, keeping the last good checkpoint."""
+def _check_step(train: Any, step: int, metrics: dict[str, float], latest_saved: int | None, run_dir: RunDir
+                ) -> None:
+    """A loss or gradient norm that is no longer finite ends the run, keeping the last good checkpoint; with
+    train.skip_spikes such a step was skipped instead, and train.max_consecutive_skips of them in a row end it."""
+    kept = f"The last good checkpoint (step {latest_saved}) is kept in {run_dir}"
+    if train.skip_spikes:
+        if metrics["skips_in_a_row"] >= train.max_consecutive_skips:
+            raise UserError(f"{int(metrics['skips_in_a_row'])} steps in a row were skipped (loss spikes or non-finite "
+                            f"losses; train.max_consecutive_skips={train.max_consecutive_skips}) at step {step}; "
+                            f"stopped without saving it. {kept}; lower train.learning_rate or set train.grad_clip")
+        return
     for what, key in (("loss", "loss"), ("gradient norm", "grad_norm")):
         if not math.isfinite(metrics[key]):
-            raise UserError(f"the {what} became {metrics[key]} at step {step}; stopped without saving it. The last "
-                            f"good checkpoint (step {latest_saved}) is kept in {run_dir}; lower "
-                            "train.learning_rate or set train.grad_clip")
+            raise UserError(f"the {what} became {metrics[key]} at step {step}; stopped without saving it. {kept}; "
+                            "lower train.learning_rate or set train.grad_clip")

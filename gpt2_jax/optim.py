@@ -131,7 +131,9 @@ def state_layout(train: Mapping[str, Any], sections: Mapping[str, Any]) -> dict[
             "train.flat_optimizer": bool(train.get("flat_optimizer")),
             "train.only_train_transformer_layers": bool(train.get("only_train_transformer_layers")),
             "train.lora_rank": int(train.get("lora_rank") or 0),
-            "train.lora_targets": train.get("lora_targets") if train.get("lora_rank") else None}
+            "train.lora_targets": train.get("lora_targets") if train.get("lora_rank") else None,
+            "train.ema_decay > 0": bool(train.get("ema_decay")), "train.skip_spikes": bool(train.get("skip_spikes")),
+            "train.spike_window": train.get("spike_window") if train.get("skip_spikes") else None}
 
 
 def _trainable_labels(params: Any, only_blocks: bool, lora: bool = False) -> Any:

@@ -16,6 +16,7 @@ from gpt2_jax.model import GPT2Config
 from gpt2_jax.objectives import Objective, objective_of
 from gpt2_jax.optim import OPTIMIZERS, check_optimizer, check_schedule
 from gpt2_jax.sampling import check_settings as check_sampling
+from gpt2_jax.spikes import check_spikes
 
 def seq_len_of(config: Any, model_config: GPT2Config) -> int:
     """Tokens a row trains on: data.seq_len, else the model's n_ctx (checked against it)."""
@@ -58,6 +59,9 @@ def check_config(config: Any) -> None:
         raise UserError("train.batch_size and train.accumulate_gradients must be >= 1")
     check_schedule(train)
     check_optimizer(train, optimizer_sections(config))
+    check_spikes(train)
+    if not 0.0 <= train.ema_decay < 1.0:
+        raise UserError(f"train.ema_decay={train.ema_decay}: must be in [0, 1) (0 = no average of the weights)")
     if not 0.0 <= train.noise < 1.0:
         raise UserError(f"train.noise={train.noise}: must be in [0, 1)")
     if config.sample.sample_every:

@@ -29,13 +29,18 @@ from gpt2_jax.train import TrainState, make_eval_step, make_train_step
 def abstract_state(model_config: GPT2Config, train: Any, mesh: Mesh, sections: Mapping[str, Any] | None = None
                    ) -> tuple[optax.GradientTransformation, TrainState]:
     """The optimizer and the train state as ShapeDtypeStructs carrying their shardings on the mesh
-    (params and optimizer state replicated, or FSDP-sharded; the step counter replicated). `sections`: the
-    config sections an optimizer reads beside train (optim.OPTIMIZERS)."""
+    (params, optimizer state and the weights' average replicated, or FSDP-sharded; the step counter and the
+    spike detector replicated). `sections`: the config sections an optimizer reads beside train
+    (optim.OPTIMIZERS)."""
     params = param_shapes(model_config)
     optimizer = make_optimizer(train, params, sections)
-    state = jax.eval_shape(lambda p: TrainState.create(p, optimizer), params)  # nothing allocated
-    shardings = state.replace(step=parallel.replicated(mesh), params=parallel.state_shardings(mesh, state.params),
-                              opt_state=parallel.state_shardings(mesh, state.opt_state))
+    ema, window = train.get("ema_decay", 0.0) > 0, train.get("spike_window") if train.get("skip_spikes") else None
+    state = jax.eval_shape(lambda p: TrainState.create(p, optimizer, ema, window), params)  # nothing allocated
+    repl = parallel.replicated(mesh)
+    shardings = state.replace(step=repl, params=parallel.state_shardings(mesh, state.params),
+                              opt_state=parallel.state_shardings(mesh, state.opt_state),
+                              ema=parallel.state_shardings(mesh, state.ema) if ema else None,
+                              spikes=jax.tree.map(lambda _: repl, state.spikes))
     return optimizer, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
 
 
@@ -55,9 +60,13 @@ class Steps:
     reference: Any = None  # the frozen reference's params (objective.takes_reference), ShapeDtypeStructs with shardings
 
     def init_state(self, params: Any) -> TrainState:
-        """A step-0 state on the mesh from params (host or device arrays), the optimizer freshly initialised."""
+        """A step-0 state on the mesh from params (host or device arrays), the optimizer freshly initialised (and
+        the weights' average and the spike detector where the state holds them)."""
         params = parallel.put_tree(params, self.state_sharding.params)
-        return jax.jit(lambda p: TrainState.create(p, self.optimizer), out_shardings=self.state_sharding)(params)
+        ema, spikes = self.abstract_state.ema is not None, self.abstract_state.spikes
+        window = spikes.losses.shape[0] if spikes is not None else None
+        return jax.jit(lambda p: TrainState.create(p, self.optimizer, ema, window),
+                       out_shardings=self.state_sharding)(params)
 
     def abstract_batch(self, rows: int, seq_len: int) -> Any:
         """A batch of `rows` rows (windows, examples or pairs) of seq_len + 1 tokens as ShapeDtypeStructs."""
@@ -89,7 +98,8 @@ def build_steps(model_config: GPT2Config, train: Any, mesh: Mesh, objective: Obj
     `sections`: the config sections an optimizer reads beside train (settings.optimizer_sections)."""
     optimizer, state = abstract_state(model_config, train, mesh, sections)
     step_fn = make_train_step(model_config, optimizer, learning_rate_schedule(train), objective,
-                              accumulate=train.accumulate_gradients)
+                              accumulate=train.accumulate_gradients, ema_decay=float(train.get("ema_decay", 0.0)),
+                              spike_sigma=float(train.get("spike_sigma", 6.0)))
     state_sh = jax.tree.map(lambda a: a.sharding, state)
     batch_sh, repl = parallel.batch_sharding(mesh), parallel.replicated(mesh)
     reference = reference_shapes(model_config, mesh) if objective.takes_reference else None

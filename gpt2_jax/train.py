@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from gpt2_jax import spikes
 from gpt2_jax.model import GPT2, GPT2Config, document_segments, join_lora, split_lora, tied_logits
 
 
@@ -19,18 +20,25 @@ class TrainState(flax.struct.PyTreeNode):
     """Everything a step updates: the update count, the parameters, the optimizer state, and what the run's
     settings add (None where they add nothing)."""
 
-    step: jax.Array  # int32 scalar: updates applied so far
+    step: jax.Array  # int32 scalar: steps taken so far (a skipped step counts: batches follow the step)
     params: Any
     opt_state: Any
+    ema: Any = None  # train.ema_decay > 0: the weights' exponential moving average, float32
+    spikes: Any = None  # train.skip_spikes: the detector's window of past losses (spikes.SpikeState)
 
     def trees(self) -> dict[str, Any]:
         """The state's trees but the step, by name (a checkpoint's items), those that are present."""
-        return {name: getattr(self, name) for name in ("params", "opt_state") if getattr(self, name) is not None}
+        return {name: getattr(self, name) for name in ("params", "opt_state", "ema", "spikes")
+                if getattr(self, name) is not None}
 
     @classmethod
-    def create(cls, params: Any, optimizer: optax.GradientTransformation) -> "TrainState":
-        """A state at step 0 with a freshly initialised optimizer."""
-        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+    def create(cls, params: Any, optimizer: optax.GradientTransformation, ema: bool = False,
+               spike_window: int | None = None) -> "TrainState":
+        """A state at step 0 with a freshly initialised optimizer; with `ema`, the average starts at the weights;
+        with `spike_window`, an empty detector."""
+        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                   ema=jax.tree.map(lambda p: p.astype(jnp.float32), params) if ema else None,
+                   spikes=spikes.init(spike_window) if spike_window else None)
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -113,11 +121,18 @@ def loss_fn(params: Any, batch: Batch, rng: jax.Array, config: GPT2Config, noise
 
 
 def make_train_step(config: GPT2Config, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-                    objective: Any, *, accumulate: int = 1) -> Callable:
+                    objective: Any, *, accumulate: int = 1, ema_decay: float = 0.0, spike_sigma: float = 6.0
+                    ) -> Callable:
     """The step for a batch of `accumulate` micro-batches stacked along axis 0 ([accumulate * B, ...]), scored by
     `objective` (objectives.py: its loss and the metrics beside it); `reference` is the frozen reference's params
     where the objective takes one. With LoRA (config.lora_rank > 0) only the adapters are differentiated: the
     frozen base gets no gradient at all (the optimizer, optim.make_optimizer, keeps no state for it either).
+
+    Where the state holds a spike detector (train.skip_spikes), a step whose loss is more than `spike_sigma`
+    standard deviations above the recent losses, or not finite, is not applied: params, optimizer state and
+    the average stay bitwise as they were (a skipped step does not advance the optimizer's schedule either), the
+    step counter advances, and `skipped` says so. Where it holds an average (train.ema_decay), it follows the
+    applied weights: ema = decay * ema + (1 - decay) * params, in float32.
     """
     def objective_loss(params, batch, rng, normalizer, reference):  # (loss, metrics beside it)
         return objective.loss(params, batch, rng, config, normalizer, reference)
@@ -162,7 +177,16 @@ def make_train_step(config: GPT2Config, optimizer: optax.GradientTransformation,
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.step), **extra}
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        ema = None if state.ema is None else jax.tree.map(
+            lambda e, p: ema_decay * e + (1 - ema_decay) * p.astype(jnp.float32), state.ema, params)
+        detector = state.spikes
+        if detector is not None:
+            detector, skip = spikes.observe(detector, loss, grad_norm, spike_sigma)
+            params, opt_state, ema = spikes.keep_unless(skip, (params, opt_state, ema),
+                                                        (state.params, state.opt_state, state.ema))
+            metrics.update(skipped=skip.astype(jnp.float32), skips_in_a_row=detector.consecutive.astype(jnp.float32))
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema, spikes=detector), \
+            metrics
 
     return train_step
 

@@ -228,9 +228,14 @@ def find_model_dir(name: str | os.PathLike) -> Path:
                     "`gpt2-jax download 124M`")
 
 
-def load_weights(model_dir: str | Path, **config_overrides) -> tuple[GPT2Config, Params]:
-    """Config and params of a model directory (or cached hub id) in any supported layout (detected)."""
+def load_weights(model_dir: str | Path, ema: bool = False, **config_overrides) -> tuple[GPT2Config, Params]:
+    """Config and params of a model directory (or cached hub id) in any supported layout (detected); with `ema`,
+    a training run's moving average of its weights (train.ema_decay) instead of the weights."""
     d = find_model_dir(model_dir)
+    if ema:
+        if not is_run_dir(d):
+            raise UserError(f"--ema: {d} is not a gpt2-jax training run, so it holds no moving average of the weights")
+        return load_run_params(d, ema=True, **config_overrides)
     for _, detect, load in LAYOUTS:
         if detect(d):
             return load(d, **config_overrides)

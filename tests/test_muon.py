@@ -320,3 +320,54 @@ def test_bad_settings_are_one_line_errors(setting, message):
         muon_with_adamw(muon_lr=0.02, adamw_lr=3e-4, b1=B1, b2=B2, eps=EPS, adamw_weight_decay=0.0, decay_mask=None,
                         **setting)
     assert "\n" not in str(error.value)
+
+
+# --- Through the run: train.optimizer=muon --------------------------------------------------------------------
+
+def _run_config(tmp_path, **more):
+    from conftest import FIXTURES
+    from test_loop import tiny_config
+
+    fields = {"train.optimizer": "muon", "muon.learning_rate": 0.01, "train.learning_rate": 1e-3,
+              "train.lr_schedule": "wsd", "train.total_steps": 6, "checkpoint.save_every": 3, "train.noise": 0.1}
+    return tiny_config(tmp_path, FIXTURES / "make_openai_checkpoint.py", **{**fields, **more})
+
+
+def test_a_muon_run_resumes_bitwise_and_its_state_is_muons(tmp_path):
+    from gpt2_jax import loop
+    from gpt2_jax.rundir import load_run_params
+
+    loop.run(_run_config(tmp_path / "straight"))
+    loop.run(_run_config(tmp_path / "resumed", **{"train.total_steps": 3}))
+    loop.run(_run_config(tmp_path / "resumed"))
+    straight = load_run_params(tmp_path / "straight" / "checkpoint" / "run1")[1]
+    resumed = load_run_params(tmp_path / "resumed" / "checkpoint" / "run1")[1]
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), straight, resumed)
+    from test_loop import TINY_MODEL
+
+    start = load_weights(TINY_MODEL)[1]
+    moved = float(np.abs(np.asarray(straight["params"]["h_0"]["attn"]["c_proj"]["kernel"])
+                         - np.asarray(start["params"]["h_0"]["attn"]["c_proj"]["kernel"])).max())
+    assert moved > 1e-3  # Muon's orthogonal update moved the block matrix
+
+
+def test_switching_to_muon_on_resume_or_with_flat_state_or_lora_is_one_line(tmp_path):
+    from gpt2_jax import loop
+
+    loop.run(_run_config(tmp_path, **{"train.optimizer": "adam", "train.total_steps": 2,
+                                      "train.lr_schedule": "constant"}))
+    with pytest.raises(UserError, match=r"trained with train.optimizer: adam \(now muon\)"):
+        loop.run(_run_config(tmp_path, **{"train.total_steps": 4}))
+    with pytest.raises(UserError, match="train.optimizer=muon .* train.flat_optimizer=False"):
+        loop.run(_run_config(tmp_path / "flat", **{"train.flat_optimizer": True}))
+    with pytest.raises(UserError, match=r"train.optimizer=muon with LoRA"):
+        loop.run(_run_config(tmp_path / "lora", **{"train.lora_rank": 2}))
+    with pytest.raises(UserError, match=r"muon.ns_dtype='float16': use one of bfloat16, float32"):
+        loop.run(_run_config(tmp_path / "dtype", **{"muon.ns_dtype": "float16"}))
+
+
+def test_the_muon_section_documents_muons_defaults():
+    from experiments import base
+    from gpt2_jax.muon import DEFAULTS
+
+    assert dict(base.get_config().muon) == DEFAULTS

@@ -160,3 +160,20 @@ def test_bad_settings_are_one_line_naming_the_field(overrides, message):
 
 def test_the_warmup_may_end_exactly_where_the_decay_starts():
     schedules.check_schedule(_train(lr_schedule="wsd", learning_rate=1e-3, total_steps=100, warmup_steps=80))
+
+
+def test_a_wsd_run_logs_the_formulas_learning_rate_at_every_step(tmp_path):
+    from conftest import FIXTURES
+    from test_loop import read_metrics, tiny_config
+
+    from gpt2_jax import loop
+
+    config = tiny_config(tmp_path, FIXTURES / "make_openai_checkpoint.py",
+                         **{"train.lr_schedule": "wsd", "train.total_steps": 10, "train.warmup_steps": 2,
+                            "train.decay_fraction": 0.4, "train.decay_shape": "1-sqrt", "train.min_lr_ratio": 0.1})
+    loop.run(config)
+    logged = {r["step"]: r["learning_rate"] for r in read_metrics(tmp_path) if "learning_rate" in r}
+    lr, end = 1e-3, 1e-4  # warmup over steps 0-1, constant, then 1-sqrt over the last 4 of 10
+    expected = [lr * s / 2 for s in (0, 1)] + [lr] * 4 + [end + (lr - end) * (1 - math.sqrt(k / 4)) for k in range(4)]
+    # the record of step n holds the rate its update used: the schedule's at n - 1
+    np.testing.assert_allclose([logged[n] for n in range(1, 11)], expected, rtol=1e-6)

@@ -220,3 +220,53 @@ def test_a_packed_window_scores_each_document_as_if_it_were_alone(scan_layers, l
     np.testing.assert_allclose(float(packed) * inputs.size, alone, rtol=1e-5)
     unmasked = loss_fn(params, jnp.asarray(window), jax.random.key(1), config, loss_chunk=loss_chunk)
     assert abs(float(unmasked) * inputs.size - alone) > 1e-3  # without the mask, documents see each other
+
+
+def test_the_weights_average_follows_its_formula_in_float32():
+    train = _train_cfg(optimizer="sgd")
+    params = init_params(CONFIG, jax.random.key(0))
+    optimizer = make_optimizer(train, params)
+    step = jax.jit(make_train_step(CONFIG, optimizer, learning_rate_schedule(train), NextToken(), ema_decay=0.75))
+    state = TrainState.create(params, optimizer, ema=True)
+    expected = jax.tree.map(lambda p: np.asarray(p, np.float32), params)  # the average starts at the weights
+    for i in range(3):
+        state, _ = step(state, _batch(4, seed=i), jax.random.key(i))
+        expected = jax.tree.map(lambda e, p: np.float32(0.75) * e + np.float32(0.25) * np.asarray(p), expected,
+                                state.params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, rtol=1e-6, atol=1e-7), state.ema, expected)
+    assert not np.allclose(np.asarray(state.ema["params"]["wte"]), np.asarray(state.params["params"]["wte"]))
+
+
+def test_a_run_validates_its_average_and_export_and_sample_read_it(tmp_path, capsys):
+    import json
+
+    from conftest import FIXTURES
+    from test_loop import read_metrics, tiny_config
+
+    from gpt2_jax import loop
+    from gpt2_jax.cli import main as cli_main
+    from gpt2_jax.errors import UserError
+    from gpt2_jax.rundir import load_run_params
+    from gpt2_jax.weights import load_weights
+
+    dataset = FIXTURES / "make_openai_checkpoint.py"
+    loop.run(tiny_config(tmp_path, dataset, **{"train.ema_decay": 0.5, "train.total_steps": 4, "data.val_every": 2,
+                                               "data.val_batch_count": 2}))
+    validated = [r for r in read_metrics(tmp_path) if "val_loss" in r]
+    assert [r["step"] for r in validated] == [0, 2, 4] and validated[0]["val_loss_ema"] == validated[0]["val_loss"]
+    assert validated[-1]["val_loss_ema"] != validated[-1]["val_loss"]
+    run = tmp_path / "checkpoint" / "run1"
+    _, ema = load_run_params(run, ema=True)
+    _, weights = load_run_params(run)
+    assert not np.array_equal(np.asarray(ema["params"]["wte"]), np.asarray(weights["params"]["wte"]))
+    cli_main(["export", "--model_dir", str(run), "--out", str(tmp_path / "ema"), "--ema"])
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 load_weights(tmp_path / "ema")[1], ema)
+    capsys.readouterr()
+    cli_main(["sample", "--model_dir", str(run), "--ema", "--length", "3", "--seed", "0", "--json"])
+    assert len(json.loads(capsys.readouterr().out.splitlines()[0])["tokens"]) <= 3
+    loop.run(tiny_config(tmp_path / "plain", dataset, **{"train.total_steps": 1}))
+    with pytest.raises(UserError, match="trained without train.ema_decay, so its checkpoints hold no moving average"):
+        load_weights(tmp_path / "plain" / "checkpoint" / "run1", ema=True)
+    with pytest.raises(UserError, match="--ema: .* is not a gpt2-jax training run"):
+        load_weights(FIXTURES / "openai_tiny", ema=True)
