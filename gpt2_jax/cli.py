@@ -69,7 +69,7 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     out = storage.path(args.out) if args.out else None
     if out is not None:
         storage.check_writable(out.parent, "--out")  # a missing bucket: one line before the model loads
-    model = load(args.model_dir, dtype=args.dtype)
+    model = load(args.model_dir, ema=args.ema, dtype=args.dtype)
     enc, cfg = model.encoder, model.config
     length = args.length or cfg.n_ctx // 2
     if length > cfg.n_ctx:
@@ -191,13 +191,13 @@ def _cmd_export(args: argparse.Namespace) -> None:
         if not is_run_dir(model_dir):
             raise UserError(f"--adapter_only: {model_dir} is not a training run; give a run trained with "
                             "train.lora_rank > 0 (WORKDIR/checkpoint/RUN)")
-        config, params = load_run_params(model_dir, keep_adapters=True)
+        config, params = load_run_params(model_dir, keep_adapters=True, ema=args.ema)
         base = RunDir(model_dir).saved_config().get("model", {}).get("name", "")
         out = export_peft(config, params, args.out, base or "gpt2")
         print(f"exported the adapters to {out} (peft: PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained("
               f"{base or 'gpt2'!r}), {str(out)!r}){hint})")
         return
-    config, params = load_weights(model_dir)  # a LoRA run's adapters merged in
+    config, params = load_weights(model_dir, ema=args.ema)  # a LoRA run's adapters merged in
     out = export_transformers(config, params, model_dir, args.out)
     print(f"exported to {out} (transformers: GPT2LMHeadModel.from_pretrained({str(out)!r}){hint})")
 
@@ -280,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help='one {"text", "tokens"} JSON object per sample per line')
     p.add_argument("--out", help="also write the samples to this file (a path or a URL: gs://...)")
     p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
+    p.add_argument("--ema", action="store_true", help="a training run's moving average of its weights "
+                   "(train.ema_decay) instead of its weights")
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser("evaluate", help="mean next-token loss and perplexity on a dataset")
@@ -341,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (a path or a URL: gs://...)")
     p.add_argument("--adapter_only", action="store_true", help="a LoRA run: its adapters in peft's format "
                    "(adapter_config.json + adapter_model.safetensors) instead of the merged model")
+    p.add_argument("--ema", action="store_true", help="a training run's moving average of its weights "
+                   "(train.ema_decay) instead of its weights")
     p.set_defaults(func=_cmd_export)
     return parser
 
