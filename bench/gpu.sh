@@ -22,11 +22,12 @@ step 140 python3 bench/loop.py --steps 50 --warmup 5 --no_record --out "$OUT/gpu
 [ "$rc" = 0 ] || [ "$rc" = 124 ] || { echo "stopped: the first step failed (see $OUT/log.txt)"; exit 1; }
 # 13: the tied logits' custom VJP (bf16 backward matmuls), then plain autodiff, then Adam over one flat
 # vector, in separate processes
-step 45 python3 bench/train.py --device "$DEVICE" --no_torch --layouts unrolled --rounds 3 --steps 10 --no_record --out "$OUT/gpu.md"
+# 40 (and 43): with Muon's step beside Adam's in the same run, the Newton-Schulz cost on a GPU
+step 55 python3 bench/train.py --device "$DEVICE" --no_torch --layouts unrolled --rounds 3 --steps 10 --jax_optimizers adam,muon --no_record --out "$OUT/gpu.md"
 step 45 python3 bench/train.py --device "$DEVICE" --no_torch --layouts unrolled --rounds 3 --steps 10 --logits_backward autodiff --no_record --out "$OUT/gpu.md"
 step 40 python3 bench/train.py --device "$DEVICE" --no_torch --layouts unrolled --rounds 3 --steps 10 --flat_optimizer --no_record --out "$OUT/gpu.md"
 # 13: XLA GPU flags one at a time (each a process of its own, compiled cold)
-step 160 python3 bench/xla_flags.py --flags=--xla_gpu_enable_latency_hiding_scheduler=true,--xla_gpu_enable_triton_gemm=false,--xla_gpu_enable_command_buffer=,--xla_gpu_enable_cublaslt=true --no_record --out "$OUT/gpu.md" -- --device "$DEVICE"
+step 150 python3 bench/xla_flags.py --flags=--xla_gpu_enable_latency_hiding_scheduler=true,--xla_gpu_enable_triton_gemm=false,--xla_gpu_enable_command_buffer=,--xla_gpu_enable_cublaslt=true --no_record --out "$OUT/gpu.md" -- --device "$DEVICE"
 # 15: the remat ablation at 124M on the GPU (blocks scanned: 4 s compiles), then what remat=auto picks there
 step 100 python3 launch.py --config=experiments/remat_ablation.py:124M --workdir "$OUT/ablation" \
     --config.model.scan_layers=True --config.model.dtype=bfloat16 --config.ablation.micro_batches=4,8,16 --config.ablation.steps=5

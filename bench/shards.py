@@ -54,12 +54,12 @@ def worker(args: argparse.Namespace) -> None:
     from gpt2_jax import data, loop, shards
 
     shards.CONCURRENT_REQUESTS = EMULATOR_REQUESTS
-    rows = [0]
+    asked = [0]
     batch = data.WindowSampler.batch
 
-    def counted(self, index, batch_size, rows_=None):  # the rows the run asked for, to compare bytes against
-        out = batch(self, index, batch_size, rows_)
-        rows[0] += len(out)
+    def counted(self, index, batch_size, rows=None):  # the rows the run asked for, to compare bytes against
+        out = batch(self, index, batch_size, rows)
+        asked[0] += len(out)
         return out
 
     data.WindowSampler.batch = counted
@@ -73,7 +73,7 @@ def worker(args: argparse.Namespace) -> None:
         c.checkpoint.async_save = False
         loop.run(c)
     print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "bytes_read": shards.bytes_read(), "rows": rows[0]}), flush=True)
+                      "bytes_read": shards.bytes_read(), "rows": asked[0]}), flush=True)
 
 
 def write_set(fs, prefix: str, total_mb: int, shard_mb: int, seed: int) -> tuple[int, int]:

@@ -76,7 +76,8 @@ def point_config(config: Any, name: str, overrides: dict[str, Any]) -> Any:
     return c
 
 
-def _finished(config: Any) -> bool:
+def finished(config: Any) -> bool:
+    """Whether a point's run reached train.total_steps (started again, a sweep skips it)."""
     run_dir = storage.path(config.workdir) / "checkpoint" / config.run_name
     if not run_dir.is_dir():
         return False
@@ -92,7 +93,7 @@ def run(config: Any, name: str, axes: list[tuple[str, list[Any]]], train: Callab
                         "skipped when the sweep starts again)")
     configs = [(overrides, point_config(config, name, overrides)) for overrides in points(axes)]
     for i, (overrides, c) in enumerate(configs, start=1):
-        if _finished(c):
+        if finished(c):
             print(f"sweep {name}: point {i}/{len(configs)} {c.run_name} finished earlier, skipped", flush=True)
             continue
         print(f"sweep {name}: point {i}/{len(configs)} {c.run_name}", flush=True)

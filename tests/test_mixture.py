@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -210,3 +211,22 @@ def test_a_run_on_a_mixture_logs_each_sources_validation_and_their_mean(tmp_path
     for r in validated:  # the mean over both sources' batches (the same number of windows each)
         assert r["val_loss/prose"] != r["val_loss/code"]  # validated apart, each on its own held-out tail
         assert r["val_loss"] == pytest.approx((r["val_loss/code"] + r["val_loss/prose"]) / 2, rel=1e-6)
+
+
+def test_a_staged_mixture_run_resumes_bitwise_across_its_stage_switch(tmp_path):
+    from conftest import FIXTURES
+    from test_loop import tiny_config
+
+    from gpt2_jax import loop, rundir
+
+    prose = tmp_path / "prose.txt"
+    prose.write_text("It was the best of times, it was the worst of times. " * 40)
+    code = FIXTURES / "make_openai_checkpoint.py"
+    fields = {"data.mixture": f"code:0.75={code};prose:0.25={prose}", "data.mixture_stages": "3:prose=1",
+              "data.mixture_block": 4, "train.noise": 0.1}
+    loop.run(tiny_config(tmp_path / "straight", "", **fields, **{"train.total_steps": 5}))
+    loop.run(tiny_config(tmp_path / "resumed", "", **fields, **{"train.total_steps": 2}))  # before the switch at 3
+    loop.run(tiny_config(tmp_path / "resumed", "", **fields, **{"train.total_steps": 5}))
+    straight = rundir.load_run_params(tmp_path / "straight" / "checkpoint" / "run1")[1]
+    resumed = rundir.load_run_params(tmp_path / "resumed" / "checkpoint" / "run1")[1]
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), straight, resumed)
