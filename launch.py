@@ -196,7 +196,9 @@ def usage(argv: list[str]) -> str:
 
 def _done(config: Any, result: dict) -> str:
     """The last line: where the run's checkpoints, logs, curves and samples are."""
-    workdir = config.workdir.rstrip("/")
+    from gpt2_jax import storage
+
+    workdir = str(storage.absolute(config.workdir)).rstrip("/")  # absolute, as the checkpoints' path is
     logs = f"{workdir}/logs/{config.run_name}"
     line = f"done: step {result['step']}; checkpoints in {result['run_dir']}; logs in {logs} (metrics.jsonl, " \
            f"TensorBoard events, curves.png)"

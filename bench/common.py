@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -111,105 +110,6 @@ def report(text: str, record: bool, out: Path | None = None) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(out, "a", encoding="utf-8") as f:
             f.write(text + "\n")
-
-
-# Kernel or XLA op names (and the JAX name stacks they came from) -> what they compute; first match wins.
-CATEGORIES = (
-    ("attention", ("sdpa", "fmha", "flash", "attention", "cudnn")),
-    ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "dot")),
-    ("collective", ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "nccl")),
-    ("copy", ("memcpy", "memset", "copy", "transpose")),
-)
-MODEL_PARTS = ("attn", "mlp", "ln_1", "ln_2", "ln_f", "c_attn", "c_proj", "c_fc")
-
-
-def category(name: str) -> str:
-    """What a kernel or op computes, by its name: attention, matmul, collective, copy, or other."""
-    lowered = name.lower().replace("transpose(", "(")  # JAX's name stacks mark the backward pass transpose(jvp(...))
-    return next((cat for cat, keys in CATEGORIES if any(k in lowered for k in keys)), "other (fusions)")
-
-
-def hlo_instructions(hlo_text: str) -> dict[str, tuple[str, str]]:
-    """HLO instruction name -> (what it runs: opcode, custom-call target such as __cublas$gemm, called
-    computation; the JAX name stack it was lowered from, its metadata op_name)."""
-    found = re.finditer(r'^\s*(?:ROOT )?%?([\w.\-]+) = ([^\n]*?)metadata=\{[^\n]*?op_name="([^"]*)"', hlo_text, re.M)
-    return {m.group(1): (_what_it_runs(m.group(2)), m.group(3).split(";")[0]) for m in found}
-
-
-def _what_it_runs(instruction: str) -> str:
-    """An HLO instruction's opcode, custom-call target and called computation (not its operands' names)."""
-    patterns = (r"[\]}) ]([a-z][\w\-]*)\(", r'custom_call_target="([^"]*)"', r"calls=%?([\w.\-]+)")
-    found = (re.search(pattern, instruction) for pattern in patterns)
-    return " ".join(m.group(1) for m in found if m)
-
-
-def place_in_step(stack: str) -> str:
-    """A readable place in the training step for a JAX name stack: the pass and the part of the model."""
-    phase = "backward" if "transpose(jvp" in stack else "forward" if "jvp(" in stack else "update"
-    if "GPT2." not in stack:
-        return f"{phase} {'loss' if phase != 'update' else '(optimizer)'}"
-    inside = stack.split("GPT2.", 1)[1]
-    parts = [c for c in inside.split("/") if c in MODEL_PARTS]
-    if inside.startswith("logits"):
-        where = "logits (tied wte)"
-    elif not parts:
-        where = "embeddings" if "_take" in inside or "wpe" in inside else "other"
-    elif parts == ["attn"]:
-        where = "attn softmax(QK^T)V"
-    else:
-        where = ".".join(parts)
-    return f"{phase} {where}"
-
-
-def device_events(trace_dir: Path) -> list[tuple[str, float]]:
-    """(HLO op or kernel name, duration ns) of every op an accelerator (else the CPU) ran in a trace."""
-    from jax.profiler import ProfileData
-
-    paths = sorted(Path(trace_dir).rglob("*.xplane.pb"))
-    if not paths:
-        raise FileNotFoundError(f"no *.xplane.pb under {trace_dir}")
-    data = ProfileData.from_file(str(paths[-1]))
-
-    def name_of(event) -> str:
-        return str(dict(event.stats).get("hlo_op", event.name))
-
-    events = []
-    for plane in data.planes:
-        if plane.name.startswith("/device:"):  # accelerators: XLA's op line, else the kernels on each stream
-            lines = list(plane.lines)
-            picked = ([ln for ln in lines if ln.name == "XLA Ops"]
-                      or [ln for ln in lines if ln.name.startswith("Stream")] or lines)
-            events += [(name_of(e), e.duration_ns) for ln in picked for e in ln.events]
-    if not events:  # CPU: XLA's executor tags each op it runs with its HLO name
-        events = [(name_of(e), e.duration_ns) for plane in data.planes for ln in plane.lines for e in ln.events
-                  if "hlo_op" in dict(e.stats)]
-    return events
-
-
-def time_breakdown(trace_dir: Path, hlo_text: str, steps: int, wall_s: float, top: int = 16) -> list[tuple]:
-    """Rows (place in the step, category, ms per step, share) from a trace of `steps` calls of one compiled step."""
-    instructions = hlo_instructions(hlo_text)
-    events = device_events(trace_dir)
-    busy = sum(d for _, d in events) or 1.0
-    by_place: dict[tuple[str, str], float] = {}
-    by_category: dict[str, float] = {}
-    for name, d in events:
-        instruction, stack = instructions.get(name, ("", ""))
-        # what it computes, by its name, its instruction (a GPU matmul is a custom call to cuBLAS), its stack
-        kind = category(f"{name} {instruction} {stack}")
-        key = (place_in_step(stack), kind) if stack else (name[:60], kind)
-        by_place[key] = by_place.get(key, 0.0) + d
-        by_category[key[1]] = by_category.get(key[1], 0.0) + d
-    ms = lambda ns: f"{ns / steps / 1e6:.2f}"  # noqa: E731
-    rows = [("wall time", "", f"{wall_s / steps * 1e3:.2f}", ""),
-            ("ops, summed", "", ms(busy), f"{busy / 1e9 / wall_s:.0%} of wall")]
-    rows += [(f"all {cat}", cat, ms(d), f"{d / busy:.1%}") for cat, d in sorted(by_category.items(), key=lambda kv: -kv[1])]
-    rows += [(place, cat, ms(d), f"{d / busy:.1%}")
-             for (place, cat), d in sorted(by_place.items(), key=lambda kv: -kv[1])[:top]]
-    if any(name.startswith("command_buffer") for name, _ in events):  # XLA's CUDA graphs: one event for many ops
-        rows.append(("ops inside XLA command buffers are not seen one by one: rerun with "
-                     "XLA_FLAGS=--xla_gpu_enable_command_buffer=", "", "", ""))
-    return rows
 
 
 # --- What the LoRA and DPO benchmarks share -------------------------------------------------------

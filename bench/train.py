@@ -61,6 +61,8 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--flat_optimizer", action="store_true",
                         help="Adam's moments as one flat vector (train.flat_optimizer), for fewer, larger fusions")
     parser.add_argument("--no_torch", action="store_true", help="skip the transformers peer (ratios vs our first row)")
+    parser.add_argument("--jax_optimizers", default="",
+                        help="our step with each of these optimizers (e.g. adamw,muon; default: --optimizer's)")
     parser.add_argument("--profile", type=int, default=0,
                         help="then trace this many of our steps (first layout) and tabulate where the time goes")
     common.add_record_flags(parser)
@@ -78,7 +80,7 @@ def main() -> None:
     import torch
 
     from experiments import base
-    from gpt2_jax import parallel
+    from gpt2_jax import parallel, profiling
     from gpt2_jax.model import GPT2Config, attention_implementation, init_params, vocab_padding
     from gpt2_jax.steps import build_steps, flops_per_token
     from gpt2_jax.targets import peak_bf16_flops
@@ -114,12 +116,14 @@ def main() -> None:
     first_step_s: dict[str, float] = {}
     hlo_text: dict[str, str] = {}  # the profiled layout's compiled step, to name the ops of its trace
 
-    def jax_peer(layout: str):
+    def jax_peer(layout: str, optimizer: str):
         cfg = dataclasses.replace(config, scan_layers=layout == "scan")
         t0 = time.perf_counter()
-        steps = build_steps(cfg, train, mesh)
+        own = train.copy_and_resolve_references()
+        own.optimizer = optimizer
+        steps = build_steps(cfg, own, mesh)
         compiled = steps.compile(batch, seq_len)
-        compile_s[layout] = time.perf_counter() - t0
+        compile_s[_name(layout, optimizer)] = time.perf_counter() - t0
         if args.profile and layout == args.layouts[0]:
             hlo_text[layout] = compiled.as_text()
         state = steps.init_state(init_params(cfg, jax.random.key(0)))
@@ -132,7 +136,7 @@ def main() -> None:
 
         t0 = time.perf_counter()
         step()  # what remains after AOT compilation
-        first_step_s[layout] = time.perf_counter() - t0
+        first_step_s[_name(layout, optimizer)] = time.perf_counter() - t0
         return step
 
     if not args.no_torch:  # B: transformers + torch Adam on the same shapes
@@ -163,7 +167,10 @@ def main() -> None:
                     torch.cuda.synchronize()
             return step
 
-    peers = {f"gpt2_jax ({layout})": jax_peer(layout) for layout in args.layouts}
+    optimizers = [o for o in args.jax_optimizers.split(",") if o] or [args.optimizer]
+    _name = (lambda layout, optimizer: f"{layout}, {optimizer}") if len(optimizers) > 1 else \
+        (lambda layout, optimizer: layout)
+    peers = {f"gpt2_jax ({_name(layout, o)})": jax_peer(layout, o) for layout in args.layouts for o in optimizers}
     if not args.no_torch:
         peers["transformers + torch"] = torch_step_of(model)
     for fn in peers.values():
@@ -204,7 +211,8 @@ def main() -> None:
     chunked += f", XLA_FLAGS={os.environ['XLA_FLAGS']}" if os.environ.get("XLA_FLAGS") else ""
     vocab = f", vocabulary {config.n_vocab}" if config.n_vocab != 50257 else ""
     title = (f"Training step, {args.size if not args.smoke else 'smoke'} shape, batch {batch} x {seq_len}, {dtype}, "
-             f"{common.optimizer_words(args)}{vocab}{chunked} (torch threads {torch.get_num_threads()})")
+             f"{common.optimizer_words(args) if len(optimizers) == 1 else 'optimizers ' + ' and '.join(optimizers)}"
+             f"{vocab}{chunked} (torch threads {torch.get_num_threads()})")
     header = ["peer", "compile s + first call s", "median step ms", "tokens/s",
               "speed vs transformers" if not args.no_torch else "speed vs first row", "MFU"]
     common.report(common.table(title, header, rows), record=not args.no_record, out=args.out)
@@ -216,7 +224,8 @@ def main() -> None:
                 for _ in range(args.profile):
                     peers[name]()
                 wall_s = time.perf_counter() - t0
-            rows = common.time_breakdown(Path(trace_dir), hlo_text[args.layouts[0]], args.profile, wall_s)
+            trace = profiling.read_trace(profiling.newest_trace(trace_dir)[0])
+            rows = profiling.time_breakdown(trace, args.profile, wall_s, hlo_text[args.layouts[0]])
         header = ["place in the step (top by time)", "category", "ms per step", "share"]
         common.report(common.table(f"Where the time goes: {name}, {title}", header, rows),
                       record=not args.no_record, out=args.out)

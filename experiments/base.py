@@ -20,7 +20,7 @@ def get_config() -> ConfigDict:
     c = ConfigDict()
     c.mode = "train"  # what launch.py runs: "train", or "remat_ablation" (experiments/remat_ablation.py)
     c.run_name = "run1"  # --run_name: outputs go to WORKDIR/{checkpoint,samples,logs}/RUN_NAME
-    c.workdir = "."  # where checkpoint/, samples/ and logs/ are created (launch.py --workdir sets it)
+    c.workdir = "runs"  # where checkpoint/, samples/ and logs/ are created (launch.py --workdir sets it)
     c.seed = 0  # init (from scratch), batch order, noise and samples all derive from it
 
     c.model = ConfigDict()
@@ -111,6 +111,14 @@ def get_config() -> ConfigDict:
     c.muon.weight_decay = 0.0  # decoupled, p *= 1 - lr * wd (Keller's 0; torch's default 0.1)
     c.muon.split_qkv = False  # True: q, k and v of attn.c_attn orthogonalized apart (modded-nanogpt)
 
+    c.eval = ConfigDict()  # benchmarks while training, on the live params (docs/evaluation.md)
+    c.eval.tasks = ""  # lm-eval task names, comma-separated (logged as eval/TASK/METRIC); "" = none
+    c.eval.include_path = ""  # a folder of local lm-eval task YAMLs (as gpt2-jax lm-eval --include_path)
+    c.eval.hellaswag = ""  # HellaSwag's validation jsonl on disk, scored as llm.c does (eval/hellaswag_llmc/*)
+    c.eval.every = 0  # evaluate every N steps and at the last of train.total_steps (0 = never)
+    c.eval.limit = 0.0  # items per task: 0 = all, N >= 1 = the first N, a fraction below 1 = that share
+    c.eval.batch_size = 8  # rows scored at once
+
     c.sample = ConfigDict()
     c.sample.sample_every = 100  # --sample_every: unconditional samples every N steps (0 = never)
     c.sample.prompt = ""  # text the samples continue; "" = unconditional, from <|endoftext|> (as the original)
@@ -119,6 +127,11 @@ def get_config() -> ConfigDict:
     c.sample.top_k = 40  # --top_k
     c.sample.top_p = 0.0  # --top_p: > 0 overrides top_k
     c.sample.temperature = 1.0
+
+    c.log = ConfigDict()  # where the records go beside metrics.jsonl and TensorBoard (process 0)
+    c.log.wandb = False  # True: also to Weights & Biases (pip install 'gpt2-jax[wandb]'; WANDB_MODE=offline works)
+    c.log.wandb_project = "gpt2-jax"  # the W&B project
+    c.log.wandb_entity = ""  # the W&B team or user; "" = your default entity
 
     c.checkpoint = ConfigDict()
     c.checkpoint.restore_from = "latest"  # --restore_from: latest (resume, else pretrained), fresh, best, or a path
@@ -132,6 +145,10 @@ def get_config() -> ConfigDict:
     # that the store answering slowly for as long as a save may take does not cost the run its lock.
     c.checkpoint.lock_lease_s = 300.0
     c.checkpoint.store_timeout_s = 300.0  # a store (gs://) failing this long fails the save: one line, exit 3
+
+    c.profile = ConfigDict()  # a jax.profiler trace of a few steps into WORKDIR/logs/RUN/profile/ (every process)
+    c.profile.start_step = 0  # > 0: trace the steps after this one (0 = no trace); results are unchanged
+    c.profile.steps = 3  # how many steps the trace covers: start_step + 1 ... start_step + steps
 
     c.mesh = ConfigDict()  # devices as a (data, fsdp) mesh; the product must equal the device count
     c.mesh.data = -1  # data parallelism: parameters replicated; -1 = all devices not used by fsdp

@@ -15,6 +15,7 @@ from gpt2_jax.encoder import Encoder, get_encoder
 from gpt2_jax.errors import UserError
 from gpt2_jax.model import GPT2, GPT2Config
 from gpt2_jax.sampling import Generated, generate
+from gpt2_jax.rundir import files_dir
 from gpt2_jax.weights import find_model_dir, load_weights
 
 
@@ -57,7 +58,7 @@ def load(model_dir: str | os.PathLike, ema: bool = False, **config_overrides) ->
     with `ema`, a training run's moving average of its weights (train.ema_decay)."""
     model_dir = find_model_dir(model_dir)
     config, params = load_weights(model_dir, ema=ema, **config_overrides)
-    encoder = get_encoder(model_dir)
+    encoder = get_encoder(files_dir(model_dir))  # a run's step directory: the run's vocabulary
     if encoder.n_vocab > config.n_vocab:
         raise UserError(f"{model_dir}: the vocabulary has {encoder.n_vocab} tokens but the model only "
                         f"n_vocab={config.n_vocab}; the vocabulary files belong to another model")

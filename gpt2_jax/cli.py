@@ -181,7 +181,7 @@ def _cmd_encode(args: argparse.Namespace) -> None:
 
 def _cmd_export(args: argparse.Namespace) -> None:
     from gpt2_jax import storage
-    from gpt2_jax.rundir import RunDir, is_run_dir, load_run_params
+    from gpt2_jax.rundir import RunDir, files_dir, is_run_dir, load_run_params
     from gpt2_jax.weights import export_peft, export_transformers, find_model_dir, load_weights
 
     model_dir = find_model_dir(args.model_dir)
@@ -192,13 +192,13 @@ def _cmd_export(args: argparse.Namespace) -> None:
             raise UserError(f"--adapter_only: {model_dir} is not a training run; give a run trained with "
                             "train.lora_rank > 0 (WORKDIR/checkpoint/RUN)")
         config, params = load_run_params(model_dir, keep_adapters=True, ema=args.ema)
-        base = RunDir(model_dir).saved_config().get("model", {}).get("name", "")
+        base = RunDir(files_dir(model_dir)).saved_config().get("model", {}).get("name", "")
         out = export_peft(config, params, args.out, base or "gpt2")
         print(f"exported the adapters to {out} (peft: PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained("
               f"{base or 'gpt2'!r}), {str(out)!r}){hint})")
         return
     config, params = load_weights(model_dir, ema=args.ema)  # a LoRA run's adapters merged in
-    out = export_transformers(config, params, model_dir, args.out)
+    out = export_transformers(config, params, files_dir(model_dir), args.out)
     print(f"exported to {out} (transformers: GPT2LMHeadModel.from_pretrained({str(out)!r}){hint})")
 
 
@@ -218,6 +218,36 @@ def _cmd_lm_eval(args: argparse.Namespace) -> None:
         print(f"wrote lm-eval's results JSON under {args.output}")
 
 
+def _cmd_hellaswag(args: argparse.Namespace) -> None:
+    from gpt2_jax.api import load
+    from gpt2_jax.hellaswag import read_items, score
+    from gpt2_jax.steps import enable_compilation_cache
+
+    items = read_items(args.file, args.limit)  # a bad file: one line before the model loads
+    enable_compilation_cache()
+    model = load(args.model_dir, dtype=args.dtype)
+    result = score(model.config, model.params, model.encoder, items, batch_size=args.batch_size,
+                   progress=not args.json)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"hellaswag (llm.c's style) over {result['n']} items: acc {result['acc']:.4f}  "
+              f"acc_norm {result['acc_norm']:.4f}")
+
+
+def _cmd_viz(args: argparse.Namespace) -> None:
+    from gpt2_jax.steps import enable_compilation_cache
+    from gpt2_jax.viz import write_page
+
+    enable_compilation_cache()
+    shown = write_page(args.model_dir, args.dataset, args.out, compare=args.compare, max_tokens=args.max_tokens,
+                       worst=args.worst, batch_size=args.batch_size, dtype=args.dtype, encoding=args.encoding,
+                       progress=True)
+    means = f"mean log p {shown['mean_logprob']:.4f}" + (f" (--compare: {shown['mean_logprob_compare']:.4f})"
+                                                         if args.compare else "")
+    print(f"wrote {args.out}: {shown['tokens']} tokens, {means}")
+
+
 def _cmd_compare(args: argparse.Namespace) -> None:
     from gpt2_jax import storage
     from gpt2_jax.report import compare
@@ -233,6 +263,12 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     out = compare(dirs, storage.path(args.out) if args.out else workdir / "compare")
     print((out / "compare.md").read_text(), end="")
     print(f"wrote {out}/compare.md, compare.png and compare.json")
+
+
+def _cmd_profile_summary(args: argparse.Namespace) -> None:
+    from gpt2_jax.profiling import summary
+
+    print(summary(args.directory, top=args.top))
 
 
 class _ShowDefaults(argparse.HelpFormatter):
@@ -318,6 +354,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
     p.set_defaults(func=_cmd_lm_eval)
 
+    p = sub.add_parser("hellaswag", help="HellaSwag as llm.c scores it, from its validation jsonl on disk")
+    p.add_argument("--model_dir", default="models/124M", help="a model or run directory, or a cached hub id (gpt2, ...)")
+    p.add_argument("--file", required=True, help="HellaSwag's hellaswag_val.jsonl (as llm.c's dev/data/hellaswag.py "
+                   "downloads it)")
+    p.add_argument("--limit", type=int, default=None, help="score the first N items only (default: all)")
+    p.add_argument("--batch_size", type=int, default=8, help="items scored at once (4 rows each)")
+    p.add_argument("--json", action="store_true", help='print {"acc", "acc_norm", "n"} as JSON')
+    p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
+    p.set_defaults(func=_cmd_hellaswag)
+
+    p = sub.add_parser("viz", help="an HTML page of a text coloured token by token by a model's log-probabilities (or "
+                       "two models' difference)")
+    p.add_argument("--model_dir", default="models/124M", help="a model or run directory, or a cached hub id (gpt2, ...)")
+    p.add_argument("--compare", default=None, help="a second model (same vocabulary): colour by log p(A) - log p(B)")
+    p.add_argument("--dataset", required=True, help="a text file")
+    p.add_argument("--out", required=True, help="the HTML page to write (self-contained: open it in any browser)")
+    p.add_argument("--max_tokens", type=int, default=2048, help="show the text's first N tokens")
+    p.add_argument("--worst", type=int, default=20, help="list the N worst tokens (lowest log p, or most negative "
+                   "difference)")
+    p.add_argument("--batch_size", type=int, default=8, help="windows of the model's context scored at once")
+    p.add_argument("--encoding", default="utf-8", help="text encoding of the dataset file")
+    p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
+    p.set_defaults(func=_cmd_viz)
 
     p = sub.add_parser("encode", help="pre-encode a dataset to .npz (as the original encode.py), flat .bin or llm.c "
                        "token shards")
@@ -346,6 +405,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema", action="store_true", help="a training run's moving average of its weights "
                    "(train.ema_decay) instead of its weights")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("profile-summary", help="the top ops by time of a profiler trace (a run's profile.start_step "
+                       "window, or any jax.profiler trace)")
+    p.add_argument("directory", help="WORKDIR/logs/RUN/profile (a path or a URL), or any folder holding a trace")
+    p.add_argument("--top", type=int, default=16, help="ops listed, by time")
+    p.set_defaults(func=_cmd_profile_summary)
     return parser
 
 

@@ -665,6 +665,10 @@ def datasets(config: Any, encoder: Encoder, seq_len: int, seed: int, is_main: bo
         val_name = f"validation dataset {data.val_dataset!r}"
     sampler = WindowSampler(chunks, seq_len + 1, seed, f"dataset {data.dataset!r}")
     record = {"train": fingerprint(data.dataset, chunks), "validation": None}
+    validation = "no validation (data.val_every=0)" if data.val_every <= 0 else \
+        f"{val_name}: {_tokens(val_chunks):,} tokens"
+    tqdm.write(f"data: {data.dataset}: {_tokens(chunks):,} tokens in {len(chunks)} chunks, windows of {seq_len + 1} "
+               f"tokens; {validation}")
     if data.val_every <= 0:
         return sampler, [], record
     if not (data.val_split or data.val_dataset):
@@ -697,6 +701,9 @@ def mixture_datasets(config: Any, encoder: Encoder, seq_len: int, seed: int, is_
         if data.val_split:
             chunks, val_chunks = split_tail(chunks, data.val_split)
         samplers.append(WindowSampler(chunks, seq_len + 1, mixture.source_seed(seed, i), what))
+        tqdm.write(f"data: {what}, weight {source.weight:g}: {_tokens(chunks):,} tokens in {len(chunks)} chunks"
+                   + (f"; its last {data.val_split:g} held out: {_tokens(val_chunks):,} tokens" if data.val_split
+                      else ""))
         train_prints[source.name] = fingerprint(source.spec, chunks)
         if data.val_every > 0:
             val_name = f"validation of {what}" + (f" (its last {data.val_split:g})" if data.val_split else "")
@@ -708,6 +715,10 @@ def mixture_datasets(config: Any, encoder: Encoder, seq_len: int, seed: int, is_
     record = {"train": mixture_fingerprint(data, train_prints),
               "validation": mixture_fingerprint(data, val_prints) if val_prints else None}
     return mixture.MixtureSampler(samplers, schedule, data.mixture_block, seed), val_batches, record
+
+
+def _tokens(chunks: list) -> int:
+    return int(sum(len(c) for c in chunks))
 
 
 def _validation_batches(sampler: Any, data: Any) -> list:

@@ -75,14 +75,16 @@ def _score(params: Any, tokens: jax.Array, lengths: jax.Array, targets: jax.Arra
 class GPT2JaxLM(TemplateLM):
     """lm-eval's LM interface (loglikelihood, loglikelihood_rolling, generate_until) on a loaded model."""
 
-    def __init__(self, model: Model, batch_size: int = 8, max_gen_toks: int = 256):
+    def __init__(self, model: Model, batch_size: int = 8, max_gen_toks: int = 256, mesh: Any = None):
+        """`mesh`: the mesh the model's params already live on (a training run's: they are used as they are,
+        no copy); None: a data-parallel mesh of every device, the params replicated onto it."""
         super().__init__()
         self.model, self.max_gen_toks = model, max_gen_toks
-        self.mesh = parallel.make_mesh(-1, 1)
+        self.mesh = mesh if mesh is not None else parallel.make_mesh(-1, 1)
         shards = self.mesh.devices.size
         self.batch_size = -(-max(1, batch_size) // shards) * shards  # rows split evenly over the devices
-        self.params = parallel.put_tree(model.params, jax.tree.map(lambda _: parallel.replicated(self.mesh),
-                                                                   model.params))
+        self.params = model.params if mesh is not None else parallel.put_tree(
+            model.params, jax.tree.map(lambda _: parallel.replicated(self.mesh), model.params))
         self.rows = parallel.batch_sharding(self.mesh)
 
     @property
@@ -188,7 +190,9 @@ def run_tasks(model_dir: str, tasks: str, *, num_fewshot: int | None = None, lim
         raise UserError(f"--tasks: unknown task(s) {', '.join(unknown) or '(none given)'}; lm-eval --tasks list shows "
                         "them" + ("" if include_path else ", and --include_path DIR adds a folder of task YAMLs"))
     lm = GPT2JaxLM(load(model_dir, dtype=dtype), batch_size=batch_size)
-    results = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
+    # bootstrap_iters=0: lm-eval bootstraps some metrics' standard errors in a process pool it forks, which a JAX
+    # process (multithreaded) must not do; those errors are left out
+    results = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, bootstrap_iters=0,
                                       task_manager=manager, log_samples=log_samples or bool(output))
     if output:
         from lm_eval.loggers import EvaluationTracker

@@ -1,9 +1,10 @@
 """Periodic actions of a training run. Each is a Hook: an interval (`every` N steps), taken after the step's
 metrics are read, on that step's state, and, as it says, also at the run's start and forced once at its end
-(levanter's `add_hook(every=N)` and `run_hooks(force=True)`). `build_hooks(config, run)` makes every hook the
-config asks for, in the order of the table `HOOKS`: a new periodic action is one class and a row there.
+(levanter's `add_hook(every=N)` and `run_hooks(force=True)`). The loop makes every hook the config asks for
+from its table `loop.HOOKS`: a new periodic action is one class (here, or a module of its own) and a row there.
 
-Validation, sampling and checkpointing are hooks; so is every action added later.
+Validation, sampling and checkpointing are hooks here; benchmarks (eval_tasks.py) and the profiler window
+(profiling.py) are hooks of their own modules.
 """
 
 from __future__ import annotations
@@ -221,17 +222,3 @@ class Checkpointing(Hook):
             save(self.run.writer, self.run.agreement, step, state, self.run.meta(step))
             self.acted_at = step
         return {}
-
-
-# Every periodic action, in the order they act at a step: (name, hook class made from the config and the run).
-HOOKS: tuple[tuple[str, Callable[[Any, Run], Hook]], ...] = (
-    ("validation", Validation),
-    ("sampling", Sampling),
-    ("checkpoint", Checkpointing),
-)
-
-
-def build_hooks(config: Any, run: Run) -> list[Hook]:
-    """Every hook the config asks for (one with nothing to do, `every` 0 and not always at the end, left out)."""
-    hooks = [make(config, run) for _, make in HOOKS]
-    return [h for h in hooks if h.every > 0 or h.at_end == "always"]

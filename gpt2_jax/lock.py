@@ -149,8 +149,8 @@ class RunLease:
     def fence(self) -> None:
         """check(), and the lock object in the store is still the generation this job wrote (before a save)."""
         self.check()
-        try:
-            held = self.blob.bucket.get_blob(self.blob.name, timeout=self.lease_s)
+        try:  # one attempt, briefly: a store that is failing fails the save itself, with its own line
+            held = self.blob.bucket.get_blob(self.blob.name, retry=None, timeout=min(self.lease_s, 10.0))
         except Exception:  # noqa: BLE001 - the store is failing: the save itself will say so
             return
         if held is None or held.generation != self.blob.generation:

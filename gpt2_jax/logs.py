@@ -1,8 +1,8 @@
 """What a run logs: a step's record (Meter) and where it goes (RunLogs).
 
 WORKDIR/logs/RUN/: metrics.jsonl (one record a step, with its wall-clock time; in a store, numbered parts),
-TensorBoard's events, the run's config and, at the end, curves.png. Process 0 writes them. A sink added
-later (W&B) is one more writer here.
+TensorBoard's events, the run's config and, at the end, curves.png. Process 0 writes them, and with log.wandb
+sends each record to Weights & Biases too (wandb_sink.py).
 """
 
 from __future__ import annotations
@@ -15,24 +15,28 @@ from typing import Any
 import jax
 from tqdm import tqdm
 
-from gpt2_jax import report, storage
+from gpt2_jax import report, storage, wandb_sink
 from gpt2_jax.errors import StorageError, reason
 from gpt2_jax.lock import LeaseLost
+from gpt2_jax.start import Start
 from gpt2_jax.targets import peak_bf16_flops
 
 
 class RunLogs:
-    """metrics.jsonl, TensorBoard, the run's config and, at the end, curves.png; written by process 0 only
-    (`enabled`)."""
+    """metrics.jsonl, TensorBoard, the run's config and, at the end, curves.png, and W&B with log.wandb; written by
+    process 0 only (`enabled`)."""
 
-    def __init__(self, log_dir: Any, enabled: bool, config: Any):
+    def __init__(self, log_dir: Any, enabled: bool, config: Any, begun: Start):
         self.log_dir, self.enabled, self.closed = log_dir, enabled, False
+        self.wandb: wandb_sink.WandbSink | None = None
         if enabled:
             storage.mkdir(log_dir)
             (log_dir / "run_config.json").write_text(config.to_json_best_effort(indent=2))
             self.jsonl = storage.AppendLog(log_dir / "metrics.jsonl")
             self.tb = storage.tensorboard_writer(log_dir)
             self.in_store, self.tb_flushed = storage.is_url(log_dir), -math.inf
+            if config.log.wandb:
+                self.wandb = wandb_sink.start(config.log, config.run_name, log_dir, wandb_config(config, begun))
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         """One step's record."""
@@ -42,6 +46,8 @@ class RunLogs:
         self.jsonl.flush()
         for key, value in metrics.items():
             self.tb.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(step, metrics)  # the record less its wall-clock time (W&B keeps its own)
         if self.in_store and time.monotonic() - self.tb_flushed >= self.jsonl.upload_every_s:
             self.tb.flush()  # in a store, TensorBoard's new records go as the metrics do: at once, then every 10 s
             self.tb_flushed = time.monotonic()
@@ -58,6 +64,8 @@ class RunLogs:
         if not self.enabled or self.closed:
             return
         self.closed = True  # once: the run closes its logs before its last agreement, or on its way out
+        if self.wandb is not None:
+            self.wandb.finish(failed=failing is not None)
         if isinstance(failing, (StorageError, LeaseLost, OSError, *storage.store_errors())) \
                 and storage.is_url(self.log_dir):
             storage.abandon_uploads(self.log_dir)
@@ -77,6 +85,16 @@ class RunLogs:
             report.plot_run(report.read_metrics(self.log_dir), self.log_dir / "curves.png", title)
         except Exception as e:  # noqa: BLE001 - a picture is not worth failing (or masking) the run's end for
             tqdm.write(f"warning: could not draw {self.log_dir / 'curves.png'}: {reason(e)}")
+
+
+def wandb_config(config: Any, begun: Start) -> dict:
+    """The W&B run's config: the resolved config's sections, and what the run derived from them (`run_settings`)."""
+    model, settings = begun.model_config, begun.settings
+    return {**json.loads(config.to_json_best_effort()),
+            "run_settings": {"model": model.hparams(), "num_params": model.num_params(),
+                             "tokens_per_step": settings.tokens_per_step, "seq_len": settings.seq_len,
+                             "rows_per_step": settings.rows, "objective": config.train.objective,
+                             "mesh": dict(begun.steps.mesh.shape), "processes": jax.process_count()}}
 
 
 def peak_flops(config: Any) -> float | None:

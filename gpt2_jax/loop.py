@@ -16,7 +16,7 @@ from typing import Any, Callable
 import jax
 from tqdm import tqdm
 
-from gpt2_jax import checkpoints, faults, hooks, parallel, storage
+from gpt2_jax import checkpoints, eval_tasks, faults, hooks, parallel, profiling, storage
 from gpt2_jax.errors import UserError
 from gpt2_jax.lock import RunLease, claim_run
 from gpt2_jax.logs import Meter, RunLogs, peak_flops
@@ -24,6 +24,23 @@ from gpt2_jax.rundir import RunDir
 from gpt2_jax.settings import check_config
 from gpt2_jax.start import Start, start
 from gpt2_jax.steps import flops_per_token
+
+
+# Every periodic action, in the order they act at a step: (name, hook class made from the config and the run).
+HOOKS: tuple[tuple[str, Callable[[Any, hooks.Run], hooks.Hook]], ...] = (
+    ("validation", hooks.Validation),
+    ("eval_tasks", eval_tasks.EvalTasks),
+    ("hellaswag", eval_tasks.HellaSwag),
+    ("sampling", hooks.Sampling),
+    ("checkpoint", hooks.Checkpointing),
+    ("profile", profiling.ProfileWindow),  # last: the other hooks' work at its first step is not traced
+)
+
+
+def build_hooks(config: Any, run: hooks.Run) -> list[hooks.Hook]:
+    """Every hook the config asks for (one with nothing to do, `every` 0 and not always at the end, left out)."""
+    made = [make(config, run) for _, make in HOOKS]
+    return [h for h in made if h.every > 0 or h.at_end == "always"]
 
 
 def run(config: Any, on_step: Callable[[int, dict], None] | None = None) -> dict:
@@ -68,9 +85,9 @@ def _train(config: Any, run_dir: RunDir, on_step: Callable[[int, dict], None] | 
                     **{k: v for hook in loop.hooks for k, v in hook.meta().items()}}
 
         run = hooks.Run(begun, run_dir, eval_step, writer, best_writer, agreement, meta, is_main)
-        logs = RunLogs(workdir / "logs" / config.run_name, is_main, config)
+        logs = RunLogs(workdir / "logs" / config.run_name, is_main, config, begun)
         checks = [writer.check, lambda: background.check(intact()), *([lease.check] if lease else []), logs.check]
-        loop = _Loop(config, run_dir, begun, train_step, hooks.build_hooks(config, run), logs, checks, agreement,
+        loop = _Loop(config, run_dir, begun, train_step, build_hooks(config, run), logs, checks, agreement,
                      on_step, lambda n, m: _check_step(config.train, n, m, writer.latest_step(), run_dir))
         try:
             loop.start(resumed=bool(begun.meta))

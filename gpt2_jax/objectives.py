@@ -219,7 +219,7 @@ class Preferences(Objective):
         """The sampler and validation batches carrying the reference's log-probs when they are precomputed
         (read from the run directory when it holds those of this data and reference, else computed once and
         kept there), and the frozen reference's params when every step computes them ("params")."""
-        (pairs, val_pairs), c = run_data.pending, context
+        c = context
         if self.settings.reference == "params":
             own = c.start_params is not None and not c.config.dpo.reference  # the policy at step 0 is the reference
             shardings = jax.tree.map(lambda a: a.sharding, c.reference_shapes())

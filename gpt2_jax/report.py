@@ -70,11 +70,16 @@ def summarize(records: list[dict]) -> dict[str, Any]:
                "val_loss": vals[-1] if vals else None, "best_val_loss": min(vals) if vals else None,
                "tokens_per_sec": statistics.median(speeds) if speeds else None,
                "wall_s": times[-1] - times[0] if len(times) > 1 else None}
-    for name in DPO_COLUMNS:  # preference runs: the last of trl's reward metrics, in training and validation
+    for name in [*DPO_COLUMNS, *eval_keys(records)]:  # the last of DPO's metrics, and of the benchmarks
         last = [r[name] for r in records if name in r]
         if last:
             summary[name] = last[-1]
     return summary
+
+
+def eval_keys(records: list[dict]) -> list[str]:
+    """The benchmarks a run logged while training (eval/TASK/METRIC), in the order they first appear."""
+    return list(dict.fromkeys(k for r in records for k in r if k.startswith("eval/")))
 
 
 # The DPO metrics the comparison tables show, when the runs logged them.
@@ -114,7 +119,11 @@ def plot_run(records: list[dict], path: Path, title: str) -> None:
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     lr = [(r["step"], r["learning_rate"]) for r in records if "learning_rate" in r]
-    fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True, height_ratios=(3, 1))
+    benchmarks = eval_keys(records)
+    rows = 3 if benchmarks else 2  # the benchmarks watched while training, in a panel of their own
+    fig, axes = plt.subplots(rows, 1, figsize=(7, 5.5 + 2 * (rows - 2)), sharex=True,
+                             height_ratios=(3, 1, 2)[:rows])
+    ax, ax_lr = axes[0], axes[1]
     if train:
         steps, losses = zip(*train)
         ax.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=0.8)
@@ -128,8 +137,15 @@ def plot_run(records: list[dict], path: Path, title: str) -> None:
     if lr:
         ax_lr.plot(*zip(*lr), color="tab:green")
     ax_lr.set_ylabel("learning rate")
-    ax_lr.set_xlabel("step")
     ax_lr.grid(alpha=0.3)
+    if benchmarks:
+        ax_eval = axes[2]
+        for key in benchmarks:
+            ax_eval.plot(*zip(*[(r["step"], r[key]) for r in records if key in r]), "o-", label=key[len("eval/"):])
+        ax_eval.set_ylabel("benchmarks")
+        ax_eval.grid(alpha=0.3)
+        ax_eval.legend(fontsize=7)
+    axes[-1].set_xlabel("step")
     fig.tight_layout()
     _save_figure(fig, path)
     plt.close(fig)
@@ -145,14 +161,15 @@ def write_comparison(runs: list[dict], out_dir: Path, title: str, stem: str) -> 
     rows = [{"run_name": r["run_name"], "overrides": r["overrides"], **summarize(r["records"])} for r in runs]
     (out_dir / f"{stem}.json").write_text(json.dumps({"runs": rows}, indent=2))
     fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
-    dpo = [c for c in DPO_COLUMNS if any(c in r for r in rows)]
+    extra = [c for c in DPO_COLUMNS if any(c in r for r in rows)]  # and the benchmarks watched while training
+    extra += list(dict.fromkeys(k for r in runs for k in eval_keys(r["records"])))
     lines = [f"# {title}", "", "| run | settings | last loss | best val loss | last val loss | tokens/s | wall s |"
-             + "".join(f" {c} |" for c in dpo), "|---|---|---|---|---|---|---|" + "---|" * len(dpo)]
+             + "".join(f" {c} |" for c in extra), "|---|---|---|---|---|---|---|" + "---|" * len(extra)]
     for r in rows:
         lines.append(f"| {r['run_name']} | {_label(r['overrides'])} | {fmt(r['loss'], '.4f')} | "
                      f"{fmt(r['best_val_loss'], '.4f')} | {fmt(r['val_loss'], '.4f')} | "
                      f"{fmt(r['tokens_per_sec'], ',.0f')} | {fmt(r['wall_s'], '.1f')} |"
-                     + "".join(f" {fmt(r.get(c), '.3f')} |" for c in dpo))
+                     + "".join(f" {fmt(r.get(c), '.3f')} |" for c in extra))
     (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
     plt = _pyplot()
     fig, (ax, ax_val) = plt.subplots(1, 2, figsize=(12, 4.5))

@@ -145,8 +145,20 @@ class RunDir:
 
 
 def is_run_dir(path: Any) -> bool:
-    """A directory written by the training loop (weights.py lists it among the model-directory layouts)."""
-    return RunDir(path).is_run()
+    """A directory written by the training loop, or one step directory of it (RUN/STEP): weights.py lists both
+    among the model-directory layouts."""
+    return RunDir(path).is_run() or is_step_dir(path)
+
+
+def is_step_dir(path: Any) -> bool:
+    """One step directory of a run (RUN/STEP, holding its params)."""
+    path = storage.path(path)
+    return path.name.isdigit() and (path / "params").exists() and RunDir(path.parent).is_run()
+
+
+def files_dir(path: Any) -> Any:
+    """Where a model directory's own files are (the vocabulary, hparams.json): a step directory's run's."""
+    return storage.path(path).parent if is_step_dir(path) else storage.path(path)
 
 
 def resolve_checkpoint(path: Any) -> tuple[RunDir, int]:

@@ -10,13 +10,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from gpt2_jax import mixture, parallel
+from gpt2_jax import eval_tasks, mixture, parallel
 from gpt2_jax.errors import UserError
 from gpt2_jax.model import GPT2Config
 from gpt2_jax.objectives import Objective, objective_of
 from gpt2_jax.optim import OPTIMIZERS, check_optimizer, check_schedule
+from gpt2_jax.profiling import check_profile
 from gpt2_jax.sampling import check_settings as check_sampling
 from gpt2_jax.spikes import check_spikes
+from gpt2_jax.wandb_sink import check as check_wandb
+
 
 def seq_len_of(config: Any, model_config: GPT2Config) -> int:
     """Tokens a row trains on: data.seq_len, else the model's n_ctx (checked against it)."""
@@ -60,6 +63,8 @@ def check_config(config: Any) -> None:
     check_schedule(train)
     check_optimizer(train, optimizer_sections(config))
     check_spikes(train)
+    check_wandb(config.log)  # log.wandb without wandb installed
+    eval_tasks.check(config)
     if not 0.0 <= train.ema_decay < 1.0:
         raise UserError(f"train.ema_decay={train.ema_decay}: must be in [0, 1) (0 = no average of the weights)")
     if not 0.0 <= train.noise < 1.0:
@@ -84,6 +89,7 @@ def check_config(config: Any) -> None:
     if data.val_split and data.val_dataset:
         raise UserError("data.val_split and data.val_dataset are both set: use one (val_dataset, or a split of the "
                         "training data)")
+    check_profile(config)
 
 
 def settings_of(config: Any, model_config: GPT2Config, mesh: Any, eot_token: int | None = None) -> RunSettings:

@@ -18,9 +18,9 @@ import dataclasses
 import importlib.util
 import os
 import re
-from pathlib import Path
 from typing import Any
 
+from gpt2_jax import storage
 from gpt2_jax.errors import UserError
 
 GiB = 2**30
@@ -257,10 +257,10 @@ def _gpu(name: str) -> Target | None:
                       gpu=gpu)
     if not base.endswith((".txtpb", ".pbtxt", ".textproto")):
         return None
-    path = Path(base)
+    path = storage.path(base)  # a local file or a URL
     try:
         text = path.read_text()
-    except (OSError, UnicodeDecodeError) as e:
+    except (OSError, UnicodeDecodeError, *storage.store_errors()) as e:
         raise UserError(f"--target={name}: cannot read the GPU description {path} ({e.__class__.__name__}); "
                         "give a text-format GpuTargetConfigProto file") from None
     memory = re.search(r"device_memory_size:\s*(\d+)", text)

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from gpt2_jax import storage
-from gpt2_jax.rundir import is_run_dir, load_run_params
+from gpt2_jax.rundir import files_dir, is_run_dir, load_run_params
 from gpt2_jax.encoder import find_vocab, get_encoder
 from gpt2_jax.errors import UserError
 from gpt2_jax.model import GPT2Config, convert_layout, param_shapes
@@ -166,7 +166,7 @@ LAYOUTS: list[tuple[str, Callable[[Path], bool], Callable[..., tuple[GPT2Config,
 
 def read_config(model_dir: str | Path, **overrides) -> GPT2Config:
     """The config of a model directory in any supported layout, without reading its weights."""
-    d = storage.path(model_dir)
+    d = files_dir(model_dir)  # a run's step directory: its run's hparams.json
     if (d / "hparams.json").is_file():  # OpenAI's layout and training runs
         return _config_from(_read_json(d / "hparams.json"), d / "hparams.json", **overrides)
     if (d / "config.json").is_file():

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from gpt2_jax import autoremat, checkpoints, loop, parallel, rundir
+from gpt2_jax import autoremat, loop, parallel, rundir
 from gpt2_jax.errors import UserError
 from gpt2_jax.model import REMAT_POLICIES
 from gpt2_jax.objectives import NextToken

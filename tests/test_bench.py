@@ -60,26 +60,6 @@ def test_bench_smoke(script, extra, tmp_path, shared_dir):
     assert "--smoke" in module.arguments().format_help()
 
 
-def test_profile_categories_tell_backward_fusions_from_copies():
-    spec = importlib.util.spec_from_file_location("bench_common", REPO / "bench" / "common.py")
-    common = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(common)
-    backward = "jit(step)/transpose(jvp(GPT2))/GPT2.hidden/h_0/mlp"  # the name stack of a backward-pass op
-    hlo = (f'  %custom-call.12 = (bf16[64,32]{{1,0}}, s8[4]{{0}}) custom-call(bf16[64,8]{{1,0}} %fusion.3, '
-           f'bf16[8,32]{{1,0}} %copy.4), custom_call_target="__cublas$gemm", metadata={{op_name="{backward}/c_fc/'
-           f'transpose" source_file="model.py"}}, backend_config={{}}\n'
-           f'  %loop_multiply_fusion.3 = bf16[64,32]{{1,0}} fusion(bf16[64,32]{{1,0}} %dot.5, f32[] %copy.2), '
-           f'kind=kLoop, calls=%fused_multiply.3, metadata={{op_name="{backward}/gelu/mul"}}\n'
-           f'  ROOT %copy.7 = f32[8,32]{{0,1}} copy(f32[8,32]{{1,0}} %param.1), metadata={{op_name="{backward}/x"}}\n')
-    kinds = {name: common.category(f"{name} {runs} {stack}") for name, (runs, stack) in
-             common.hlo_instructions(hlo).items()}
-    # a cuBLAS call is a matmul whatever its stack; a backward fusion is not a copy for its operands' names
-    # or for the transpose(...) that marks the backward pass in JAX's name stacks
-    assert kinds == {"custom-call.12": "matmul", "loop_multiply_fusion.3": "other (fusions)", "copy.7": "copy"}
-    assert common.place_in_step(common.hlo_instructions(hlo)["custom-call.12"][1]) == "backward mlp.c_fc"
-    assert common.category("loop_transpose_fusion.2") == "copy" and common.category("nvjet_tst_gemm") == "matmul"
-
-
 def _gpu_suite_steps(script: str) -> list[tuple[int, list[str]]]:
     """A GPU script's `step SECONDS COMMAND...` lines, continuations joined, $OUT and $DEVICE filled in."""
     text = (REPO / "bench" / script).read_text().replace("\\\n", " ")

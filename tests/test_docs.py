@@ -20,7 +20,8 @@ from gpt2_jax.cli import build_parser
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 LAUNCH_FLAGS = {"--workdir", "--list", "--dry_run", "--sweep", "--target", "--sweep_name", "--help"}
-SECTIONS = ("model", "data", "train", "sample", "checkpoint", "mesh", "parallel", "ablation", "dpo")
+SECTIONS = ("model", "data", "train", "muon", "eval", "log", "profile", "sample", "checkpoint", "mesh", "parallel",
+            "ablation", "dpo")
 
 
 FILE_SUFFIXES = ("py", "md", "png", "json", "jsonl", "bin", "npz", "txt", "safetensors", "sbatch")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_hf_dir
-from gpt2_jax import checkpoints, data, dpo, loop, rundir
+from gpt2_jax import data, dpo, loop, rundir
 from gpt2_jax.cli import main as cli_main
 from gpt2_jax.errors import UserError
 from gpt2_jax.weights import _tensor_names, load_weights

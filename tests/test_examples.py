@@ -120,7 +120,6 @@ def test_training_on_examples_lowers_the_completion_loss_and_resumes_bitwise(mod
     assert len(val) == 4 and val[-1] < val[0]
     loop.run(tiny_config(tmp_path / "b", tmp_path / "train.jsonl", **fields, **{"train.total_steps": 10}))
     loop.run(tiny_config(tmp_path / "b", tmp_path / "train.jsonl", **fields, **{"train.total_steps": 30}))
-    from gpt2_jax import checkpoints
 
     a = rundir.load_run_params(tmp_path / "a" / "checkpoint" / "run1")[1]
     b = rundir.load_run_params(tmp_path / "b" / "checkpoint" / "run1")[1]

@@ -50,7 +50,7 @@ def _evaluate(model, tasks) -> dict:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    return lm_eval.simple_evaluate(model=model, tasks=NAMES, task_manager=TaskManager(include_path=str(tasks)),
+    return lm_eval.simple_evaluate(bootstrap_iters=0, model=model, tasks=NAMES, task_manager=TaskManager(include_path=str(tasks)),
                                    log_samples=True)
 
 
@@ -133,3 +133,30 @@ def test_batches_pad_no_row_the_devices_do_not_need(total, batch_size, shards, e
     from gpt2_jax.harness import batch_rows
 
     assert batch_rows(total, batch_size, shards) == expected
+
+
+def test_tasks_while_training_equal_gpt2_jax_lm_eval_on_that_steps_checkpoint(tasks_and_model, tmp_path, capsys):
+    from test_loop import read_metrics, tiny_config
+
+    from gpt2_jax import loop, report
+
+    tasks, model_dir = tasks_and_model
+    data = tmp_path / "text.txt"
+    data.write_text(" ".join(WORDS * 40))
+    loop.run(tiny_config(tmp_path, data, **{"model.name": str(model_dir), "eval.tasks": "tiny_choice,tiny_lastword",
+                                            "eval.include_path": str(tasks), "eval.every": 2,
+                                            "train.total_steps": 2, "checkpoint.save_every": 2,
+                                            "train.learning_rate": 1e-2}))
+    logged = [r for r in read_metrics(tmp_path) if "eval/tiny_choice/acc" in r]
+    assert [r["step"] for r in logged] == [2]
+    assert {"eval/tiny_choice/acc", "eval/tiny_choice/acc_norm", "eval/tiny_lastword/acc",
+            "eval/tiny_lastword/perplexity"} <= set(logged[0])
+    capsys.readouterr()
+    cli_main(["lm-eval", "--model_dir", str(tmp_path / "checkpoint" / "run1" / "2"), "--tasks",
+              "tiny_choice,tiny_lastword", "--include_path", str(tasks), "--output", str(tmp_path / "out")])
+    results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]
+    for task, metric in (("tiny_choice", "acc"), ("tiny_choice", "acc_norm"), ("tiny_lastword", "acc"),
+                         ("tiny_lastword", "perplexity")):
+        assert logged[0][f"eval/{task}/{metric}"] == results[task][f"{metric},none"], (task, metric)
+    summary = report.summarize(read_metrics(tmp_path))  # report and compare show them
+    assert summary["eval/tiny_choice/acc"] == logged[0]["eval/tiny_choice/acc"]

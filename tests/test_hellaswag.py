@@ -135,7 +135,7 @@ def test_lm_evals_own_hellaswag_through_the_adapter_scores_the_same(setup, tmp_p
     model_dir, file = setup
     _local_hellaswag(tmp_path, file)
     model = load(model_dir)
-    results = lm_eval.simple_evaluate(model=GPT2JaxLM(model, batch_size=32), tasks=["hellaswag_local"],
+    results = lm_eval.simple_evaluate(bootstrap_iters=0, model=GPT2JaxLM(model, batch_size=32), tasks=["hellaswag_local"],
                                       task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
                                       log_samples=True)
     samples = sorted(results["samples"]["hellaswag_local"], key=lambda s: s["doc_id"])
@@ -232,3 +232,25 @@ def test_params_sharded_over_a_mesh_score_as_on_one_device(setup):
     done = subprocess.run([sys.executable, "-c", MESH_CHECK, str(model_dir), str(file)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "same on 4 devices" in done.stdout, done.stderr[-3000:]
+
+
+def test_hellaswag_while_training_equals_the_command_on_that_steps_checkpoint(setup, tmp_path, capsys):
+    from test_loop import read_metrics, tiny_config
+
+    from gpt2_jax import loop
+
+    model_dir, file = setup
+    data = tmp_path / "text.txt"
+    data.write_text("A man is sitting on a roof. He starts pulling up roofing on a roof. " * 30)
+    loop.run(tiny_config(tmp_path, data, **{"model.name": str(model_dir), "eval.hellaswag": str(file),
+                                            "eval.every": 2, "eval.limit": 3, "train.total_steps": 3,
+                                            "checkpoint.save_every": 2, "train.learning_rate": 1e-2}))
+    logged = {r["step"]: r for r in read_metrics(tmp_path) if "eval/hellaswag_llmc/acc" in r}
+    assert sorted(logged) == [2, 3]  # every 2 steps and at the last
+    for step in (2, 3):
+        capsys.readouterr()
+        cli_main(["hellaswag", "--model_dir", str(tmp_path / "checkpoint" / "run1" / str(step)), "--file", str(file),
+                  "--limit", "3", "--json"])
+        printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert (logged[step]["eval/hellaswag_llmc/acc"], logged[step]["eval/hellaswag_llmc/acc_norm"]) == \
+            (printed["acc"], printed["acc_norm"])

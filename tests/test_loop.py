@@ -235,8 +235,11 @@ def no_compile(monkeypatch):
     (lambda d: np.savez(d / "v.npz", np.arange(250, 300)) or d / "v.npz", "token id 299, outside the vocabulary"),
 ])
 def test_bad_datasets_fail_before_any_compile(tmp_path, no_compile, make, message):
+    data = make(tmp_path)
+    before = sorted(tmp_path.iterdir())
     with pytest.raises(UserError, match=message):
-        loop.run(tiny_config(tmp_path, make(tmp_path), **{"train.total_steps": 1}))
+        loop.run(tiny_config(tmp_path / "w", data, **{"train.total_steps": 1}))
+    assert sorted(tmp_path.iterdir()) == before  # a launch that did nothing leaves nothing: no lock, no checkpoint/
 
 
 def test_bad_settings_fail_before_any_compile(tmp_path, no_compile):

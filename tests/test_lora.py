@@ -10,11 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from conftest import FIXTURES, hf_logits, tiny_hf_dir
 from experiments import base as base_config
-from gpt2_jax import checkpoints, loop, parallel, rundir
+from gpt2_jax import loop, parallel, rundir
 from gpt2_jax.cli import main as cli_main
 from gpt2_jax.errors import UserError
 from gpt2_jax.model import GPT2, LORA_TARGETS, add_lora, join_lora, merge_lora, split_lora

@@ -229,7 +229,6 @@ def _poisoned_run(workdir, total: int, poison_at: int | str | None, monkeypatch,
 def _state_of(workdir, step: int) -> dict:
     from gpt2_jax import checkpoints, rundir, steps as steps_module
     from gpt2_jax.parallel import make_mesh
-    from gpt2_jax.train import TrainState
 
     run = rundir.RunDir(workdir / "checkpoint" / "run1")
     config = run.model_config()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from gpt2_jax import checkpoints, loop, report, rundir, sweep
+from gpt2_jax import loop, report, rundir, sweep
 from gpt2_jax.cli import main as cli_main
 from gpt2_jax.errors import UserError
 from test_faults import DATASET

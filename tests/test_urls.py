@@ -28,7 +28,7 @@ from gpt2_jax.encoder import get_encoder
 from gpt2_jax.errors import UserError
 from gpt2_jax.model import add_lora
 from gpt2_jax.weights import export_peft, load_weights
-from test_download import server  # noqa: F401 - a fixture: OpenAI's release files served on 127.0.0.1
+from test_download import server  # noqa: F401, F811 - a fixture: OpenAI's release files served on 127.0.0.1
 from test_loop import TINY_MODEL, tiny_config
 
 DATASET = FIXTURES / "make_openai_checkpoint.py"
@@ -212,8 +212,7 @@ LOCAL_BY_NATURE = {
     ("gpt2_jax/tf_checkpoint.py", "checkpoint_prefix"): "the base name of a path recorded in TF's checkpoint file",
     ("gpt2_jax/weights.py", "hub_cache_dir"): "the Hugging Face hub cache",
     ("gpt2_jax/weights.py", "from_hub_cache"): "the Hugging Face hub cache",
-    # Not local by nature (a --target=FILE.txtpb could be a URL); left to targets.py's owner.
-    ("gpt2_jax/targets.py", "_gpu"): "a GpuTargetConfigProto file named by --target",
+    ("gpt2_jax/profiling.py", "open"): "the temporary directory jax.profiler writes a store's trace into",
 }
 PATH_CLASSES = {"Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath"}
 

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import FAST_COMPILE_FLAG, FIXTURES, REPO
 from experiments import base
-from gpt2_jax import checkpoints, loop, parallel, rundir
+from gpt2_jax import loop, parallel, rundir
 from gpt2_jax.errors import UserError
 from gpt2_jax.model import GPT2Config, init_params
 from gpt2_jax.objectives import Preferences
