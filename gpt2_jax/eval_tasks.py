@@ -56,14 +56,13 @@ class EvalTasks(Hook):
 
     def __call__(self, step: int, state: TrainState) -> dict[str, float]:
         import lm_eval
-        from lm_eval.tasks import TaskManager
 
         from gpt2_jax.api import Model
-        from gpt2_jax.harness import GPT2JaxLM
+        from gpt2_jax.harness import GPT2JaxLM, task_manager
 
         e, start = self.config.eval, self.run.start
         if self.manager is None:
-            self.manager = TaskManager(include_path=e.include_path or None)
+            self.manager = task_manager(self.names, e.include_path or None)
             unknown = [t for t in self.names if t not in self.manager.all_tasks]
             if unknown:
                 raise UserError(f"eval.tasks: unknown task(s) {', '.join(unknown)}; lm-eval --tasks list shows them"

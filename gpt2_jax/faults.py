@@ -147,10 +147,9 @@ class JobAgreement:
     what this process contributes to the next step's all-reduce (`combine`, jitted over the mesh: one
     scalar, dispatched with the step); `act(code)` acts on the job's combined code: a failure is shared
     (each process's line gathered, the first failing process's raised by all, with its exit code) and a
-    stop is remembered. `settle()` checks the `fence` (the run's lock, before anything is saved) and agrees at once, for the
-    points where every process must enter a collective (checkpoints, validation): none may enter it while
-    another holds a failure. In a
-    single-process run a failure is raised where it happens, as always.
+    stop is remembered. `settle()` checks the `fence` (the run's lock, before anything is saved) and agrees at
+    once, for the points where every process must enter a collective (checkpoints, validation): none may enter
+    it while another holds a failure. In a single-process run a failure is raised where it happens, as always.
     """
 
     def __init__(self, mesh: Any, stop: StopRequest, as_one_line: Callable[[BaseException], UserError | None],

@@ -172,19 +172,30 @@ class GPT2JaxLM(TemplateLM):
         return results
 
 
+def task_manager(names: Sequence[str], include_path: str | None) -> Any:
+    """lm-eval's index of tasks: the folder's own alone when it holds every task named (indexing lm-eval's few
+    thousand tasks takes seconds), else with lm-eval's."""
+    from lm_eval.tasks import TaskManager
+
+    if include_path:
+        local = TaskManager(include_path=include_path, include_defaults=False)
+        if all(name in local.all_tasks for name in names):
+            return local
+    return TaskManager(include_path=include_path)
+
+
 def run_tasks(model_dir: str, tasks: str, *, num_fewshot: int | None = None, limit: float | None = None,
               batch_size: int = 8, include_path: str | None = None, output: str | None = None,
               log_samples: bool = False, dtype: str = "float32") -> dict:
     """lm-eval's simple_evaluate of `tasks` (comma-separated) on a model directory, run or hub id."""
     try:
         import lm_eval
-        from lm_eval.tasks import TaskManager
     except ImportError:
         raise UserError('lm-eval is not installed: pip install -e ".[eval]" (or pip install lm-eval)') from None
     from gpt2_jax.api import load
 
-    manager = TaskManager(include_path=include_path)
     names = [t.strip() for t in tasks.split(",") if t.strip()]
+    manager = task_manager(names, include_path)
     unknown = [t for t in names if t not in manager.all_tasks]
     if unknown or not names:
         raise UserError(f"--tasks: unknown task(s) {', '.join(unknown) or '(none given)'}; lm-eval --tasks list shows "

@@ -1,7 +1,7 @@
 """A profiler window in a training run, and the table of where a trace's time goes.
 
-With profile.start_step > 0, `ProfileWindow` (a hook: a row of loop.HOOKS) traces the profile.steps steps after that step
-with jax.profiler into WORKDIR/logs/RUN/profile/ (in a multi-process job, each process its own trace under
+With profile.start_step > 0, `ProfileWindow` (a hook: a row of loop.HOOKS) traces the profile.steps steps after that
+step with jax.profiler into WORKDIR/logs/RUN/profile/ (in a multi-process job, each process its own trace under
 process_N/), which TensorBoard's profile plugin and ui.perfetto.dev read; the run's results are unchanged.
 `time_breakdown` sums a trace's op time by op (or, given the compiled step's HLO text, by place in the step) and by
 kind: `gpt2-jax profile-summary` and `bench/train.py --profile` print it.

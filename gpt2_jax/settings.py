@@ -82,8 +82,8 @@ def check_config(config: Any) -> None:
         raise UserError(f"data.val_split={data.val_split}: must be in [0, 1) (0 = no held-out split)")
     ck = config.checkpoint
     if not (ck.lock_lease_s >= 1 and ck.store_timeout_s >= 1):
-        raise UserError(f"checkpoint.lock_lease_s={ck.lock_lease_s} and checkpoint.store_timeout_s={ck.store_timeout_s}: "
-                        "both must be >= 1 (seconds)")
+        raise UserError(f"checkpoint.lock_lease_s={ck.lock_lease_s} and checkpoint.store_timeout_s="
+                        f"{ck.store_timeout_s}: both must be >= 1 (seconds)")
     if data.mixture:  # a mixture string that cannot be read: one line before anything loads (--dry_run too)
         mixture.parse_stages(data.mixture_stages, mixture.parse_mixture(data.mixture))
     if data.val_split and data.val_dataset:

@@ -133,7 +133,8 @@ def main() -> None:
     for _, handlers in server.HANDLERS:
         for method, handler in handlers.items():
             handlers[method] = wrapped.get(handler, handler)
-    objects.insert = wrapped.get(objects.insert, objects.insert)  # the router's fallback for uploads posted without /upload
+    # the router's fallback for uploads posted without /upload
+    objects.insert = wrapped.get(objects.insert, objects.insert)
     emulator = server.create_server("127.0.0.1", port, in_memory=data is None, default_bucket=bucket, data_dir=data)
     print("ready", flush=True)
     emulator.run()

@@ -50,7 +50,8 @@ def _evaluate(model, tasks) -> dict:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    return lm_eval.simple_evaluate(bootstrap_iters=0, model=model, tasks=NAMES, task_manager=TaskManager(include_path=str(tasks)),
+    return lm_eval.simple_evaluate(bootstrap_iters=0, model=model, tasks=NAMES,
+                                   task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
                                    log_samples=True)
 
 

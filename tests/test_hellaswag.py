@@ -135,7 +135,8 @@ def test_lm_evals_own_hellaswag_through_the_adapter_scores_the_same(setup, tmp_p
     model_dir, file = setup
     _local_hellaswag(tmp_path, file)
     model = load(model_dir)
-    results = lm_eval.simple_evaluate(bootstrap_iters=0, model=GPT2JaxLM(model, batch_size=32), tasks=["hellaswag_local"],
+    results = lm_eval.simple_evaluate(bootstrap_iters=0, model=GPT2JaxLM(model, batch_size=32),
+                                      tasks=["hellaswag_local"],
                                       task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
                                       log_samples=True)
     samples = sorted(results["samples"]["hellaswag_local"], key=lambda s: s["doc_id"])
