@@ -12,7 +12,8 @@ from ml_collections import ConfigDict
 def check_variant(experiment: str, variant: str, variants: dict[str, str]) -> None:
     """Reject an unknown variant, listing the valid ones."""
     if variant not in variants:
-        raise ValueError(f"unknown variant {variant!r} of experiments/{experiment}.py; use one of {', '.join(variants)}")
+        raise ValueError(f"unknown variant {variant!r} of experiments/{experiment}.py; "
+                         f"use one of {', '.join(variants)}")
 
 
 def get_config() -> ConfigDict:

@@ -28,7 +28,8 @@ def get_config(variant: str = "124M"):
     c.model.from_scratch = True
     c.model.vocab = "bytes" if variant == "tiny" else ""
     # tiny: long windows on a small model, so activations (what remat trades) dominate the memory
-    shape = dict(n_ctx=256, n_embd=64, n_head=4, n_layer=2) if variant == "tiny" else dict(n_ctx=1024, **PRESETS[variant])
+    tiny = dict(n_ctx=256, n_embd=64, n_head=4, n_layer=2)
+    shape = tiny if variant == "tiny" else dict(n_ctx=1024, **PRESETS[variant])
     for key, value in shape.items():
         setattr(c.model, key, value)
     c.data.seq_len = 0

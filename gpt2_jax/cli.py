@@ -282,6 +282,12 @@ class _ShowDefaults(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
+def _model_dir_argument(p: argparse.ArgumentParser) -> None:
+    """--model_dir as every command that reads a model takes it."""
+    p.add_argument("--model_dir", default="models/124M",
+                   help="a model or run directory, or a cached hub id (gpt2, ...)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     from gpt2_jax.download import DEFAULT_BASE_URL
@@ -299,8 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_download)
 
     p = sub.add_parser("sample", help="generate text (conditional, interactive or unconditional)")
-    p.add_argument("--model_dir", default="models/124M",
-                   help="a model or run directory, or a cached hub id (gpt2, ...)")
+    _model_dir_argument(p)
     p.add_argument("--prompt", help="text to continue (default: unconditional, from <|endoftext|>)")
     p.add_argument("--interactive", action="store_true", help="read prompts from stdin, one per line")
     p.add_argument("--nsamples", type=int, default=1, help="samples per prompt")
@@ -321,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser("evaluate", help="mean next-token loss and perplexity on a dataset")
-    p.add_argument("--model_dir", default="models/124M", help="a model or run directory, or a cached hub id (gpt2, ...)")
+    _model_dir_argument(p)
     p.add_argument("--dataset", required=True, help="text file, directory, glob or .npz; or .jsonl "
                    "prompt/completion examples (the loss on the completions), or prompt/chosen/rejected pairs (DPO)")
     p.add_argument("--window", type=int, default=None, help="tokens per window (default n_ctx)")
@@ -344,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("lm-eval", help="benchmark tasks through EleutherAI's lm-evaluation-harness (pip install -e "
                        "'.[eval]')")
-    p.add_argument("--model_dir", default="models/124M", help="a model or run directory, or a cached hub id (gpt2, ...)")
+    _model_dir_argument(p)
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names (lambada_openai,hellaswag,...)")
     p.add_argument("--num_fewshot", type=int, default=None, help="examples in each prompt (default: the task's)")
     p.add_argument("--limit", type=float, default=None, help="at most N examples per task (< 1: that fraction)")
@@ -355,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_lm_eval)
 
     p = sub.add_parser("hellaswag", help="HellaSwag as llm.c scores it, from its validation jsonl on disk")
-    p.add_argument("--model_dir", default="models/124M", help="a model or run directory, or a cached hub id (gpt2, ...)")
+    _model_dir_argument(p)
     p.add_argument("--file", required=True, help="HellaSwag's hellaswag_val.jsonl (as llm.c's dev/data/hellaswag.py "
                    "downloads it)")
     p.add_argument("--limit", type=int, default=None, help="score the first N items only (default: all)")
@@ -366,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("viz", help="an HTML page of a text coloured token by token by a model's log-probabilities (or "
                        "two models' difference)")
-    p.add_argument("--model_dir", default="models/124M", help="a model or run directory, or a cached hub id (gpt2, ...)")
+    _model_dir_argument(p)
     p.add_argument("--compare", default=None, help="a second model (same vocabulary): colour by log p(A) - log p(B)")
     p.add_argument("--dataset", required=True, help="a text file")
     p.add_argument("--out", required=True, help="the HTML page to write (self-contained: open it in any browser)")
@@ -418,7 +423,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of `gpt2-jax` and `python -m gpt2_jax`."""
     args = build_parser().parse_args(argv)
     run: Callable[[argparse.Namespace], None] = args.func
-    if args.command in ("sample", "evaluate", "lm-eval"):  # the commands that compile: a second launch loads the first's
+    if args.command in ("sample", "evaluate", "lm-eval"):  # those that compile: a second launch loads the first's
         from gpt2_jax.steps import enable_compilation_cache
 
         enable_compilation_cache()

@@ -39,7 +39,7 @@ FALLBACK_CUT = regex.compile(r"(?<=\p{L})(?=[^\s\p{L}'])|(?<=\p{N})(?=[^\s\p{N}'
 @functools.lru_cache()
 def bytes_to_unicode() -> dict[int, str]:
     """Map every byte to a printable unicode character (OpenAI's table; whitespace/control shifted up)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars = printable[:]
     shift = 0
     for b in range(256):
@@ -289,7 +289,8 @@ def _check_merges(encoder: dict[str, int], merges: list[tuple[str, str]], ids_pa
             raise UserError(f"{merges_path}: the merge on line {n} ({a} {b}) makes a token that is not in {ids_path}; "
                             "the two files are damaged or from different vocabularies: download them again")
     byte_symbols = set(bytes_to_unicode().values())
-    merged = sum(1 for token in encoder if token not in byte_symbols and not (token.startswith("<|") and token.endswith("|>")))
+    special = [token for token in encoder if token.startswith("<|") and token.endswith("|>")]
+    merged = sum(1 for token in encoder if token not in byte_symbols) - len(special)
     if merged != len(merges):
         raise UserError(f"{merges_path}: {len(merges)} merges, but {ids_path} has {merged} merged tokens; the merges "
                         "file is truncated or damaged: download it again")

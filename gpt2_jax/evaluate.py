@@ -92,7 +92,8 @@ def _weighted_loss(config: GPT2Config, params: dict, inputs: np.ndarray, targets
     """The weighted targets' summed loss over their count, `batch_size` rows at a time (one shape compiled)."""
     total, pad = 0.0, (-len(inputs)) % batch_size  # pad the batch count so one shape compiles once
     width = inputs.shape[1]
-    inputs, targets, weights = (np.concatenate([a, np.zeros((pad, width), a.dtype)]) for a in (inputs, targets, weights))
+    inputs, targets, weights = (np.concatenate([a, np.zeros((pad, width), a.dtype)])
+                                for a in (inputs, targets, weights))
     for start in tqdm(range(0, len(inputs), batch_size), desc="evaluating", unit="batch", disable=not progress):
         batch = slice(start, start + batch_size)
         total += float(_window_loss_sum(params, inputs[batch], targets[batch], weights[batch], config=config))

@@ -252,8 +252,6 @@ def quiet_orbax() -> None:
         _quieted = True
 
 
-
-
 def _drop_abandoned_reads(previous: Callable[[Any], None]) -> Callable[[Any], None]:
     """An unraisable-exception hook that drops what a failed orbax restore leaves behind: its read
     coroutines, never awaited (Python prints each one's traceback, "Exception ignored in ...", when it is

@@ -56,7 +56,8 @@ class GPT2Config:
             raise UserError(f"lora_rank={self.lora_rank}: must be >= 0 (0 = no adapters, full fine-tuning)")
         unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
         if self.lora_rank and (unknown or not self.lora_targets):
-            raise UserError(f"lora_targets={','.join(self.lora_targets)}: name one or more of {', '.join(LORA_TARGETS)}")
+            raise UserError(f"lora_targets={','.join(self.lora_targets)}: "
+                            f"name one or more of {', '.join(LORA_TARGETS)}")
 
     def hparams(self) -> dict[str, int]:
         """The architecture fields, as OpenAI's hparams.json spells them."""

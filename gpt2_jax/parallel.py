@@ -70,7 +70,8 @@ def init_distributed(parallel: Any) -> None:
 
 
 # How JAX's auto-detection found the job, for the start-up line (a TPU VM slice is found through its metadata).
-CLUSTER_VARIABLES = {"SLURM": "SLURM_JOB_ID", "Kubernetes": "KUBERNETES_SERVICE_HOST", "Open MPI": "OMPI_MCA_orte_hnp_uri"}
+CLUSTER_VARIABLES = {"SLURM": "SLURM_JOB_ID", "Kubernetes": "KUBERNETES_SERVICE_HOST",
+                     "Open MPI": "OMPI_MCA_orte_hnp_uri"}
 
 
 def peer_lost(who: str, detail: str) -> NoReturn:

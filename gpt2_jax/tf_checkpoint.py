@@ -146,7 +146,8 @@ def checkpoint_prefix(model_dir: Path) -> Path | None:
     """The checkpoint prefix of a directory: from its `checkpoint` file, else model.ckpt if present."""
     state = model_dir / "checkpoint"
     if state.is_file():
-        for line in state.read_bytes().decode("utf-8", "replace").splitlines():  # a damaged one falls back to model.ckpt
+        # a damaged state file falls back to model.ckpt
+        for line in state.read_bytes().decode("utf-8", "replace").splitlines():
             if line.startswith("model_checkpoint_path:"):
                 name = Path(line.split(":", 1)[1].strip().strip('"')).name
                 if storage.path(f"{model_dir / name}.index").is_file():

@@ -41,8 +41,9 @@ def _tensor_names(n_layer: int) -> Iterator[TensorName]:
             yield TensorName((f"h_{i}", ours, "scale"), f"model/h{i}/{theirs}/g", f"h.{i}.{theirs}.weight")
             yield TensorName((f"h_{i}", ours, "bias"), f"model/h{i}/{theirs}/b", f"h.{i}.{theirs}.bias")
         for module, layer in (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj")):
-            yield TensorName((f"h_{i}", module, layer, "kernel"), f"model/h{i}/{module}/{layer}/w", f"h.{i}.{module}.{layer}.weight")
-            yield TensorName((f"h_{i}", module, layer, "bias"), f"model/h{i}/{module}/{layer}/b", f"h.{i}.{module}.{layer}.bias")
+            tf, hf = f"model/h{i}/{module}/{layer}", f"h.{i}.{module}.{layer}"
+            yield TensorName((f"h_{i}", module, layer, "kernel"), f"{tf}/w", f"{hf}.weight")
+            yield TensorName((f"h_{i}", module, layer, "bias"), f"{tf}/b", f"{hf}.bias")
     yield TensorName(("ln_f", "scale"), "model/ln_f/g", "ln_f.weight")
     yield TensorName(("ln_f", "bias"), "model/ln_f/b", "ln_f.bias")
 
@@ -109,7 +110,7 @@ def _hf_state_dict(model_dir: Path) -> tuple[dict[str, np.ndarray], str]:
     elif (model_dir / "model.safetensors.index.json").is_file():
         index_path = model_dir / "model.safetensors.index.json"
         weight_map = _read_json(index_path).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(f, str) for f in weight_map.values()):
+        if not (isinstance(weight_map, dict) and weight_map and all(isinstance(f, str) for f in weight_map.values())):
             raise UserError(f"{index_path}: no weight_map naming the weight files; the file is damaged: restore it "
                             "(download or export the model again)")
         files = [model_dir / f for f in sorted(set(weight_map.values()))]

@@ -32,6 +32,8 @@ from conftest import FAST_COMPILE_FLAG, REPO, needs_module
     ("preemption.py", []),
     ("dpo.py", []),
     ("logs.py", []),
+    ("shards.py", []),
+    ("speedrun.py", ["--png", "{tmp}/speedrun.png"]),
 ])
 def test_bench_smoke(script, extra, tmp_path, shared_dir):
     # the deviceless compiles: one TPU and one GPU target (targets.py), a GPU target (lora.py, dpo.py)
