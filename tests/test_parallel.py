@@ -92,9 +92,10 @@ LONG = ("--config.train.total_steps=60", "--config.checkpoint.save_every=10")
 
 @pytest.fixture(scope="module")
 def pair_run(tmp_path_factory):
-    """The workdir of the long two-process run, never interrupted."""
+    """The workdir of the long two-process run, never interrupted (steps 21-22 traced by the profiler: a window
+    leaves results bitwise alike, test_profiling.py)."""
     workdir = tmp_path_factory.mktemp("pair") / "w"
-    procs = _start_pair(workdir, *LONG)
+    procs = _start_pair(workdir, *LONG, "--config.profile.start_step=20", "--config.profile.steps=2")
     errors = _finish(procs)
     assert [p.returncode for p in procs] == [0, 0], "\n".join(e[-3000:] for e in errors)
     return workdir
@@ -108,6 +109,14 @@ def test_two_processes_train_like_one(pair_run, tmp_path):
     _, one_params = rundir.load_run_params(tmp_path / "one" / "checkpoint" / "run1")
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), two_params, one_params)
     assert (pair_run / "logs" / "run1" / "metrics.jsonl").read_text().count("\n") == 60  # process 0 only
+    profile = pair_run / "logs" / "run1" / "profile"  # each process its own trace of the window
+    assert sorted(p.name for p in profile.iterdir()) == ["process_0", "process_1"]
+    for process in profile.iterdir():
+        assert len(list(process.rglob("*.xplane.pb"))) == 1, list(process.rglob("*"))
+    summary = subprocess.run([sys.executable, "-m", "gpt2_jax", "profile-summary", str(profile / "process_1")],
+                             cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    assert summary.returncode == 0 and "of jit_train_step (2 traced)" in summary.stdout, \
+        summary.stdout + summary.stderr[-2000:]
 
 
 def test_a_lost_coordinator_ends_the_survivor_in_one_line_and_a_restart_resumes_bitwise(pair_run, tmp_path):
