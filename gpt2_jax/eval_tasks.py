@@ -78,12 +78,12 @@ class EvalTasks(Hook):
 
 def metrics_of(results: dict) -> dict[str, float]:
     """lm-eval's results as {"eval/TASK/METRIC": value}: each metric's name without its filter (acc,none ->
-    acc), its standard errors left out."""
+    acc), its standard errors and what is not a metric (a key without a filter: alias, sample_len) left out."""
     out = {}
     for task, values in results.get("results", {}).items():
         for key, value in values.items():
-            metric = key.split(",")[0]
-            if metric.endswith("_stderr") or metric == "alias" or not isinstance(value, (int, float)):
+            metric, filtered, _ = key.partition(",")
+            if not filtered or metric.endswith("_stderr") or not isinstance(value, (int, float)):
                 continue
             out[f"eval/{task}/{metric}"] = float(value)
     return out

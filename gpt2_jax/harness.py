@@ -72,6 +72,15 @@ def _score(params: Any, tokens: jax.Array, lengths: jax.Array, targets: jax.Arra
     return jnp.sum(picked * weights, axis=1), jnp.all(greedy, axis=1)
 
 
+def _to_host(rows: jax.Array) -> np.ndarray:
+    """Every row of a batch's result on this process, the rows other processes' devices hold included."""
+    if not rows.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        rows = multihost_utils.process_allgather(rows, tiled=True)
+    return np.asarray(rows)
+
+
 class GPT2JaxLM(TemplateLM):
     """lm-eval's LM interface (loglikelihood, loglikelihood_rolling, generate_until) on a loaded model."""
 
@@ -130,7 +139,7 @@ class GPT2JaxLM(TemplateLM):
             put = lambda a: parallel.global_batch(a, self.rows)  # noqa: E731
             logprob, greedy = _score(self.params, put(tokens), put(lengths), put(targets), put(weights),
                                      config=self.model.config)
-            logprob, greedy = np.asarray(logprob), np.asarray(greedy)
+            logprob, greedy = _to_host(logprob), _to_host(greedy)
             for r, i in enumerate(chunk):
                 out[i] = (float(logprob[r]), bool(greedy[r]))
         return out

@@ -90,25 +90,58 @@ def _finish(procs: list[subprocess.Popen], timeout: float = 300) -> list[str]:
 LONG = ("--config.train.total_steps=60", "--config.checkpoint.save_every=10")
 
 
+def _periodic_actions(tasks: Path) -> tuple[str, ...]:
+    """Every process's periodic actions besides checkpoints: lm-eval tasks (written into `tasks`, scored and
+    generated on the live params over the job's mesh) and samples at steps 30 and 60, a profiler window over
+    steps 21-22. None changes the training's results (test_profiling.py: bitwise)."""
+    from test_harness import WORDS, _task
+
+    tasks.mkdir(exist_ok=True)
+    lines = [" ".join(WORDS[i:i + 6 + i % 4]) for i in range(8)]
+    _task(tasks, "tiny_choice", [{"question": f"{ln}?", "choices": WORDS[i:i + 3], "label": i % 3}
+                                 for i, ln in enumerate(lines)],
+          "output_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\n"
+          "doc_to_target: '{{label}}'\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+    _task(tasks, "tiny_generate", [{"prompt": ln, "answer": " the"} for ln in lines],
+          "output_type: generate_until\ndoc_to_text: '{{prompt}}'\ndoc_to_target: '{{answer}}'\n"
+          "generation_kwargs:\n  until: ['\\n']\n  max_gen_toks: 4\n  do_sample: false\n"
+          "metric_list:\n  - metric: exact_match\n")
+    return ("--config.eval.tasks=tiny_choice,tiny_generate", f"--config.eval.include_path={tasks}",
+            "--config.eval.every=30", "--config.sample.sample_every=30", "--config.sample.sample_length=4",
+            "--config.profile.start_step=20", "--config.profile.steps=2")
+
+
 @pytest.fixture(scope="module")
 def pair_run(tmp_path_factory):
-    """The workdir of the long two-process run, never interrupted (steps 21-22 traced by the profiler: a window
-    leaves results bitwise alike, test_profiling.py)."""
+    """The workdir of the long two-process run, never interrupted, with every periodic action."""
     workdir = tmp_path_factory.mktemp("pair") / "w"
-    procs = _start_pair(workdir, *LONG, "--config.profile.start_step=20", "--config.profile.steps=2")
+    procs = _start_pair(workdir, *LONG, *_periodic_actions(workdir.parent / "tasks"))
     errors = _finish(procs)
     assert [p.returncode for p in procs] == [0, 0], "\n".join(e[-3000:] for e in errors)
     return workdir
 
 
+def _evaluations(workdir: Path) -> dict[int, dict]:
+    from gpt2_jax import report
+
+    return {r["step"]: {k: v for k, v in r.items() if k.startswith("eval/")}
+            for r in report.read_metrics(workdir / "logs" / "run1") if any(k.startswith("eval/") for k in r)}
+
+
 def test_two_processes_train_like_one(pair_run, tmp_path):
-    one = subprocess.run(_train_cmd(tmp_path / "one", *LONG), cwd=REPO, env=ENV, capture_output=True, text=True,
-                         timeout=300)
+    one = subprocess.run(_train_cmd(tmp_path / "one", *LONG, *_periodic_actions(tmp_path / "tasks")), cwd=REPO,
+                         env=ENV, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
     _, two_params = rundir.load_run_params(pair_run / "checkpoint" / "run1")
     _, one_params = rundir.load_run_params(tmp_path / "one" / "checkpoint" / "run1")
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), two_params, one_params)
     assert (pair_run / "logs" / "run1" / "metrics.jsonl").read_text().count("\n") == 60  # process 0 only
+    # the tasks' figures at steps 30 and 60 as one process finds them (lm-eval's scoring and greedy generation)
+    evaluations = _evaluations(pair_run)
+    assert sorted(evaluations) == [30, 60] and set(evaluations[30]) == {
+        "eval/tiny_choice/acc", "eval/tiny_choice/acc_norm", "eval/tiny_generate/exact_match"}
+    assert evaluations == _evaluations(tmp_path / "one")
+    assert sorted(p.name for p in (pair_run / "samples" / "run1").iterdir()) == ["samples-30", "samples-60"]
     profile = pair_run / "logs" / "run1" / "profile"  # each process its own trace of the window
     assert sorted(p.name for p in profile.iterdir()) == ["process_0", "process_1"]
     for process in profile.iterdir():
