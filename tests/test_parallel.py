@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -92,11 +93,14 @@ LONG = ("--config.train.total_steps=60", "--config.checkpoint.save_every=10")
 
 def _periodic_actions(tasks: Path) -> tuple[str, ...]:
     """Every process's periodic actions besides checkpoints: lm-eval tasks (written into `tasks`, scored and
-    generated on the live params over the job's mesh) and samples at steps 30 and 60, a profiler window over
-    steps 21-22. None changes the training's results (test_profiling.py: bitwise)."""
+    generated on the live params over the job's mesh), llm.c's HellaSwag and samples at steps 30 and 60, a
+    profiler window over steps 21-22. None changes the training's results (test_profiling.py: bitwise)."""
     from test_harness import WORDS, _task
+    from test_hellaswag import DOCS, _doc
 
     tasks.mkdir(exist_ok=True)
+    hellaswag = tasks / "hellaswag_val.jsonl"
+    hellaswag.write_text("".join(json.dumps(_doc(i, *d)) + "\n" for i, d in enumerate(DOCS)), encoding="utf-8")
     lines = [" ".join(WORDS[i:i + 6 + i % 4]) for i in range(8)]
     _task(tasks, "tiny_choice", [{"question": f"{ln}?", "choices": WORDS[i:i + 3], "label": i % 3}
                                  for i, ln in enumerate(lines)],
@@ -107,8 +111,8 @@ def _periodic_actions(tasks: Path) -> tuple[str, ...]:
           "generation_kwargs:\n  until: ['\\n']\n  max_gen_toks: 4\n  do_sample: false\n"
           "metric_list:\n  - metric: exact_match\n")
     return ("--config.eval.tasks=tiny_choice,tiny_generate", f"--config.eval.include_path={tasks}",
-            "--config.eval.every=30", "--config.sample.sample_every=30", "--config.sample.sample_length=4",
-            "--config.profile.start_step=20", "--config.profile.steps=2")
+            f"--config.eval.hellaswag={hellaswag}", "--config.eval.every=30", "--config.sample.sample_every=30",
+            "--config.sample.sample_length=4", "--config.profile.start_step=20", "--config.profile.steps=2")
 
 
 @pytest.fixture(scope="module")
@@ -136,10 +140,12 @@ def test_two_processes_train_like_one(pair_run, tmp_path):
     _, one_params = rundir.load_run_params(tmp_path / "one" / "checkpoint" / "run1")
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), two_params, one_params)
     assert (pair_run / "logs" / "run1" / "metrics.jsonl").read_text().count("\n") == 60  # process 0 only
-    # the tasks' figures at steps 30 and 60 as one process finds them (lm-eval's scoring and greedy generation)
+    # the tasks' figures at steps 30 and 60 as one process finds them (lm-eval's scoring and greedy generation,
+    # HellaSwag's endings)
     evaluations = _evaluations(pair_run)
     assert sorted(evaluations) == [30, 60] and set(evaluations[30]) == {
-        "eval/tiny_choice/acc", "eval/tiny_choice/acc_norm", "eval/tiny_generate/exact_match"}
+        "eval/tiny_choice/acc", "eval/tiny_choice/acc_norm", "eval/tiny_generate/exact_match",
+        "eval/hellaswag_llmc/acc", "eval/hellaswag_llmc/acc_norm"}
     assert evaluations == _evaluations(tmp_path / "one")
     assert sorted(p.name for p in (pair_run / "samples" / "run1").iterdir()) == ["samples-30", "samples-60"]
     profile = pair_run / "logs" / "run1" / "profile"  # each process its own trace of the window
