@@ -6,7 +6,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import FAST_COMPILE_FLAG, FIXTURES, GCS, REPO
+from conftest import FAST_COMPILE_FLAG, FIXTURES, GCS, REPO, free_port
 from gpt2_jax import checkpoints, rundir
 from gpt2_jax.parallel import PEER_LOST_EXIT
 
@@ -32,12 +31,6 @@ def test_multidevice_suite_on_8_forced_cpu_devices(selection):
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
     assert " passed" in done.stdout and "skipped" not in done.stdout
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _train_cmd(workdir, *extra: str, model: str = str(FIXTURES / "openai_tiny"),
@@ -57,7 +50,7 @@ def _start_pair(workdir, *extra: str, logs: Path | None = None, hosts: Path | No
     """Processes 0 and 1 of a two-process job on 127.0.0.1; each one's output goes to a file beside workdir
     (or in `logs`). With `hosts`, each process runs in a directory of its own, hosts/0 and hosts/1, as on
     machines that share no disk."""
-    port = _free_port()
+    port = free_port()
     logs = Path(logs or Path(workdir).parent)
     name = Path(str(workdir)).name
     procs = []
@@ -193,7 +186,7 @@ def test_a_lost_coordinator_ends_the_survivor_in_one_line_and_a_restart_resumes_
 def test_a_coordinator_that_does_not_answer_is_a_clear_error_in_bounded_time(tmp_path):
     start = time.monotonic()
     done = subprocess.run(_train_cmd(tmp_path, "--config.parallel.distributed=explicit",
-                                     f"--config.parallel.coordinator_address=127.0.0.1:{_free_port()}",
+                                     f"--config.parallel.coordinator_address=127.0.0.1:{free_port()}",
                                      "--config.parallel.num_processes=2", "--config.parallel.process_id=1",
                                      "--config.parallel.timeout_s=5"),
                           cwd=REPO, env=ENV, capture_output=True, text=True, timeout=240)
@@ -337,7 +330,7 @@ def test_a_store_that_answers_oddly_fails_an_async_save_on_every_process_within_
 
 
 def test_distributed_auto_joins_a_slurm_job_from_the_variables_srun_sets(tmp_path):
-    job_id = 61440 + (_free_port() % 4096)  # JAX puts the coordinator on port 61440 + job id % 4096
+    job_id = 61440 + (free_port() % 4096)  # JAX puts the coordinator on port 61440 + job id % 4096
     procs = []
     for i in range(2):
         slurm = {"SLURM_JOB_ID": str(job_id), "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": "2",
