@@ -170,6 +170,7 @@ def run_training(config, target, argv: list[str]) -> None:
 
 # What launch.py does with a parsed config: the flags' modes first, else config.mode.
 MODES = {"sweep": run_sweep, "dry_run": run_dry, "remat_ablation": run_ablation, "train": run_training}
+CONFIG_MODES = ("train", "remat_ablation")  # what config.mode may name
 
 
 HELP_FLAGS = ("--help", "-h", "--helpfull", "-?")
@@ -231,10 +232,10 @@ def main(argv: list[str]) -> None:
             if _SWEEP.value:
                 raise UserError(f"--target={_TARGET.value} compiles one point; drop --sweep and give each point's "
                                 "values as --config overrides")
+        if config.mode not in CONFIG_MODES:  # --dry_run and --sweep are flags, not modes a config names
+            raise UserError(f"mode={config.mode!r}: use {' or '.join(CONFIG_MODES)}")
         mode = "sweep" if _SWEEP.value else \
             "dry_run" if _DRY_RUN.value or (target is not None and config.mode == "train") else config.mode
-        if mode not in MODES:
-            raise UserError(f"mode={config.mode!r}: use train or remat_ablation")
         if mode == "train" and config.parallel.distributed:
             from gpt2_jax import supervisor
 

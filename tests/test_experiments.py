@@ -63,6 +63,15 @@ def test_help_lists_commands_flags_experiments_and_an_experiments_keys(args, tmp
         assert "experiments/demo.py: " in out and "experiments/finetune.py: " in out
 
 
+@pytest.mark.parametrize("mode", ["sweep", "dry_run", "trian"])
+def test_a_mode_the_config_cannot_name_is_one_line(mode, tmp_path):
+    # --sweep and --dry_run are flags: as config.mode they would run without their flag's values
+    done = _launch("--config=experiments/demo.py", f"--workdir={tmp_path}", f"--config.mode={mode}")
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == \
+        f"launch.py: error: mode={mode!r}: use train or remat_ablation", done.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_remat_ablation_end_to_end(tmp_path):
     # one micro-batch keeps CI short; the variant's list (2,4) is exercised by dry runs and by hand
     done = _launch("--config=experiments/remat_ablation.py:tiny", f"--workdir={tmp_path}",
