@@ -31,7 +31,7 @@ class RunLogs:
         self.wandb: wandb_sink.WandbSink | None = None
         if enabled:
             storage.mkdir(log_dir)
-            (log_dir / "run_config.json").write_text(config.to_json_best_effort(indent=2))
+            (log_dir / report.RUN_CONFIG).write_text(config.to_json_best_effort(indent=2))
             self.jsonl = storage.AppendLog(log_dir / "metrics.jsonl")
             self.tb = storage.tensorboard_writer(log_dir)
             self.in_store, self.tb_flushed = storage.is_url(log_dir), -math.inf

@@ -34,10 +34,13 @@ def read_metrics(log_dir: Path) -> list[dict]:
     return records
 
 
+RUN_CONFIG = "run_config.json"  # the resolved config a run records, in logs/RUN/ and in checkpoint/RUN/
+
+
 def read_run_config(log_dir: Path) -> dict:
     """The resolved config a run recorded (logs/RUN/run_config.json, else checkpoint/RUN/run_config.json)."""
     log_dir = storage.path(log_dir)
-    for path in (log_dir / "run_config.json", log_dir.parent.parent / "checkpoint" / log_dir.name / "run_config.json"):
+    for path in (log_dir / RUN_CONFIG, log_dir.parent.parent / "checkpoint" / log_dir.name / RUN_CONFIG):
         if path.is_file():
             return json.loads(path.read_text(encoding="utf-8"))
     return {}

@@ -24,7 +24,7 @@ from typing import Any
 
 import jax
 
-from gpt2_jax import checkpoints, storage
+from gpt2_jax import checkpoints, report, storage
 from gpt2_jax.errors import UserError
 from gpt2_jax.model import GPT2Config, convert_layout, lora_fields, merge_lora, param_shapes
 
@@ -53,7 +53,7 @@ class RunDir:
 
     @property
     def run_config(self) -> Any:
-        return self.path / "run_config.json"
+        return self.path / report.RUN_CONFIG
 
     @property
     def data_record(self) -> Any:
