@@ -282,10 +282,11 @@ class _ShowDefaults(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-def _model_dir_argument(p: argparse.ArgumentParser) -> None:
-    """--model_dir as every command that reads a model takes it."""
+def _model_arguments(p: argparse.ArgumentParser) -> None:
+    """--model_dir and --dtype, as every command that reads a model takes them."""
     p.add_argument("--model_dir", default="models/124M",
                    help="a model or run directory, or a cached hub id (gpt2, ...)")
+    p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -305,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_download)
 
     p = sub.add_parser("sample", help="generate text (conditional, interactive or unconditional)")
-    _model_dir_argument(p)
+    _model_arguments(p)
     p.add_argument("--prompt", help="text to continue (default: unconditional, from <|endoftext|>)")
     p.add_argument("--interactive", action="store_true", help="read prompts from stdin, one per line")
     p.add_argument("--nsamples", type=int, default=1, help="samples per prompt")
@@ -320,13 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include_prompt", action="store_true", help="print the prompt before each sample")
     p.add_argument("--json", action="store_true", help='one {"text", "tokens"} JSON object per sample per line')
     p.add_argument("--out", help="also write the samples to this file (a path or a URL: gs://...)")
-    p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
     p.add_argument("--ema", action="store_true", help="a training run's moving average of its weights "
                    "(train.ema_decay) instead of its weights")
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser("evaluate", help="mean next-token loss and perplexity on a dataset")
-    _model_dir_argument(p)
+    _model_arguments(p)
     p.add_argument("--dataset", required=True, help="text file, directory, glob or .npz; or .jsonl "
                    "prompt/completion examples (the loss on the completions), or prompt/chosen/rejected pairs (DPO)")
     p.add_argument("--window", type=int, default=None, help="tokens per window (default n_ctx)")
@@ -337,7 +337,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoding", default="utf-8", help="text encoding of the dataset files")
     p.add_argument("--json", action="store_true", help='print {"loss", "perplexity", "tokens"} (pairs: the DPO loss '
                    "and metrics) as JSON")
-    p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
     p.add_argument("--reference_model", default=None, help="pairs: the DPO reference (default: the weights the run "
                    "in --model_dir started from)")
     p.add_argument("--beta", type=float, default=None, help="pairs: DPO's beta (default: the run's, else 0.1)")
@@ -349,29 +348,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("lm-eval", help="benchmark tasks through EleutherAI's lm-evaluation-harness (pip install -e "
                        "'.[eval]')")
-    _model_dir_argument(p)
+    _model_arguments(p)
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names (lambada_openai,hellaswag,...)")
     p.add_argument("--num_fewshot", type=int, default=None, help="examples in each prompt (default: the task's)")
     p.add_argument("--limit", type=float, default=None, help="at most N examples per task (< 1: that fraction)")
     p.add_argument("--batch_size", type=int, default=8, help="requests scored at once (a multiple of the devices)")
     p.add_argument("--include_path", default=None, help="a folder of task YAMLs to add, as lm-eval's own flag")
     p.add_argument("--output", default=None, help="write lm-eval's results JSON (and samples) under this folder")
-    p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
     p.set_defaults(func=_cmd_lm_eval)
 
     p = sub.add_parser("hellaswag", help="HellaSwag as llm.c scores it, from its validation jsonl on disk")
-    _model_dir_argument(p)
+    _model_arguments(p)
     p.add_argument("--file", required=True, help="HellaSwag's hellaswag_val.jsonl (as llm.c's dev/data/hellaswag.py "
                    "downloads it)")
     p.add_argument("--limit", type=int, default=None, help="score the first N items only (default: all)")
     p.add_argument("--batch_size", type=int, default=8, help="items scored at once (4 rows each)")
     p.add_argument("--json", action="store_true", help='print {"acc", "acc_norm", "n"} as JSON')
-    p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
     p.set_defaults(func=_cmd_hellaswag)
 
     p = sub.add_parser("viz", help="an HTML page of a text coloured token by token by a model's log-probabilities (or "
                        "two models' difference)")
-    _model_dir_argument(p)
+    _model_arguments(p)
     p.add_argument("--compare", default=None, help="a second model (same vocabulary): colour by log p(A) - log p(B)")
     p.add_argument("--dataset", required=True, help="a text file")
     p.add_argument("--out", required=True, help="the HTML page to write (self-contained: open it in any browser)")
@@ -380,7 +377,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "difference)")
     p.add_argument("--batch_size", type=int, default=8, help="windows of the model's context scored at once")
     p.add_argument("--encoding", default="utf-8", help="text encoding of the dataset file")
-    p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
     p.set_defaults(func=_cmd_viz)
 
     p = sub.add_parser("encode", help="pre-encode a dataset to .npz (as the original encode.py), flat .bin or llm.c "

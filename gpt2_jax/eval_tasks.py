@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from tqdm import tqdm
@@ -42,15 +43,36 @@ def _limit(limit: float) -> int | float | None:
     return None if not limit else int(limit) if limit >= 1 else float(limit)
 
 
-class EvalTasks(Hook):
-    """lm-eval's tasks on the live params every eval.every steps and at the end of train.total_steps."""
+def hellaswag_items(path: str, limit: float) -> list:
+    """HellaSwag's items under eval.limit as lm-eval reads its limit: every item (0), the first N, or the first
+    ceil(share x items) for a share below 1."""
+    from gpt2_jax import hellaswag
+
+    count = _limit(limit)
+    items = hellaswag.read_items(path, count if isinstance(count, int) else None)
+    return items[:math.ceil(len(items) * count)] if isinstance(count, float) else items
+
+
+class _Benchmark(Hook):
+    """A benchmark on the live params every eval.every steps and at the end of train.total_steps, when the
+    eval field `turned_on_by` is set."""
 
     at_end, logged, pauses = "completed", True, True
+    turned_on_by = ""
 
     def __init__(self, config: Any, run: Run):
-        e = config.eval
-        self.every = e.every if e.tasks else 0
+        self.every = config.eval.every if config.eval[self.turned_on_by] else 0
         self.run, self.config = run, config
+
+
+class EvalTasks(_Benchmark):
+    """lm-eval's tasks (eval.tasks)."""
+
+    turned_on_by = "tasks"
+
+    def __init__(self, config: Any, run: Run):
+        super().__init__(config, run)
+        e = config.eval
         self.names = [t.strip() for t in e.tasks.split(",") if t.strip()]
         self.manager = None  # lm-eval's task index, made at the first evaluation (it takes seconds)
 
@@ -89,15 +111,13 @@ def metrics_of(results: dict) -> dict[str, float]:
     return out
 
 
-class HellaSwag(Hook):
-    """llm.c's HellaSwag on the live params every eval.every steps and at the end of train.total_steps."""
+class HellaSwag(_Benchmark):
+    """llm.c's HellaSwag (eval.hellaswag)."""
 
-    at_end, logged, pauses = "completed", True, True
+    turned_on_by = "hellaswag"
 
     def __init__(self, config: Any, run: Run):
-        e = config.eval
-        self.every = e.every if e.hellaswag else 0
-        self.run, self.config = run, config
+        super().__init__(config, run)
         self.items: list | None = None  # read at the first evaluation (a bad file: one line, before training)
 
     def __call__(self, step: int, state: TrainState) -> dict[str, float]:
@@ -105,7 +125,7 @@ class HellaSwag(Hook):
 
         e, start = self.config.eval, self.run.start
         if self.items is None:
-            self.items = hellaswag.read_items(e.hellaswag, int(e.limit) or None)
+            self.items = hellaswag_items(e.hellaswag, e.limit)
         result = hellaswag.score(start.model_config, state.params, start.encoder, self.items,
                                  batch_size=e.batch_size)
         metrics = {"eval/hellaswag_llmc/acc": float(result["acc"]),

@@ -255,3 +255,13 @@ def test_hellaswag_while_training_equals_the_command_on_that_steps_checkpoint(se
         printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert (logged[step]["eval/hellaswag_llmc/acc"], logged[step]["eval/hellaswag_llmc/acc_norm"]) == \
             (printed["acc"], printed["acc_norm"])
+
+
+@pytest.mark.parametrize("limit, count", [(0.0, 6), (3.0, 3), (0.5, 3), (0.4, 3), (0.1, 1)])
+def test_eval_limit_takes_items_as_lm_eval_takes_them(limit, count, setup):
+    # 0: every item; N >= 1: the first N; a share below 1: the first ceil(share x items), as lm-eval's limit
+    from gpt2_jax.eval_tasks import hellaswag_items
+
+    _, file = setup
+    items = hellaswag_items(str(file), limit)
+    assert [item.label for item in items] == [d[-1] for d in DOCS[:count]]
