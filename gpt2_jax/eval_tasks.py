@@ -84,11 +84,7 @@ class EvalTasks(_Benchmark):
 
         e, start = self.config.eval, self.run.start
         if self.manager is None:
-            self.manager = task_manager(self.names, e.include_path or None)
-            unknown = [t for t in self.names if t not in self.manager.all_tasks]
-            if unknown:
-                raise UserError(f"eval.tasks: unknown task(s) {', '.join(unknown)}; lm-eval --tasks list shows them"
-                                + ("" if e.include_path else ", and eval.include_path=DIR adds a folder of task YAMLs"))
+            self.manager = task_manager(self.names, e.include_path or None, ("eval.tasks", "eval.include_path=DIR"))
         lm = GPT2JaxLM(Model(start.model_config, state.params, start.encoder), batch_size=e.batch_size,
                        mesh=start.steps.mesh)
         results = lm_eval.simple_evaluate(model=lm, tasks=self.names, limit=_limit(e.limit), bootstrap_iters=0,

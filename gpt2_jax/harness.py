@@ -181,16 +181,25 @@ class GPT2JaxLM(TemplateLM):
         return results
 
 
-def task_manager(names: Sequence[str], include_path: str | None) -> Any:
+def task_manager(names: Sequence[str], include_path: str | None, settings: tuple[str, str]) -> Any:
     """lm-eval's index of tasks: the folder's own alone when it holds every task named (indexing lm-eval's few
-    thousand tasks takes seconds), else with lm-eval's."""
+    thousand tasks takes seconds), else with lm-eval's. A task it does not hold (or none named) is one line naming
+    `settings`: where the tasks and the folder were given (a flag or a config field)."""
     from lm_eval.tasks import TaskManager
 
+    manager = None
     if include_path:
         local = TaskManager(include_path=include_path, include_defaults=False)
         if all(name in local.all_tasks for name in names):
-            return local
-    return TaskManager(include_path=include_path)
+            manager = local
+    manager = manager or TaskManager(include_path=include_path)
+    unknown = [t for t in names if t not in manager.all_tasks]
+    if unknown or not names:
+        tasks_setting, folder_setting = settings
+        raise UserError(f"{tasks_setting}: unknown task(s) {', '.join(unknown) or '(none given)'}; lm-eval --tasks "
+                        "list shows them" + ("" if include_path else f", and {folder_setting} adds a folder of task "
+                                                                    "YAMLs"))
+    return manager
 
 
 def run_tasks(model_dir: str, tasks: str, *, num_fewshot: int | None = None, limit: float | None = None,
@@ -204,11 +213,7 @@ def run_tasks(model_dir: str, tasks: str, *, num_fewshot: int | None = None, lim
     from gpt2_jax.api import load
 
     names = [t.strip() for t in tasks.split(",") if t.strip()]
-    manager = task_manager(names, include_path)
-    unknown = [t for t in names if t not in manager.all_tasks]
-    if unknown or not names:
-        raise UserError(f"--tasks: unknown task(s) {', '.join(unknown) or '(none given)'}; lm-eval --tasks list shows "
-                        "them" + ("" if include_path else ", and --include_path DIR adds a folder of task YAMLs"))
+    manager = task_manager(names, include_path, ("--tasks", "--include_path DIR"))
     lm = GPT2JaxLM(load(model_dir, dtype=dtype), batch_size=batch_size)
     # bootstrap_iters=0: lm-eval bootstraps some metrics' standard errors in a process pool it forks, which a JAX
     # process (multithreaded) must not do; those errors are left out

@@ -161,3 +161,19 @@ def test_tasks_while_training_equal_gpt2_jax_lm_eval_on_that_steps_checkpoint(ta
         assert logged[0][f"eval/{task}/{metric}"] == results[task][f"{metric},none"], (task, metric)
     summary = report.summarize(read_metrics(tmp_path))  # report and compare show them
     assert summary["eval/tiny_choice/acc"] == logged[0]["eval/tiny_choice/acc"]
+
+
+def test_an_unknown_task_while_training_is_one_line_naming_the_field(tasks_and_model, tmp_path):
+    from test_loop import tiny_config
+
+    from gpt2_jax import loop
+    from gpt2_jax.errors import UserError
+
+    tasks, model_dir = tasks_and_model
+    data = tmp_path / "text.txt"
+    data.write_text(" ".join(WORDS * 40))
+    with pytest.raises(UserError, match=r"^eval\.tasks: unknown task\(s\) no_such_task; lm-eval --tasks list shows "
+                                        r"them$"):
+        loop.run(tiny_config(tmp_path, data, **{"model.name": str(model_dir), "eval.tasks": "tiny_choice,no_such_task",
+                                                "eval.include_path": str(tasks), "eval.every": 1,
+                                                "train.total_steps": 1}))
